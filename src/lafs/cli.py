@@ -1,0 +1,100 @@
+"""``lafs <command>``: the one entry point.
+
+Commands so far: ``models`` (the model zoo table) and ``demo`` (the smallest end-to-end step). Every
+command that runs something takes ``--config FILE`` and dotted ``key=value`` overrides, validated against
+``lafs.config``; a bad key or value stops with a message naming it (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import Config, ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (keys as in lafs.config.Config)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.depth=6")
+
+
+def models_table(cfg: Config | None = None) -> str:
+    """One row per registered backbone and size: params, GMACs, tokens, embedding size."""
+    from .models import BACKBONES, build_backbone, complexity
+
+    rows = []
+    entries = [(n, s, {}) for n, e in BACKBONES.items() for s in e.sizes]
+    if cfg is not None:
+        entries = [(cfg.model.name, cfg.model.size, cfg.model.overrides())]
+    for name, size, overrides in entries:
+        model = build_backbone(name, size, **overrides)
+        c = complexity(model, model.img_size)
+        rows.append((
+            name, size, f"{model.img_size}x{model.img_size}", f"{c.params / 1e6:.2f}",
+            f"{c.macs / 1e9:.3f}", f"{c.total_macs / 1e9:.3f}", str(model.num_tokens or "-"),
+            str(model.embedding_size),
+        ))
+    header = ("backbone", "size", "input", "params (M)", "GMACs", "GMACs+attn", "tokens", "embedding")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    lines.append("GMACs: convolutions + linear layers (the papers' convention); GMACs+attn adds the attention matmuls.")
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
+    print(models_table(cfg))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_summary, run_demo
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = load_config(args.config, overrides)
+    summary = run_demo(cfg, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"run folder: {cfg.out_dir} (config.yaml, metrics.jsonl, checkpoint.pt, summary.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="lafs", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lafs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="table of registered backbones: params, GMACs at their input size")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="train a micro model on toy identities and verify held-out pairs")
+    p.add_argument("--out", help="run folder (default: out_dir of the config, runs/demo)")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"lafs: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyError as err:  # unknown backbone, size or option
+        print(f"lafs: error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

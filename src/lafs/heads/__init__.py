@@ -1,0 +1,5 @@
+"""Classification heads on embeddings: margin softmax (CosFace, ArcFace, AdaFace)."""
+
+from .margin import HEADS, AdaFace, ArcFace, CosFace, MarginHead, build_head
+
+__all__ = ["HEADS", "AdaFace", "ArcFace", "CosFace", "MarginHead", "build_head"]

@@ -1,0 +1,162 @@
+"""Margin-based softmax classifiers on the hypersphere: CosFace, ArcFace, AdaFace.
+
+All three compute cos(theta_j) between the L2-normalised embedding and L2-normalised class centres W_j,
+change the target logit only, scale by s and apply softmax cross-entropy:
+
+- CosFace (Wang et al. 2018, Eq. 4):  s * (cos(theta_y) - m), s = 64, m = 0.4.
+- ArcFace (Deng et al. 2019, Eq. 3):  s * cos(theta_y + m), s = 64, m = 0.5. Where theta_y + m would pass pi,
+  cos(theta + m) stops decreasing; there the target logit is s * (cos(theta_y) - m * sin(m)) instead (the
+  insightface fallback), which keeps it monotone in theta and its gradient finite at theta = pi.
+- AdaFace (Kim et al. 2022, Eq. 9-12; kprpe_spec §4.1): the margin adapts to the feature norm, an image-quality
+  proxy. z = clip(h * (||f|| - mu) / (sigma + 1e-3), -1, 1) with running mean/std (mu, sigma) of the detached,
+  clipped norms (EMA weight t_alpha, updated before use, initialised to 20 and 100); target logit
+  s * (cos(clip(theta_y - m z, eps, pi - eps)) - (m + m z)). m = 0.4, h = 0.333, s = 64.
+
+Interface: ``head(embeddings, labels) -> loss`` and ``head.logits(embeddings, labels=None)``; the margin
+itself is :meth:`MarginHead.margin_logits` on cosines, so a sampled classifier (Partial FC) reuses it.
+Cosines are computed in fp32 even under autocast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HEADS = ("cosface", "arcface", "adaface")
+
+
+class MarginHead(nn.Module):
+    """Base class: class centres W (num_classes x embedding_size) and the scaled-cosine classifier."""
+
+    default_scale = 64.0
+    default_margin = 0.0
+
+    def __init__(
+        self, embedding_size: int, num_classes: int, scale: float | None = None, margin: float | None = None
+    ) -> None:
+        super().__init__()
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.scale = float(self.default_scale if scale is None else scale)
+        self.margin = float(self.default_margin if margin is None else margin)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        nn.init.xavier_uniform_(self.weight)
+
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """B x num_classes cosines, in fp32."""
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        """Margin-adjusted cosine of the target class (before scaling)."""
+        raise NotImplementedError
+
+    def margin_logits(self, cosine: Tensor, labels: Tensor, norms: Tensor | None = None) -> Tensor:
+        """Scaled logits with the margin on each row's target column. Rows labelled -1 get no margin."""
+        labels = labels.long()
+        valid = labels >= 0
+        idx = labels.clamp_min(0)[:, None]
+        cos_target = cosine.gather(1, idx).squeeze(1)
+        if norms is None:
+            norms = cosine.new_ones(cosine.shape[0])
+        new_target = self.target_logit(cos_target, norms)
+        new_target = torch.where(valid, new_target, cos_target)
+        logits = cosine.scatter(1, idx, new_target[:, None])
+        return logits * self.scale
+
+    def logits(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Scaled logits; with ``labels`` the margin is applied (training), without it not (inference)."""
+        cosine = self.cosine(embeddings)
+        if labels is None:
+            return cosine * self.scale
+        return self.margin_logits(cosine, labels, embeddings.float().norm(dim=1))
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(self.logits(embeddings, labels), labels.long(), ignore_index=-1)
+
+    def extra_repr(self) -> str:
+        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.scale}, m={self.margin}"
+
+
+class CosFace(MarginHead):
+    """Large margin cosine loss: target logit s * (cos(theta_y) - m)."""
+
+    default_margin = 0.4
+
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        return cos_target - self.margin
+
+
+class ArcFace(MarginHead):
+    """Additive angular margin: target logit s * cos(theta_y + m), safe near theta = pi."""
+
+    default_margin = 0.5
+
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        m = self.margin
+        # clamp keeps d sin/d cos finite at |cos| = 1
+        sin_target = (1.0 - cos_target.square()).clamp_min(1e-12).sqrt()
+        cos_theta_m = cos_target * math.cos(m) - sin_target * math.sin(m)
+        # theta + m > pi  <=>  cos(theta) < cos(pi - m)
+        return torch.where(cos_target > math.cos(math.pi - m), cos_theta_m, cos_target - m * math.sin(m))
+
+
+class AdaFace(MarginHead):
+    """Quality-adaptive margin (AdaFace); keeps running mean/std of the feature norms as buffers."""
+
+    default_margin = 0.4
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        scale: float | None = None,
+        margin: float | None = None,
+        h: float = 0.333,
+        t_alpha: float = 0.01,
+        eps: float = 1e-3,
+    ) -> None:
+        super().__init__(embedding_size, num_classes, scale, margin)
+        self.h = h
+        self.t_alpha = t_alpha
+        self.eps = eps
+        self.register_buffer("batch_mean", torch.tensor(20.0))
+        self.register_buffer("batch_std", torch.tensor(100.0))
+
+    @torch.no_grad()
+    def update_norm_stats(self, safe_norms: Tensor) -> None:
+        """EMA update of the norm statistics (training mode only; std needs two samples)."""
+        a = self.t_alpha
+        self.batch_mean.mul_(1 - a).add_(a * safe_norms.mean())
+        if safe_norms.numel() > 1:
+            self.batch_std.mul_(1 - a).add_(a * safe_norms.std())
+
+    def margin_scaler(self, norms: Tensor) -> Tensor:
+        """z in [-1, 1]: the normalised feature norm (no gradient flows through it)."""
+        safe = norms.detach().float().clamp(0.001, 100.0)
+        if self.training:
+            self.update_norm_stats(safe)
+        z = (safe - self.batch_mean) / (self.batch_std + self.eps) * self.h
+        return z.clamp(-1.0, 1.0)
+
+    def margin_logits(self, cosine: Tensor, labels: Tensor, norms: Tensor | None = None) -> Tensor:
+        if norms is None:
+            raise ValueError("AdaFace needs the embedding norms (pass un-normalised embeddings to logits())")
+        return super().margin_logits(cosine.clamp(-1 + self.eps, 1 - self.eps), labels, norms)
+
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        z, m = self.margin_scaler(norms), self.margin
+        theta_m = (cos_target.acos() - m * z).clamp(self.eps, math.pi - self.eps)
+        return theta_m.cos() - (m + m * z)
+
+
+def build_head(name: str, embedding_size: int, num_classes: int, **kwargs) -> MarginHead:
+    heads = {"cosface": CosFace, "arcface": ArcFace, "adaface": AdaFace}
+    if name not in heads:
+        raise KeyError(f"unknown head {name!r}; heads: {', '.join(heads)}")
+    if name != "adaface":  # h and t_alpha only mean something to AdaFace
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("h", "t_alpha")}
+    return heads[name](embedding_size, num_classes, **kwargs)

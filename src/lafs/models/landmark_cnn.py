@@ -1,0 +1,145 @@
+"""Landmark CNN of Part fViT (BMVC 2022, §3.1; lafs_spec §1.2).
+
+A truncated MobileNetV3-Large trunk (Howard et al. 2019, Table 1: stem + 15 bottlenecks, no 960-channel
+1x1 conv, no classifier) -> global average pool -> Dropout(0.5) -> Linear(C_last, 2R). The 2R outputs of
+each sample are min-max rescaled *jointly* (x and y together) to ``[0, img_size - 1]`` pixels, so every
+sample has one coordinate at exactly 0 and one at exactly ``img_size - 1``; gradients flow through the
+min and the max. No landmark supervision: the CNN learns through the patch sampler.
+Output ``B x R x 2`` in (x, y) pixel coordinates (pixel centres at integers).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# (kernel, expansion, out, squeeze-excite, activation, stride): MobileNetV3-Large, Table 1.
+MOBILENET_V3_LARGE = (
+    (3, 16, 16, False, "RE", 1),
+    (3, 64, 24, False, "RE", 2),
+    (3, 72, 24, False, "RE", 1),
+    (5, 72, 40, True, "RE", 2),
+    (5, 120, 40, True, "RE", 1),
+    (5, 120, 40, True, "RE", 1),
+    (3, 240, 80, False, "HS", 2),
+    (3, 200, 80, False, "HS", 1),
+    (3, 184, 80, False, "HS", 1),
+    (3, 184, 80, False, "HS", 1),
+    (3, 480, 112, True, "HS", 1),
+    (3, 672, 112, True, "HS", 1),
+    (5, 672, 160, True, "HS", 2),
+    (5, 960, 160, True, "HS", 1),
+    (5, 960, 160, True, "HS", 1),
+)
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """Round channels to a multiple of ``divisor`` without going below 90 % (MobileNet convention)."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def _act(kind: str) -> nn.Module:
+    return nn.ReLU(inplace=True) if kind == "RE" else nn.Hardswish(inplace=True)
+
+
+class SqueezeExcite(nn.Module):
+    """avgpool -> FC(C, C/4, no bias) -> ReLU -> FC(C/4, C, no bias) -> h-sigmoid, as in the reference."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(channels, channels // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels // reduction, channels, bias=False),
+            nn.Hardsigmoid(inplace=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.fc(x.mean(dim=(2, 3)))
+        return x * w[:, :, None, None]
+
+
+class Bottleneck(nn.Module):
+    """Inverted residual: 1x1 expand -> depthwise kxk (stride) -> [SE] -> act -> 1x1 linear project."""
+
+    def __init__(self, inp: int, exp: int, out: int, kernel: int, se: bool, act: str, stride: int) -> None:
+        super().__init__()
+        self.use_res = stride == 1 and inp == out
+        self.block = nn.Sequential(
+            nn.Conv2d(inp, exp, 1, bias=False),
+            nn.BatchNorm2d(exp),
+            _act(act),
+            nn.Conv2d(exp, exp, kernel, stride, kernel // 2, groups=exp, bias=False),
+            nn.BatchNorm2d(exp),
+            SqueezeExcite(exp) if se else nn.Identity(),
+            _act(act),
+            nn.Conv2d(exp, out, 1, bias=False),
+            nn.BatchNorm2d(out),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.block(x)
+        return x + y if self.use_res else y
+
+
+class MobileNetV3Trunk(nn.Module):
+    """MobileNetV3-Large feature trunk, truncated after the last bottleneck (160 channels at width 1)."""
+
+    def __init__(self, width_mult: float = 1.0) -> None:
+        super().__init__()
+        stem = make_divisible(16 * width_mult)
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, stem, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.Hardswish(inplace=True),
+        ]
+        inp = stem
+        for k, exp, out, se, act, stride in MOBILENET_V3_LARGE:
+            exp_c, out_c = make_divisible(exp * width_mult), make_divisible(out * width_mult)
+            layers.append(Bottleneck(inp, exp_c, out_c, k, se, act, stride))
+            inp = out_c
+        self.features = nn.Sequential(*layers)
+        self.out_channels = inp
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
+def minmax_rescale(raw: Tensor, size: int) -> Tensor:
+    """Per-sample joint min-max rescale of B x 2R raw outputs to ``[0, size - 1]`` (differentiable)."""
+    lo = raw.min(dim=1, keepdim=True).values
+    hi = raw.max(dim=1, keepdim=True).values
+    return (raw - lo) / (hi - lo).clamp_min(1e-12) * (size - 1)
+
+
+class LandmarkCNN(nn.Module):
+    """Predicts ``num_landmarks`` (x, y) pixel positions per face. ``forward(x in [-1, 1]) -> B x R x 2``."""
+
+    def __init__(
+        self, num_landmarks: int = 196, img_size: int = 112, width_mult: float = 1.0, dropout: float = 0.5
+    ) -> None:
+        super().__init__()
+        self.num_landmarks = num_landmarks
+        self.img_size = img_size
+        self.trunk = MobileNetV3Trunk(width_mult)
+        self.dropout = nn.Dropout(dropout)
+        # Outside the trunk's init on purpose: the reference keeps PyTorch's default Linear init here.
+        self.output_layer = nn.Linear(self.trunk.out_channels, 2 * num_landmarks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            raise ValueError(
+                f"LandmarkCNN expects {self.img_size}x{self.img_size} inputs, got {tuple(x.shape[-2:])}"
+            )
+        feats = F.adaptive_avg_pool2d(self.trunk(x), 1).flatten(1)
+        raw = self.output_layer(self.dropout(feats))
+        return minmax_rescale(raw, self.img_size).view(-1, self.num_landmarks, 2)

@@ -1,0 +1,134 @@
+"""Part fViT: ViT on patches sampled at learned landmarks (Sun & Tzimiropoulos, BMVC 2022, §3; lafs_spec §1).
+
+The landmark CNN predicts R landmarks; a ``patch_size`` x ``patch_size`` patch is sampled around each by
+bilinear interpolation (differentiable in the image and in the landmarks), flattened to a token, and the
+R tokens go through the ViT encoder in landmark order.
+
+Sampling convention (``patch_layout``):
+
+- Coordinates are pixels with pixel centres at integers (the keypoint convention of the data layer):
+  pixel (i, j) is at x = j, y = i; the image spans [-0.5, W - 0.5].
+- All R patches of the batch are sampled by **one** ``grid_sample`` call (bilinear, ``align_corners=False``,
+  ``padding_mode="zeros"``: samples outside the image read 0, mid-grey in [-1, 1] space).
+- ``"centred"`` (default): sample k in 0..p-1 of a patch lies at offset ``k - (p - 1) / 2`` from the
+  landmark, so the window is centred on it; patch rows run along y, columns along x. A landmark at
+  ``(8g + 3.5, 8h + 3.5)`` reads exactly the grid patch (g, h) that fViT uses.
+- ``"reference"``: the released code's ``extract_patches_pytorch_gridsample``: offsets ``k - p/2 - 1/2``
+  (-4.5..+2.5 for p = 8, so the window is centred 1 px up-left of the landmark and every sample falls
+  half-way between pixels) and **transposed** patches (rows run along x). Use it with weights trained
+  by the reference code.
+
+Token features are ordered (row, column, channel), as the reference's ``(p1 p2 c)`` rearrange.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .landmark_cnn import LandmarkCNN
+from .vit import ViTEncoder
+
+PATCH_LAYOUTS = ("centred", "reference")
+
+
+def _patch_offsets(patch_size: int, layout: str, device, dtype) -> Tensor:
+    if layout not in PATCH_LAYOUTS:
+        raise ValueError(f"patch_layout must be one of {PATCH_LAYOUTS}, got {layout!r}")
+    k = torch.arange(patch_size, device=device, dtype=dtype)
+    if layout == "centred":
+        return k - (patch_size - 1) / 2
+    # Reference: grid = (l + k - p/2) / (W/2) - 1 with align_corners=False, which samples pixel-centre
+    # coordinate l + k - p/2 - 1/2.
+    return k - patch_size / 2 - 0.5
+
+
+def _offset_grid(patch_size: int, layout: str, device, dtype) -> tuple[Tensor, Tensor]:
+    """(dx, dy), each p x p: offset of output element [row, col] of a patch from its landmark."""
+    d = _patch_offsets(patch_size, layout, device, dtype)
+    rows, cols = torch.meshgrid(d, d, indexing="ij")
+    # "reference" transposes the patch: its row index runs along x.
+    return (rows, cols) if layout == "reference" else (cols, rows)
+
+
+def _to_normalised(coord: Tensor, size: int) -> Tensor:
+    """Pixel-centre coordinates -> grid_sample coordinates for ``align_corners=False``."""
+    return (2.0 * coord + 1.0) / size - 1.0
+
+
+def sample_patches(images: Tensor, landmarks: Tensor, patch_size: int = 8, layout: str = "centred") -> Tensor:
+    """Sample one patch per landmark with a single batched ``grid_sample``.
+
+    images: B x C x H x W; landmarks: B x R x 2 (x, y) pixels. Returns B x R x (p * p * C).
+    """
+    b, c, h, w = images.shape
+    r = landmarks.shape[1]
+    p = patch_size
+    landmarks = landmarks.to(images.dtype)
+    dx, dy = _offset_grid(p, layout, images.device, images.dtype)
+    x = landmarks[:, :, 0, None, None] + dx  # B x R x p x p
+    y = landmarks[:, :, 1, None, None] + dy
+    grid = torch.stack((_to_normalised(x, w), _to_normalised(y, h)), dim=-1)
+    out = F.grid_sample(
+        images, grid.view(b, r * p, p, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+    )  # B x C x (R p) x p
+    return out.view(b, c, r, p, p).permute(0, 2, 3, 4, 1).reshape(b, r, p * p * c)
+
+
+def sample_patches_loop(images: Tensor, landmarks: Tensor, patch_size: int = 8, layout: str = "centred") -> Tensor:
+    """Per-landmark ``grid_sample`` loop, as the reference code does it. For tests and benchmarks only."""
+    b, c, h, w = images.shape
+    p = patch_size
+    dx, dy = _offset_grid(p, layout, images.device, images.dtype)
+    tokens = []
+    for i in range(landmarks.shape[1]):
+        lx = landmarks[:, i, 0, None, None].to(images.dtype)
+        ly = landmarks[:, i, 1, None, None].to(images.dtype)
+        grid = torch.stack((_to_normalised(lx + dx, w), _to_normalised(ly + dy, h)), dim=-1)
+        patch = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        tokens.append(patch.permute(0, 2, 3, 1).reshape(b, p * p * c))
+    return torch.stack(tokens, dim=1)
+
+
+class PartFViT(nn.Module):
+    """Landmark CNN + patch sampling + ViT encoder.
+
+    ``forward(images in [-1, 1], landmarks=None) -> {"embedding": B x D, "landmarks": B x R x 2}``.
+    Passing ``landmarks`` (any count R' <= R) skips the CNN: LAFS predicts them on a clean view and
+    samples patches from an augmented one, possibly a subset.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 112,
+        patch_size: int = 8,
+        num_landmarks: int = 196,
+        in_chans: int = 3,
+        patch_layout: str = "centred",
+        landmark_width_mult: float = 1.0,
+        landmark_dropout: float = 0.5,
+        **encoder_kwargs,
+    ) -> None:
+        super().__init__()
+        if patch_layout not in PATCH_LAYOUTS:
+            raise ValueError(f"patch_layout must be one of {PATCH_LAYOUTS}, got {patch_layout!r}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_landmarks = num_landmarks
+        self.num_tokens = num_landmarks
+        self.patch_layout = patch_layout
+        self.landmark_cnn = LandmarkCNN(num_landmarks, img_size, landmark_width_mult, landmark_dropout)
+        self.encoder = ViTEncoder(
+            token_dim=patch_size * patch_size * in_chans, num_tokens=num_landmarks, **encoder_kwargs
+        )
+        self.embedding_size = self.encoder.embedding_size
+
+    def forward(
+        self, images: Tensor, landmarks: Tensor | None = None, attn_bias: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        if landmarks is None:
+            landmarks = self.landmark_cnn(images)
+        tokens = sample_patches(images, landmarks, self.patch_size, self.patch_layout)
+        out = self.encoder(tokens, attn_bias)
+        return {"embedding": out["embedding"], "landmarks": landmarks}

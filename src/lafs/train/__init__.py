@@ -1,0 +1,1 @@
+"""Training: the shared loop, checkpoints, distributed set-up and logging."""

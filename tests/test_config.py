@@ -1,0 +1,71 @@
+"""Config schema: YAML + dotted overrides, errors that name the bad key, resolved config written per run."""
+
+import pytest
+import yaml
+
+from lafs.config import Config, ConfigError, load_config, parse_override, save_config
+
+
+def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("model:\n  name: fvit\n  size: tiny\n  depth: 4\nhead:\n  name: arcface\n")
+    cfg = load_config(f, ["model.depth=6", "optim.lr=0.01"])
+    assert isinstance(cfg, Config)
+    assert (cfg.model.name, cfg.model.size, cfg.model.depth) == ("fvit", "tiny", 6)
+    assert cfg.head.name == "arcface"
+    assert cfg.optim.lr == 0.01
+    assert cfg.model.overrides() == {"depth": 6}
+
+
+def test_unknown_key_in_override_is_named_with_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.detph'.*did you mean 'model\.depth'"):
+        load_config(None, ["model.detph=6"])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  batch_sise: 8\n")
+    with pytest.raises(ConfigError, match=r"'train\.batch_sise' in file .*bad\.yaml.*'train\.batch_size'"):
+        load_config(f)
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match=r"'modle'"):
+        load_config(None, ["modle.depth=3"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"'model\.depth'.*'abc'"):
+        load_config(None, ["model.depth=abc"])
+
+
+def test_value_outside_choices_is_named():
+    with pytest.raises(ConfigError, match=r"'head\.name' is 'sphereface'.*'cosface'"):
+        load_config(None, ["head.name=sphereface"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["model.depth"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_parse_override_types():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a.b=0.5") == ("a.b", 0.5)
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a.b=x=y") == ("a.b", "x=y")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["model.depth=5", "head.margin=0.3"])
+    path = save_config(cfg, tmp_path / "run")
+    assert path.read_text().count("depth: 5") == 1
+    again = load_config(path)
+    assert again == cfg
+    assert yaml.safe_load(path.read_text())["head"]["margin"] == 0.3
