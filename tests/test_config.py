@@ -69,3 +69,23 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(path)
     assert again == cfg
     assert yaml.safe_load(path.read_text())["head"]["margin"] == 0.3
+
+
+def test_every_shipped_config_loads_and_builds():
+    from pathlib import Path
+
+    from lafs.models import build_backbone
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    assert files, "no configs shipped"
+    for f in files:
+        cfg = load_config(f)
+        build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides())
+
+
+def test_package_does_not_require_torchvision_or_timm():
+    from importlib.metadata import requires
+
+    reqs = " ".join(requires("lafs") or [])
+    assert "torch" in reqs
+    assert "torchvision" not in reqs and "timm" not in reqs and "mxnet" not in reqs
