@@ -44,7 +44,7 @@ def test_demo_end_to_end_writes_run_folder(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "lafs.cli", "demo", "--out", str(out), "--steps", "8", "--quiet",
-         "train.batch_size=16"],
+         "train.batch_size=16", "data.val_pairs=40"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
