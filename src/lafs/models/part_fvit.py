@@ -52,9 +52,16 @@ def _offset_grid(patch_size: int, layout: str, device, dtype) -> tuple[Tensor, T
     return (rows, cols) if layout == "reference" else (cols, rows)
 
 
-def _to_normalised(coord: Tensor, size: int) -> Tensor:
-    """Pixel-centre coordinates -> grid_sample coordinates for ``align_corners=False``."""
-    return (2.0 * coord + 1.0) / size - 1.0
+def sampling_grid(landmarks: Tensor, height: int, width: int, patch_size: int, layout: str, dtype) -> Tensor:
+    """B x R x 2 pixel landmarks -> B x R x p x p x 2 ``grid_sample`` coordinates (``align_corners=False``).
+
+    Pixel-centre coordinate u maps to (2u + 1) / size - 1. The landmarks are normalised once and the p x p
+    offsets, already normalised, are added by one broadcast.
+    """
+    dx, dy = _offset_grid(patch_size, layout, landmarks.device, dtype)
+    scale = torch.tensor([2.0 / width, 2.0 / height], device=landmarks.device, dtype=dtype)
+    centre = landmarks.to(dtype) * scale + (scale / 2 - 1)
+    return centre[:, :, None, None, :] + torch.stack((dx, dy), dim=-1) * scale
 
 
 def sample_patches(images: Tensor, landmarks: Tensor, patch_size: int = 8, layout: str = "centred") -> Tensor:
@@ -65,11 +72,7 @@ def sample_patches(images: Tensor, landmarks: Tensor, patch_size: int = 8, layou
     b, c, h, w = images.shape
     r = landmarks.shape[1]
     p = patch_size
-    landmarks = landmarks.to(images.dtype)
-    dx, dy = _offset_grid(p, layout, images.device, images.dtype)
-    x = landmarks[:, :, 0, None, None] + dx  # B x R x p x p
-    y = landmarks[:, :, 1, None, None] + dy
-    grid = torch.stack((_to_normalised(x, w), _to_normalised(y, h)), dim=-1)
+    grid = sampling_grid(landmarks, h, w, p, layout, images.dtype)
     out = F.grid_sample(
         images, grid.view(b, r * p, p, 2), mode="bilinear", padding_mode="zeros", align_corners=False
     )  # B x C x (R p) x p
@@ -77,15 +80,12 @@ def sample_patches(images: Tensor, landmarks: Tensor, patch_size: int = 8, layou
 
 
 def sample_patches_loop(images: Tensor, landmarks: Tensor, patch_size: int = 8, layout: str = "centred") -> Tensor:
-    """Per-landmark ``grid_sample`` loop, as the reference code does it. For tests and benchmarks only."""
+    """One ``grid_sample`` call per landmark, as the reference code does it. For tests and benchmarks only."""
     b, c, h, w = images.shape
     p = patch_size
-    dx, dy = _offset_grid(p, layout, images.device, images.dtype)
     tokens = []
     for i in range(landmarks.shape[1]):
-        lx = landmarks[:, i, 0, None, None].to(images.dtype)
-        ly = landmarks[:, i, 1, None, None].to(images.dtype)
-        grid = torch.stack((_to_normalised(lx + dx, w), _to_normalised(ly + dy, h)), dim=-1)
+        grid = sampling_grid(landmarks[:, i : i + 1], h, w, p, layout, images.dtype)[:, 0]
         patch = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         tokens.append(patch.permute(0, 2, 3, 1).reshape(b, p * p * c))
     return torch.stack(tokens, dim=1)
