@@ -93,7 +93,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 32
-    steps: int = 150
+    steps: int = 60
     seed: int = 0
     device: str = "cpu"
 
