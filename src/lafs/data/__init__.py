@@ -1,0 +1,1 @@
+"""Face data: alignment, few-shot subsets and dataset readers."""

@@ -1,0 +1,184 @@
+"""Face datasets: insightface RecordIO and ``identity/image.jpg`` folders, with an identity index.
+
+Each item is a dict: ``image`` (uint8 C x H x W, RGB), ``label`` (identity, int), ``index`` (dataset
+position) and, when a keypoint sidecar is present, ``keypoints`` (5 x 2 float32 pixels). Positions are
+0..N-1 over image records only, so few-shot index files (``fewshot.py``) address them directly.
+
+Colour order is explicit: ``color="rgb"`` means the stored JPEG holds true colours (files encoded from BGR
+arrays by OpenCV, the usual way, e.g. ``../shared/data``); ``color="bgr"`` means its channels were stored
+swapped (images encoded from RGB arrays by OpenCV), and they are swapped back. The output is always RGB.
+
+A bad record (unreadable or undecodable) raises an error naming the file, record and byte offset; with
+``max_bad_records = n > 0`` up to n of them are skipped (the next position is served instead) and
+counted in ``bad_records``, per process; the (n+1)-th stops with the full report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .recordio import RecordIOError, RecordReader, face_record_index
+
+COLORS = ("rgb", "bgr")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def decode_image(data: bytes, color: str = "rgb", source: str = "image") -> np.ndarray:
+    """Encoded bytes -> H x W x 3 uint8 RGB. ``color`` is the channel order the file stores."""
+    if color not in COLORS:
+        raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"{source}: cannot decode image ({len(data)} bytes)")
+    # cv2 returns BGR for a true-colour file; a "bgr" file decodes already in RGB order.
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if color == "rgb" else img
+
+
+def encode_image(rgb: np.ndarray, quality: int = 95, color: str = "rgb") -> bytes:
+    """H x W x 3 uint8 RGB -> JPEG bytes stored in ``color`` order (see module docstring)."""
+    arr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if color == "rgb" else rgb
+    ok, buf = cv2.imencode(".jpg", arr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def load_keypoints(path: str | Path, count: int) -> np.ndarray:
+    kps = np.load(path)
+    if kps.ndim != 3 or kps.shape[0] != count or kps.shape[2] != 2:
+        raise ValueError(f"{path}: keypoints of shape {kps.shape}, expected ({count}, K, 2) for {count} images")
+    return kps.astype(np.float32)
+
+
+class FaceDataset(Dataset):
+    """Shared logic: identity index, keypoints, bad-record policy. Subclasses implement ``_load``."""
+
+    labels: np.ndarray
+
+    def __init__(self, keypoints: str | Path | None, max_bad_records: int, name: str) -> None:
+        self.max_bad_records = max_bad_records
+        self.bad_records: list[str] = []
+        self.name = name
+        self.keypoints = load_keypoints(keypoints, len(self.labels)) if keypoints is not None else None
+
+    @property
+    def num_identities(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    def images_per_identity(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.num_identities)
+
+    def identity_index(self) -> dict[int, np.ndarray]:
+        """identity -> positions of its images."""
+        order = np.argsort(self.labels, kind="stable")
+        bounds = np.cumsum(np.concatenate([[0], self.images_per_identity()]))
+        return {i: order[bounds[i] : bounds[i + 1]] for i in range(self.num_identities)}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _load(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        pos = index
+        for _ in range(len(self)):
+            try:
+                img = self._load(pos)
+                break
+            except (RecordIOError, ValueError, OSError) as err:
+                self.bad_records.append(str(err))
+                if len(self.bad_records) > self.max_bad_records:
+                    report = "\n  ".join(self.bad_records[-10:])
+                    raise RuntimeError(
+                        f"{self.name}: {len(self.bad_records)} bad record(s), more than max_bad_records="
+                        f"{self.max_bad_records}; last ones:\n  {report}"
+                    ) from err
+                pos = (pos + 1) % len(self)
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "label": int(self.labels[pos]),
+            "index": pos,
+        }
+        if self.keypoints is not None:
+            item["keypoints"] = torch.from_numpy(self.keypoints[pos])
+        return item
+
+
+class RecordDataset(FaceDataset):
+    """insightface ``train.rec`` + ``train.idx``; keypoints from ``<stem>_kps.npy`` if present (row i = image i)."""
+
+    def __init__(
+        self,
+        rec_path: str | Path,
+        idx_path: str | Path | None = None,
+        color: str = "rgb",
+        keypoints: str | Path | None | bool = True,
+        max_bad_records: int = 0,
+    ) -> None:
+        if color not in COLORS:
+            raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+        self.reader = RecordReader(rec_path, idx_path)
+        self.color = color
+        self.keys, self.labels = face_record_index(self.reader)
+        if keypoints is True:
+            sidecar = Path(rec_path).with_name(Path(rec_path).stem + "_kps.npy")
+            keypoints = sidecar if sidecar.is_file() else None
+        elif keypoints is False:
+            keypoints = None
+        super().__init__(keypoints, max_bad_records, str(rec_path))
+
+    def _load(self, index: int) -> np.ndarray:
+        key = self.keys[index]
+        header, data = self.reader.read_header(key)
+        label = int(np.asarray(header.label).ravel()[0]) if header.flag > 0 else int(header.label)
+        if label != self.labels[index]:
+            raise RecordIOError(
+                f"{self.reader.rec_path}: record {key} at byte {self.reader.idx[key]}: label {label} "
+                f"differs from the index ({self.labels[index]})"
+            )
+        try:
+            return decode_image(data, self.color)
+        except ValueError:
+            raise RecordIOError(
+                f"{self.reader.rec_path}: record {key} at byte {self.reader.idx[key]}: cannot decode "
+                f"image ({len(data)} bytes)"
+            ) from None
+
+    def raw(self, index: int) -> bytes:
+        """Encoded image bytes of position ``index`` (no decoding)."""
+        return self.reader.read_header(self.keys[index])[1]
+
+
+class ImageFolderDataset(FaceDataset):
+    """``root/identity/image.jpg``; identities are the sorted sub-folder names, labels 0..K-1."""
+
+    def __init__(
+        self, root: str | Path, keypoints: str | Path | None = None, max_bad_records: int = 0
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.identities = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not self.identities:
+            raise ValueError(f"{self.root}: no identity sub-folders (expected root/identity/image.jpg)")
+        paths, labels = [], []
+        for label, name in enumerate(self.identities):
+            files = sorted(p for p in (self.root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            paths += files
+            labels += [label] * len(files)
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+        super().__init__(keypoints, max_bad_records, str(root))
+
+    def _load(self, index: int) -> np.ndarray:
+        path = self.paths[index]
+        return decode_image(path.read_bytes(), "rgb", str(path))
+
+    def raw(self, index: int) -> bytes:
+        return self.paths[index].read_bytes()

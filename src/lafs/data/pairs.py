@@ -1,0 +1,112 @@
+"""insightface ``.bin`` verification files: read, write, build from an LFW ``pairs.txt`` or a CSV of pairs.
+
+A ``.bin`` is ``pickle((list of encoded images, list of issame bools))``; images 2k and 2k+1 form pair k
+(ecosystem.md §4; insightface ``eval/verification.py:load_bin``). Image entries may be ``bytes`` or numpy
+uint8 buffers (older files); both are accepted and returned as ``bytes``. Writing is atomic.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+
+def _as_bytes(item, path, i: int) -> bytes:
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8:
+        return item.tobytes()
+    if isinstance(item, memoryview):
+        return item.tobytes()
+    raise ValueError(f"{path}: image {i} is {type(item).__name__}, expected bytes or a uint8 numpy buffer")
+
+
+def read_bin(path: str | Path) -> tuple[list[bytes], np.ndarray]:
+    """(encoded images, issame bool array of length len(images) / 2)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            obj = pickle.load(fh, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        raise ValueError(f"{path}: not a .bin verification file ({err})") from None
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise ValueError(f"{path}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
+    raw_images, issame = obj
+    images = [_as_bytes(item, path, i) for i, item in enumerate(raw_images)]
+    issame = np.asarray(list(issame), dtype=bool)
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
+    return images, issame
+
+
+def write_bin(path: str | Path, images: list[bytes], issame) -> Path:
+    """Write a ``.bin`` atomically (temporary file + rename)."""
+    path = Path(path)
+    issame = [bool(s) for s in issame]
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"{len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        pickle.dump(([bytes(b) for b in images], issame), fh, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return path
+
+
+def parse_lfw_pairs(pairs_txt: str | Path) -> list[tuple[str, int, str, int, bool]]:
+    """LFW ``pairs.txt``: ``name n1 n2`` (same person) or ``name1 n1 name2 n2``; an optional header line."""
+    pairs = []
+    lines = Path(pairs_txt).read_text().splitlines()
+    for lineno, line in enumerate(lines, 1):
+        f = line.split()
+        if not f:
+            continue
+        if lineno == 1 and all(x.isdigit() for x in f):
+            continue  # "folds pairs_per_fold" header
+        if len(f) == 3:
+            pairs.append((f[0], int(f[1]), f[0], int(f[2]), True))
+        elif len(f) == 4:
+            pairs.append((f[0], int(f[1]), f[2], int(f[3]), False))
+        else:
+            raise ValueError(f"{pairs_txt}:{lineno}: expected 3 or 4 fields, got {line!r}")
+    return pairs
+
+
+def bin_from_lfw_pairs(pairs_txt: str | Path, image_root: str | Path, out: str | Path, ext: str = "jpg") -> Path:
+    """Build a ``.bin`` from LFW ``pairs.txt`` and ``root/name/name_0001.jpg`` images (bytes kept as stored)."""
+    root = Path(image_root)
+    images, issame = [], []
+    for name1, n1, name2, n2, same in parse_lfw_pairs(pairs_txt):
+        for name, n in ((name1, n1), (name2, n2)):
+            p = root / name / f"{name}_{n:04d}.{ext}"
+            if not p.is_file():
+                raise FileNotFoundError(f"{pairs_txt}: image {p} not found")
+            images.append(p.read_bytes())
+        issame.append(same)
+    return write_bin(out, images, issame)
+
+
+def bin_from_csv(csv_path: str | Path, image_root: str | Path, out: str | Path) -> Path:
+    """Build a ``.bin`` from a CSV with columns ``path1,path2,issame`` (paths relative to ``image_root``)."""
+    root = Path(image_root)
+    images, issame = [], []
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"path1", "path2", "issame"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}")
+        for row_no, row in enumerate(reader, 2):
+            for key in ("path1", "path2"):
+                p = root / row[key]
+                if not p.is_file():
+                    raise FileNotFoundError(f"{csv_path}:{row_no}: image {p} not found")
+                images.append(p.read_bytes())
+            value = row["issame"].strip().lower()
+            if value not in ("1", "0", "true", "false"):
+                raise ValueError(f"{csv_path}:{row_no}: issame must be 0/1/true/false, got {row['issame']!r}")
+            issame.append(value in ("1", "true"))
+    return write_bin(out, images, issame)

@@ -1,0 +1,288 @@
+"""MXNet-compatible RecordIO (``.rec`` + ``.idx``) reader and writer, without mxnet.
+
+Byte layout (dmlc-core ``RecordIOWriter``; ecosystem.md §4): every record part is
+``uint32 magic 0xced7230a | uint32 lrec | payload | zero padding to 4 bytes``, where ``lrec`` holds a
+3-bit continuation flag (bits 29-31: 0 whole, 1 first, 2 middle, 3 last part) and a 29-bit length. The
+writer splits a payload wherever the magic number occurs at a 4-byte-aligned offset, dropping those four
+bytes; the reader puts them back. The ``.idx`` is text, ``key<TAB>byte offset`` per line.
+
+A payload starts with ``IRHeader(flag: uint32, label: float32, id: uint64, id2: uint64)``; when
+``flag > 0``, ``flag`` float32 labels follow and ``label`` is unused (``mx.recordio.pack``).
+
+insightface layout (``MXFaceDataset``): record 0 is a header whose labels are
+``[first identity record, end]``; records 1..N are images with ``IRHeader(0, identity, key, 0)``
+grouped by identity; records N+1..N+K hold each identity's ``[start, end)`` image-record range.
+
+File handles are opened lazily and re-opened after a fork, so a reader can be shared with DataLoader
+workers. Every error names the file, the record key and the byte offset.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_IR_FORMAT = "<IfQQ"
+_IR_SIZE = struct.calcsize(_IR_FORMAT)
+
+
+class RecordIOError(ValueError):
+    """A malformed ``.rec`` / ``.idx``; the message names the file, record key and byte offset."""
+
+
+@dataclass(frozen=True)
+class IRHeader:
+    flag: int
+    label: float | np.ndarray
+    id: int
+    id2: int
+
+
+def pack(header: IRHeader, payload: bytes) -> bytes:
+    """``mx.recordio.pack``: a scalar label goes in the header; an array label (flag = its length) follows it."""
+    label = header.label
+    if isinstance(label, (int, float, np.integer, np.floating)):
+        return struct.pack(_IR_FORMAT, 0, float(label), header.id, header.id2) + payload
+    arr = np.asarray(label, dtype=np.float32).ravel()
+    return struct.pack(_IR_FORMAT, arr.size, 0.0, header.id, header.id2) + arr.tobytes() + payload
+
+
+def unpack(record: bytes) -> tuple[IRHeader, bytes]:
+    """``mx.recordio.unpack``: (header, remaining payload)."""
+    if len(record) < _IR_SIZE:
+        raise ValueError(f"record of {len(record)} bytes is shorter than the {_IR_SIZE}-byte IRHeader")
+    flag, label, id_, id2 = struct.unpack(_IR_FORMAT, record[:_IR_SIZE])
+    rest = record[_IR_SIZE:]
+    if flag > 0:
+        if len(rest) < 4 * flag:
+            raise ValueError(f"IRHeader announces {flag} labels but only {len(rest)} bytes follow")
+        return IRHeader(flag, np.frombuffer(rest[: 4 * flag], np.float32).copy(), id_, id2), rest[4 * flag :]
+    return IRHeader(flag, label, id_, id2), rest
+
+
+def encode_record(payload: bytes) -> bytes:
+    """One logical record as it appears on disk (split at aligned magic numbers, padded to 4 bytes)."""
+    if len(payload) >= 1 << 29:
+        raise ValueError(f"record of {len(payload)} bytes exceeds the RecordIO limit of 2^29 - 1")
+    parts = []
+    start = 0
+    n = len(payload)
+    for i in range(0, n - n % 4, 4):
+        if payload[i : i + 4] == _MAGIC_BYTES:
+            parts.append((1 if start == 0 else 2, payload[start:i]))
+            start = i + 4
+    parts.append((3 if start else 0, payload[start:]))
+    out = bytearray()
+    for cflag, chunk in parts:
+        out += _MAGIC_BYTES + struct.pack("<I", (cflag << 29) | len(chunk)) + chunk
+        out += b"\0" * (-len(chunk) % 4)
+    return bytes(out)
+
+
+def read_idx(idx_path: str | Path) -> dict[int, int]:
+    """``key -> byte offset`` from a text ``.idx``; malformed lines are errors naming file and line."""
+    idx: dict[int, int] = {}
+    with open(idx_path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            try:
+                key, offset = int(fields[0]), int(fields[1])
+            except (ValueError, IndexError):
+                raise RecordIOError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line.rstrip()!r}") from None
+            idx[key] = offset
+    return idx
+
+
+class RecordReader:
+    """Random access to a ``.rec`` through its ``.idx`` (``MXIndexedRecordIO`` in read mode)."""
+
+    def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None) -> None:
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        if not self.rec_path.is_file():
+            raise FileNotFoundError(f"record file not found: {self.rec_path}")
+        if not self.idx_path.is_file():
+            raise FileNotFoundError(f"index file not found: {self.idx_path} (needed for random access)")
+        self.idx = read_idx(self.idx_path)
+        self.keys = sorted(self.idx)
+        self.size = self.rec_path.stat().st_size
+        for key, offset in self.idx.items():
+            if not 0 <= offset < self.size:
+                raise RecordIOError(
+                    f"{self.idx_path}: record {key} points to byte {offset}, past the end of "
+                    f"{self.rec_path} ({self.size} bytes)"
+                )
+        self._fh = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.idx
+
+    def _handle(self):
+        # Re-open after fork: a file offset shared between DataLoader workers would interleave reads.
+        if self._fh is None or self._pid != os.getpid():
+            self._fh = open(self.rec_path, "rb")
+            self._pid = os.getpid()
+        return self._fh
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fh"] = None
+        state["_pid"] = None
+        return state
+
+    def close(self) -> None:
+        if self._fh is not None and self._pid == os.getpid():
+            self._fh.close()
+        self._fh = None
+
+    def read(self, key: int) -> bytes:
+        """The payload of record ``key`` (multi-part records joined, padding removed)."""
+        if key not in self.idx:
+            raise KeyError(f"record {key} is not in {self.idx_path}")
+        offset = self.idx[key]
+        fh = self._handle()
+        fh.seek(offset)
+        out = bytearray()
+        pos = offset
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise RecordIOError(f"{self.rec_path}: record {key} truncated at byte {pos} (header cut short)")
+            magic, lrec = struct.unpack("<II", head)
+            if magic != MAGIC:
+                raise RecordIOError(
+                    f"{self.rec_path}: record {key} at byte {pos}: bad magic number 0x{magic:08x} "
+                    f"(expected 0x{MAGIC:08x}; is the .idx from another file?)"
+                )
+            cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+            padded = length + (-length % 4)
+            chunk = fh.read(padded)
+            if len(chunk) < padded:
+                raise RecordIOError(
+                    f"{self.rec_path}: record {key} at byte {pos} truncated: {length} bytes announced, "
+                    f"{len(chunk)} present"
+                )
+            out += chunk[:length]
+            pos += 8 + padded
+            if cflag in (0, 3):
+                return bytes(out)
+            out += _MAGIC_BYTES
+
+    def read_header(self, key: int) -> tuple[IRHeader, bytes]:
+        try:
+            return unpack(self.read(key))
+        except ValueError as err:
+            if isinstance(err, RecordIOError):
+                raise
+            raise RecordIOError(f"{self.rec_path}: record {key} at byte {self.idx[key]}: {err}") from None
+
+
+class RecordWriter:
+    """Writes ``.rec`` + ``.idx`` under temporary names and renames both into place on success.
+
+    Use as a context manager; on an exception nothing is left at the target paths (nor half-written).
+    """
+
+    def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None) -> None:
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        self.rec_path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_rec = self.rec_path.with_name(f".{self.rec_path.name}.{os.getpid()}.tmp")
+        self._tmp_idx = self.idx_path.with_name(f".{self.idx_path.name}.{os.getpid()}.tmp")
+        self._rec = open(self._tmp_rec, "wb")
+        self._idx_lines: list[str] = []
+        self._keys: set[int] = set()
+
+    def write(self, key: int, payload: bytes) -> None:
+        if key in self._keys:
+            raise ValueError(f"duplicate record key {key} while writing {self.rec_path}")
+        self._keys.add(key)
+        self._idx_lines.append(f"{key}\t{self._rec.tell()}\n")
+        self._rec.write(encode_record(payload))
+
+    def close(self) -> None:
+        self._rec.close()
+        with open(self._tmp_idx, "w") as fh:
+            fh.writelines(self._idx_lines)
+        os.replace(self._tmp_rec, self.rec_path)
+        os.replace(self._tmp_idx, self.idx_path)
+
+    def abort(self) -> None:
+        self._rec.close()
+        for tmp in (self._tmp_rec, self._tmp_idx):
+            if tmp.exists():
+                tmp.unlink()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_face_records(
+    rec_path: str | Path, samples: Iterable[tuple[int, bytes]], idx_path: str | Path | None = None
+) -> tuple[int, int]:
+    """Write (identity label, encoded image) pairs in insightface layout; returns (images, identities).
+
+    Labels must be 0..K-1 and the samples grouped by identity in ascending order, as insightface expects.
+    """
+    images: list[tuple[int, bytes]] = list(samples)
+    labels = [label for label, _ in images]
+    if any(b < a for a, b in zip(labels, labels[1:])):
+        raise ValueError("samples must be grouped by identity in ascending label order")
+    num_ids = labels[-1] + 1 if labels else 0
+    if sorted(set(labels)) != list(range(num_ids)):
+        raise ValueError(f"identity labels must be 0..K-1 without gaps, got {sorted(set(labels))[:10]}...")
+    n = len(images)
+    ranges = np.zeros((num_ids, 2), dtype=np.int64)
+    with RecordWriter(rec_path, idx_path) as writer:
+        writer.write(0, pack(IRHeader(2, np.array([n + 1, n + num_ids + 1], np.float32), 0, 0), b""))
+        for key, (label, data) in enumerate(images, start=1):
+            if ranges[label, 0] == 0:
+                ranges[label, 0] = key
+            ranges[label, 1] = key + 1
+            writer.write(key, pack(IRHeader(0, float(label), key, 0), data))
+        for label in range(num_ids):
+            key = n + 1 + label
+            writer.write(key, pack(IRHeader(2, ranges[label].astype(np.float32), key, 0), b""))
+    return n, num_ids
+
+
+def face_record_index(reader: RecordReader) -> tuple[list[int], np.ndarray]:
+    """(image record keys, their identity labels) of an insightface ``.rec``.
+
+    With a header record 0 (flag > 0), images are keys 1..first_identity_record-1; without one, every key.
+    """
+    keys: Sequence[int]
+    if 0 in reader:
+        header, _ = reader.read_header(0)
+        if header.flag > 0:
+            first_id_record = int(np.asarray(header.label).ravel()[0])
+            keys = list(range(1, first_id_record))
+        else:
+            keys = reader.keys
+    else:
+        keys = reader.keys
+    labels = np.empty(len(keys), dtype=np.int64)
+    for i, key in enumerate(keys):
+        header, _ = reader.read_header(key)
+        label = header.label
+        labels[i] = int(np.asarray(label).ravel()[0]) if header.flag > 0 else int(label)
+    return list(keys), labels
