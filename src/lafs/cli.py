@@ -1,6 +1,7 @@
 """``lafs <command>``: the one entry point.
 
-Commands so far: ``models`` (the model zoo table) and ``demo`` (the smallest end-to-end step). Every
+Commands so far: ``models`` (the model zoo table), ``demo`` (the smallest end-to-end step) and
+``data`` (pack / bin / check face data). Every
 command that runs something takes ``--config FILE`` and dotted ``key=value`` overrides, validated against
 ``lafs.config``; a bad key or value stops with a message naming it (exit code 2).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import Config, ConfigError, load_config
 
@@ -64,6 +66,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .data.datasets import ImageFolderDataset
+    from .data.recordio import write_face_records
+
+    ds = ImageFolderDataset(args.folder)
+    n, k = write_face_records(args.out, ((int(ds.labels[i]), ds.raw(i)) for i in range(len(ds))))
+    if args.keypoints:
+        from .data.datasets import load_keypoints
+
+        load_keypoints(args.keypoints, n)  # validates the row count before copying
+        shutil.copyfile(args.keypoints, Path(args.out).with_name(Path(args.out).stem + "_kps.npy"))
+    print(f"wrote {args.out} (+ .idx): {n} images of {k} identities")
+    return 0
+
+
+def cmd_data_bin(args: argparse.Namespace) -> int:
+    from .data.pairs import bin_from_csv, bin_from_lfw_pairs, read_bin
+
+    build = bin_from_csv if str(args.pairs).endswith(".csv") else bin_from_lfw_pairs
+    out = build(args.pairs, args.images, args.out)
+    _, issame = read_bin(out)
+    print(f"wrote {out}: {len(issame)} pairs ({int(issame.sum())} same, {int((~issame).sum())} different)")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .data.check import check_file, format_report
+
+    report = check_file(args.file, decode=not args.no_decode)
+    print(format_report(report))
+    return 1 if report["bad_records"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -81,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_args(p)
     p.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="pack, build, subset, align, synthesise and check face data").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("pack", help="image folder (identity/image.jpg) -> insightface .rec/.idx")
+    p.add_argument("folder")
+    p.add_argument("out", help="output .rec (the .idx is written beside it)")
+    p.add_argument("--keypoints", help="(N, 5, 2) .npy in folder order, copied to <out>_kps.npy")
+    p.set_defaults(func=cmd_data_pack)
+    p = data.add_parser("bin", help="LFW pairs.txt (or CSV path1,path2,issame) + image folder -> .bin")
+    p.add_argument("pairs")
+    p.add_argument("images")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_data_bin)
+    p = data.add_parser("check", help="validate a .rec/.idx/.bin: counts, identities, shots, bad records")
+    p.add_argument("file")
+    p.add_argument("--no-decode", action="store_true", help="do not decode the images (faster)")
+    p.set_defaults(func=cmd_data_check)
     return parser
 
 
@@ -93,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyError as err:  # unknown backbone, size or option
         print(f"lafs: error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:  # bad input files: the message names file and record
+        print(f"lafs: error: {err}", file=sys.stderr)
         return 2
 
 

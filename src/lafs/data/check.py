@@ -1,0 +1,72 @@
+"""``lafs data check``: validate a ``.rec``/``.idx`` or ``.bin`` and summarise it, listing every bad record."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .pairs import read_bin
+from .recordio import RecordIOError, RecordReader, face_record_index
+
+
+def _decodes(data: bytes) -> bool:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+def shots_histogram(labels: np.ndarray) -> dict[int, int]:
+    """images-per-identity -> number of identities with that many images."""
+    counts = np.bincount(labels) if len(labels) else np.array([], dtype=np.int64)
+    return dict(sorted(Counter(int(c) for c in counts if c > 0).items()))
+
+
+def check_rec(path: str | Path, decode: bool = True) -> dict:
+    path = Path(path)
+    if path.suffix == ".idx":
+        path = path.with_suffix(".rec")
+    reader = RecordReader(path)
+    keys, labels = face_record_index(reader)
+    bad = []
+    for key, label in zip(keys, labels):
+        try:
+            header, data = reader.read_header(key)
+            if decode and not _decodes(data):
+                bad.append(f"record {key} at byte {reader.idx[key]}: cannot decode image ({len(data)} bytes)")
+        except RecordIOError as err:
+            bad.append(str(err))
+    return {
+        "file": str(path),
+        "records": len(reader),
+        "images": len(keys),
+        "identities": int(len(np.unique(labels))),
+        "shots_histogram": shots_histogram(labels),
+        "bad_records": bad,
+    }
+
+
+def check_bin(path: str | Path, decode: bool = True) -> dict:
+    images, issame = read_bin(path)
+    bad = [f"image {i}: cannot decode ({len(b)} bytes)" for i, b in enumerate(images) if decode and not _decodes(b)]
+    return {"file": str(path), "pairs": int(len(issame)), "same": int(issame.sum()),
+            "different": int((~issame).sum()), "images": len(images), "bad_records": bad}
+
+
+def check_file(path: str | Path, decode: bool = True) -> dict:
+    suffix = Path(path).suffix
+    if suffix in (".rec", ".idx"):
+        return check_rec(path, decode)
+    if suffix == ".bin":
+        return check_bin(path, decode)
+    raise ValueError(f"{path}: cannot check a '{suffix}' file (expected .rec, .idx or .bin)")
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{k}: {v}" for k, v in report.items() if k != "bad_records"]
+    bad = report["bad_records"]
+    lines.append(f"bad records: {len(bad)}")
+    lines += [f"  {b}" for b in bad[:50]]
+    if len(bad) > 50:
+        lines.append(f"  ... and {len(bad) - 50} more")
+    return "\n".join(lines)
