@@ -1,0 +1,260 @@
+"""5-point similarity alignment of faces (the ArcFace / insightface ``norm_crop`` protocol).
+
+Five keypoints (left eye, right eye, nose tip, left and right mouth corner, in image order) are mapped onto
+the fixed 112x112 ArcFace template by the least-squares similarity transform (uniform scale, rotation,
+translation) of Umeyama (1991), "Least-squares estimation of transformation parameters between two point
+patterns", IEEE TPAMI 13(4), with its determinant correction so that the fit is never a mirror image. The
+crop is resampled with ``cv2.warpAffine`` (bilinear), as insightface's ``face_align.norm_crop`` does.
+
+Conventions: images are RGB uint8 ``H x W x 3``; keypoints are ``(x, y)`` pixels with pixel centres at
+integer coordinates, which is also what ``cv2.warpAffine`` assumes, so no half-pixel shifts appear here.
+Affine matrices are ``(2, 3)`` float64 and act on column vectors ``(x, y, 1)``: ``p' = M[:, :2] @ p + M[:, 2]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "ARCFACE_TEMPLATE",
+    "BORDERS",
+    "align_face",
+    "align_keypoints",
+    "estimate_similarity",
+    "estimate_similarity_batch",
+    "inverse_warp",
+    "invert_affine",
+    "template",
+    "transform_points",
+]
+
+# insightface python-package/insightface/utils/face_align.py, ``arcface_dst``.
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],  # left eye (image left)
+        [73.5318, 51.5014],  # right eye
+        [56.0252, 71.7366],  # nose tip
+        [41.5493, 92.3655],  # left mouth corner
+        [70.7299, 92.2041],  # right mouth corner
+    ],
+    dtype=np.float32,
+)
+ARCFACE_TEMPLATE.flags.writeable = False  # a shared constant: an in-place edit would silently move every crop
+
+BORDERS = ("constant", "replicate", "reflect")
+
+
+def template(size: int = 112) -> np.ndarray:
+    """The ArcFace template for a ``size x size`` crop, float32 ``(5, 2)``.
+
+    For ``size=112`` this is :data:`ARCFACE_TEMPLATE` exactly (a copy), the crop ArcFace-style models are
+    trained on. Other sizes multiply the coordinates by ``size / 112``, as insightface does for multiples of
+    112 (224 -> x2). With pixel centres at integers, a geometrically exact rescale of the same face region
+    would be ``(p + 0.5) * s - 0.5``, i.e. ``(s - 1) / 2`` px further right and down (half a pixel at 224);
+    the plain product is kept because it is what models trained on insightface crops saw. (insightface's
+    ``norm_crop`` uses ``size / 128`` plus an 8-pixel x shift for sizes that are not multiples of 112; that
+    variant is not reproduced.)
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        raise ValueError(f"template size must be a positive integer, got {size!r}")
+    if size == 112:
+        return ARCFACE_TEMPLATE.copy()
+    return (ARCFACE_TEMPLATE.astype(np.float64) * (size / 112.0)).astype(np.float32)
+
+
+def _as_points(points, name: str, batched: bool = False) -> np.ndarray:
+    arr = np.asarray(points, dtype=np.float64)
+    want = 3 if batched else 2
+    shape = "(B, N, 2)" if batched else "(N, 2)"
+    if arr.ndim != want or arr.shape[-1] != 2:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    if arr.shape[-2] < 2:
+        raise ValueError(f"{name} needs at least 2 points for a similarity fit, got {arr.shape[-2]}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite coordinates")
+    return arr
+
+
+def _umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batched Umeyama on ``(B, N, 2)`` arrays; returns M ``(B, 2, 3)`` and the src / dst variances ``(B,)``."""
+    n = src.shape[1]
+    mu_s = src.mean(axis=1)
+    mu_d = dst.mean(axis=1)
+    sc = src - mu_s[:, None]
+    dc = dst - mu_d[:, None]
+    var_s = (sc**2).sum(axis=(1, 2)) / n
+    var_d = (dc**2).sum(axis=(1, 2)) / n
+    cov = np.einsum("bni,bnj->bij", dc, sc) / n  # Umeyama's Sigma_xy, dst x src
+    u, d, vt = np.linalg.svd(cov)
+    # S = diag(1, det(U) det(V)) is Umeyama's correction: it turns the best orthogonal matrix into the best
+    # rotation when the optimum would be a reflection, and picks the rotation when cov has rank 1 (collinear
+    # points), where the sign of the zero singular value is arbitrary.
+    sign = np.sign(np.linalg.det(u) * np.linalg.det(vt))
+    sign[sign == 0] = 1.0
+    s = np.ones((src.shape[0], 2))
+    s[:, 1] = sign
+    rot = np.einsum("bij,bj,bjk->bik", u, s, vt)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = (d * s).sum(axis=1) / var_s
+    a = scale[:, None, None] * rot
+    t = mu_d - np.einsum("bij,bj->bi", a, mu_s)
+    return np.concatenate([a, t[:, :, None]], axis=2), var_s, var_d
+
+
+def _degenerate(var: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    # Relative to the coordinates' magnitude, so that identical points far from the origin still count as
+    # identical despite float rounding.
+    mag = np.maximum(1.0, np.abs(pts).max(axis=(1, 2)))
+    return var <= 1e-20 * mag**2
+
+
+def estimate_similarity(src, dst) -> np.ndarray:
+    """Least-squares similarity ``M`` (2x3 float64) mapping ``src`` onto ``dst`` (both ``(N, 2)``, N >= 2).
+
+    Minimises ``sum_i ||M [src_i; 1] - dst_i||^2`` over uniform scale > 0, rotation and translation; never
+    returns a reflection (``det M[:, :2] > 0``), even for mirrored point sets.
+    """
+    src = _as_points(src, "src")
+    dst = _as_points(dst, "dst")
+    if src.shape != dst.shape:
+        raise ValueError(f"src and dst must have the same shape, got {src.shape} and {dst.shape}")
+    m, var_s, var_d = _umeyama(src[None], dst[None])
+    if _degenerate(var_s, src[None])[0]:
+        raise ValueError("src points are degenerate: all points are identical, so no scale or rotation is defined")
+    if _degenerate(var_d, dst[None])[0]:
+        raise ValueError("dst points are degenerate: all points are identical, the fit would have zero scale")
+    return m[0]
+
+
+def estimate_similarity_batch(src, dst) -> np.ndarray:
+    """:func:`estimate_similarity` for a batch: ``src (B, N, 2)`` onto ``dst (N, 2)`` or ``(B, N, 2)`` -> ``(B, 2, 3)``.
+
+    Vectorised (one batched SVD); a degenerate entry raises ValueError naming its index.
+    """
+    src = _as_points(src, "src", batched=True)
+    dst = np.asarray(dst, dtype=np.float64)
+    if dst.ndim == 2:
+        dst = _as_points(dst, "dst")
+        dst = np.broadcast_to(dst, src.shape)
+    else:
+        dst = _as_points(dst, "dst", batched=True)
+    if src.shape != dst.shape:
+        raise ValueError(f"src {src.shape} and dst {dst.shape} do not match")
+    if src.shape[0] == 0:
+        return np.zeros((0, 2, 3))
+    m, var_s, var_d = _umeyama(src, dst)
+    for name, var, pts in (("src", var_s, src), ("dst", var_d, dst)):
+        bad = np.flatnonzero(_degenerate(var, pts))
+        if bad.size:
+            raise ValueError(
+                f"{name} points are degenerate (all identical) at batch index {int(bad[0])}"
+                f" ({bad.size} degenerate entries in total)"
+            )
+    return m
+
+
+def _as_affine(m) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    if m.shape != (2, 3):
+        raise ValueError(f"affine matrix must have shape (2, 3), got {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError("affine matrix contains NaN or infinite entries")
+    return m
+
+
+def transform_points(points, m) -> np.ndarray:
+    """Apply the affine ``m`` (2x3) to ``points`` of shape ``(..., 2)``.
+
+    Computed in float64; the result is float32 when ``points`` is float32 (the keypoint convention), else
+    float64.
+    """
+    m = _as_affine(m)
+    pts = np.asarray(points)
+    if pts.ndim < 1 or pts.shape[-1] != 2:
+        raise ValueError(f"points must have shape (..., 2), got {pts.shape}")
+    out = pts.astype(np.float64) @ m[:, :2].T + m[:, 2]
+    return out.astype(np.float32) if pts.dtype == np.float32 else out
+
+
+def invert_affine(m) -> np.ndarray:
+    """Inverse of the affine ``m`` (2x3), also 2x3 float64; ValueError if ``m`` is singular."""
+    m = _as_affine(m)
+    a = m[:, :2]
+    det = np.linalg.det(a)
+    if abs(det) <= 1e-12 * max(1.0, np.abs(a).max() ** 2):
+        raise ValueError(f"affine matrix is singular (det of the 2x2 part = {det:.3g}) and has no inverse")
+    a_inv = np.linalg.inv(a)
+    return np.concatenate([a_inv, (-a_inv @ m[:, 2])[:, None]], axis=1)
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as e:  # only the image warps need OpenCV; the point maths above does not
+        raise ImportError("lafs.data.align image warping needs OpenCV: pip install opencv-python-headless") from e
+    return cv2
+
+
+def _border(cv2, border: str) -> int:
+    modes = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101}
+    if border not in modes:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+    return modes[border]
+
+
+def _check_image(image, name: str = "image") -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{name} must be an RGB uint8 array of shape (H, W, 3), got {image.dtype} {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {image.shape}")
+    return image
+
+
+def align_face(image, keypoints, size: int = 112, border: str = "constant") -> tuple[np.ndarray, np.ndarray]:
+    """Crop ``image`` to ``size x size`` so that ``keypoints`` (5, 2) land on :func:`template` ``(size)``.
+
+    Returns ``(aligned, M)``: the RGB uint8 crop (bilinear, as ``norm_crop``) and the 2x3 float64 similarity
+    from the original frame to the crop. ``border`` fills pixels outside the image: ``"constant"`` (black,
+    insightface's choice), ``"replicate"`` or ``"reflect"``.
+    """
+    cv2 = _cv2()
+    image = _check_image(image)
+    kps = np.asarray(keypoints, dtype=np.float64)
+    if kps.shape != (5, 2):
+        raise ValueError(f"keypoints must have shape (5, 2), got {kps.shape}")
+    flag = _border(cv2, border)
+    m = estimate_similarity(kps, template(size))
+    aligned = cv2.warpAffine(
+        np.ascontiguousarray(image), m, (size, size), flags=cv2.INTER_LINEAR, borderMode=flag, borderValue=0
+    )
+    return aligned, m
+
+
+def align_keypoints(keypoints, m) -> np.ndarray:
+    """Keypoints ``(..., 2)`` in the original frame -> the aligned crop's frame, float32."""
+    return transform_points(np.asarray(keypoints, dtype=np.float32), m)
+
+
+def inverse_warp(aligned, m, out_shape, border: str = "constant") -> np.ndarray:
+    """Paste an aligned crop back into the original frame (``out_shape`` = ``(h, w)`` or ``(h, w, c)``).
+
+    For visualisation: pixels the crop does not cover are filled per ``border`` (black by default).
+    """
+    cv2 = _cv2()
+    aligned = _check_image(aligned, "aligned")
+    m = _as_affine(m)
+    if len(out_shape) not in (2, 3) or int(out_shape[0]) <= 0 or int(out_shape[1]) <= 0:
+        raise ValueError(f"out_shape must be (h, w) or (h, w, c) with positive h, w, got {tuple(out_shape)}")
+    invert_affine(m)  # a singular M would otherwise give a silently black image
+    h, w = int(out_shape[0]), int(out_shape[1])
+    # WARP_INVERSE_MAP makes OpenCV sample the crop at M @ p for every original-frame pixel p: exactly the
+    # inverse warp, without forming the inverse matrix.
+    return cv2.warpAffine(
+        aligned,
+        m,
+        (w, h),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=_border(cv2, border),
+        borderValue=0,
+    )
