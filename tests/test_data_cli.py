@@ -53,3 +53,31 @@ def test_bin_from_pairs(tmp_path, capsys):
 def test_missing_file_error(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "none.rec")]) == 2
     assert "none.rec" in capsys.readouterr().err
+
+
+def test_subset_writes_index_and_report(tmp_path, capsys):
+    from lafs.data.fewshot import load_index
+
+    folder = _folder(tmp_path, counts=tuple((f"id{i:02d}", 3) for i in range(10)))
+    main(["data", "pack", str(folder), str(tmp_path / "d.rec")])
+    assert main(["data", "subset", str(tmp_path / "d.rec"), "--fraction", "0.5", "--shots", "2",
+                 "--seed", "3", "-o", str(tmp_path / "idx.npy")]) == 0
+    positions, report = load_index(tmp_path / "idx.npy")
+    labels = RecordDataset(tmp_path / "d.rec").labels[positions]
+    assert len(positions) == 10 and len(set(labels.tolist())) == 5
+    assert all((labels == lab).sum() == 2 for lab in set(labels.tolist()))
+    assert report["identities_selected"] == 5
+    assert main(["data", "subset", str(tmp_path / "d.rec"), "--shots", "4", "-o", str(tmp_path / "x.npy")]) == 2
+    assert "fewer than shots=4" in capsys.readouterr().err
+
+
+def test_align_folder_maps_keypoints_to_template(tmp_path):
+    from lafs.data.align import ARCFACE_TEMPLATE
+
+    folder = _folder(tmp_path, counts=(("p", 1),))
+    kps = (ARCFACE_TEMPLATE[None] * 0.2 + 1.0).astype(np.float32)  # a small face in the 24 px image
+    np.save(tmp_path / "k.npy", kps)
+    assert main(["data", "align", str(folder), str(tmp_path / "k.npy"), str(tmp_path / "out")]) == 0
+    out_kps = np.load(tmp_path / "out" / "keypoints.npy")
+    assert np.abs(out_kps[0] - ARCFACE_TEMPLATE).max() < 0.5
+    assert (tmp_path / "out" / "p" / "p_0001.jpg").is_file()

@@ -93,6 +93,48 @@ def cmd_data_bin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_subset(args: argparse.Namespace) -> int:
+    from .data.datasets import RecordDataset
+    from .data.fewshot import fewshot_index, save_index, unlabelled_index
+
+    labels = RecordDataset(args.rec, keypoints=False).labels
+    if args.unlabelled:
+        positions, report = unlabelled_index(labels, seed=args.seed, fraction=args.fraction)
+    else:
+        shots = None if args.shots == "all" else int(args.shots)
+        positions, report = fewshot_index(labels, args.fraction, shots, args.seed, allow_fewer=args.allow_fewer)
+    out = save_index(args.out, positions, report)
+    print(report.summary())
+    print(f"wrote {out} (+ {Path(out).with_suffix('.json').name})")
+    return 0
+
+
+def cmd_data_align(args: argparse.Namespace) -> int:
+    import cv2
+    import numpy as np
+
+    from .data.align import align_face, align_keypoints
+    from .data.datasets import ImageFolderDataset, decode_image, encode_image, load_keypoints
+
+    ds = ImageFolderDataset(args.images)
+    kps = load_keypoints(args.keypoints, len(ds))
+    out = Path(args.out)
+    aligned_kps = np.empty_like(kps)
+    for i, path in enumerate(ds.paths):
+        img = decode_image(path.read_bytes(), "rgb", str(path))
+        crop, m = align_face(img, kps[i], size=args.size)
+        aligned_kps[i] = align_keypoints(kps[i], m)
+        target = out / path.relative_to(ds.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(encode_image(crop) if target.suffix.lower() in (".jpg", ".jpeg")
+                        else cv2.imencode(target.suffix, cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))[1].tobytes())
+        tmp.replace(target)
+    np.save(out / "keypoints.npy", aligned_kps)
+    print(f"aligned {len(ds)} images to {args.size}x{args.size} in {out} (+ keypoints.npy)")
+    return 0
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .data.check import check_file, format_report
 
@@ -132,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images")
     p.add_argument("out")
     p.set_defaults(func=cmd_data_bin)
+    p = data.add_parser("subset", help="few-shot index file: fraction of identities x k shots (seeded)")
+    p.add_argument("rec")
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of identities, chosen at random")
+    p.add_argument("--shots", default="all", help="images per identity: an integer or 'all'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unlabelled", action="store_true", help="1-shot unlabelled pretraining set")
+    p.add_argument("--allow-fewer", action="store_true", help="take all images of identities with < shots")
+    p.add_argument("-o", "--out", required=True, help="output .npy of dataset positions (+ .json report)")
+    p.set_defaults(func=cmd_data_subset)
+    p = data.add_parser("align", help="images (identity/image.jpg) + (N,5,2) keypoints -> aligned folder")
+    p.add_argument("images")
+    p.add_argument("keypoints")
+    p.add_argument("out")
+    p.add_argument("--size", type=int, default=112)
+    p.set_defaults(func=cmd_data_align)
     p = data.add_parser("check", help="validate a .rec/.idx/.bin: counts, identities, shots, bad records")
     p.add_argument("file")
     p.add_argument("--no-decode", action="store_true", help="do not decode the images (faster)")
