@@ -81,3 +81,17 @@ def test_align_folder_maps_keypoints_to_template(tmp_path):
     out_kps = np.load(tmp_path / "out" / "keypoints.npy")
     assert np.abs(out_kps[0] - ARCFACE_TEMPLATE).max() < 0.5
     assert (tmp_path / "out" / "p" / "p_0001.jpg").is_file()
+
+
+def test_synth_writes_records_and_keypoints(tmp_path):
+    assert main(["data", "synth", "--identities", "3", "--images-per-id", "4", "--seed", "5",
+                 "-o", str(tmp_path / "s.rec")]) == 0
+    ds = RecordDataset(tmp_path / "s.rec")
+    assert ds.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert ds[0]["image"].shape == (3, 112, 112) and ds.keypoints.shape == (12, 5, 2)
+    from lafs.data.synthetic import SyntheticFaces
+
+    img, kp = SyntheticFaces(3, seed=5).render(1, 2)
+    np.testing.assert_allclose(ds.keypoints[6], kp, atol=1e-5)
+    # JPEG at quality 95 stays close to the rendered image.
+    assert np.abs(ds[6]["image"].numpy().transpose(1, 2, 0).astype(float) - img).mean() < 6
