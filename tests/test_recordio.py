@@ -234,3 +234,11 @@ def test_image_folder_dataset(tmp_path):
     assert ds.identities == ["alice", "bob"] and ds.labels.tolist() == [0, 0, 1, 1, 1]
     assert ds[4]["label"] == 1 and ds[4]["image"].dtype.is_floating_point is False
     assert {k: v.tolist() for k, v in ds.identity_index().items()} == {0: [0, 1], 1: [2, 3, 4]}
+
+
+def test_label_mismatch_between_record_and_index_is_named(tmp_path):
+    rec, _ = _small_rec(tmp_path)
+    ds = RecordDataset(rec)
+    ds.labels[1] = 0  # the index now disagrees with record 2's header (identity 1)
+    with pytest.raises(RuntimeError, match=r"record 2 at byte \d+: label 1 differs from the index \(0\)"):
+        ds[1]
