@@ -67,10 +67,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
-    import shutil
-
     from .data.datasets import ImageFolderDataset
     from .data.recordio import write_face_records
+    from .io import atomic_write_bytes
 
     ds = ImageFolderDataset(args.folder)
     n, k = write_face_records(args.out, ((int(ds.labels[i]), ds.raw(i)) for i in range(len(ds))))
@@ -78,7 +77,7 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
         from .data.datasets import load_keypoints
 
         load_keypoints(args.keypoints, n)  # validates the row count before copying
-        shutil.copyfile(args.keypoints, Path(args.out).with_name(Path(args.out).stem + "_kps.npy"))
+        atomic_write_bytes(Path(args.out).with_name(Path(args.out).stem + "_kps.npy"), Path(args.keypoints).read_bytes())
     print(f"wrote {args.out} (+ .idx): {n} images of {k} identities")
     return 0
 
@@ -115,6 +114,7 @@ def cmd_data_align(args: argparse.Namespace) -> int:
 
     from .data.align import align_face, align_keypoints
     from .data.datasets import ImageFolderDataset, decode_image, encode_image, load_keypoints
+    from .io import atomic_write, atomic_write_bytes
 
     ds = ImageFolderDataset(args.images)
     kps = load_keypoints(args.keypoints, len(ds))
@@ -125,12 +125,9 @@ def cmd_data_align(args: argparse.Namespace) -> int:
         crop, m = align_face(img, kps[i], size=args.size)
         aligned_kps[i] = align_keypoints(kps[i], m)
         target = out / path.relative_to(ds.root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(encode_image(crop) if target.suffix.lower() in (".jpg", ".jpeg")
-                        else cv2.imencode(target.suffix, cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))[1].tobytes())
-        tmp.replace(target)
-    np.save(out / "keypoints.npy", aligned_kps)
+        atomic_write_bytes(target, encode_image(crop) if target.suffix.lower() in (".jpg", ".jpeg")
+                           else cv2.imencode(target.suffix, cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))[1].tobytes())
+    atomic_write(out / "keypoints.npy", lambda fh: np.save(fh, aligned_kps))
     print(f"aligned {len(ds)} images to {args.size}x{args.size} in {out} (+ keypoints.npy)")
     return 0
 
@@ -142,6 +139,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from .data.datasets import encode_image
     from .data.recordio import write_face_records
     from .data.synthetic import generate
+    from .io import atomic_write
 
     total = args.identities * args.images_per_id
     kps = np.empty((total, 5, 2), np.float32)
@@ -154,10 +152,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     n, k = write_face_records(out, samples())
-    kps_path = out.with_name(out.stem + "_kps.npy")
-    tmp = kps_path.with_name(f".{kps_path.stem}.tmp.npy")
-    np.save(tmp, kps)
-    tmp.replace(kps_path)
+    kps_path = atomic_write(out.with_name(out.stem + "_kps.npy"), lambda fh: np.save(fh, kps))
     print(f"wrote {out} (+ .idx, {kps_path.name}): {n} images of {k} synthetic identities, seed {args.seed}")
     return 0
 

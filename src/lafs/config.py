@@ -21,6 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .io import atomic_write_bytes
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and its source."""
@@ -192,10 +194,4 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config into ``out_dir`` (atomically) and return its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / name
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(target)
-    return target
+    return atomic_write_bytes(Path(out_dir) / name, to_yaml(cfg).encode())

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .config import Config, save_config, to_yaml
 from .heads import build_head
+from .io import atomic_write_bytes
 from .models import build_backbone, count_params
 from .train.checkpoint import atomic_save
 
@@ -132,7 +133,7 @@ def run_demo(cfg: Config, progress: bool = True) -> dict:
     }
     atomic_save({"model": model.state_dict(), "head": head.state_dict(), "config": to_yaml(cfg), "summary": summary},
                 out / "checkpoint.pt")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 

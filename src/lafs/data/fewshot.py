@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from ..io import atomic_write, atomic_write_bytes
 
 __all__ = ["SubsetReport", "fewshot_index", "load_index", "save_index", "unlabelled_index"]
 
@@ -166,24 +166,6 @@ def unlabelled_index(labels, seed: int = 0, fraction: float = 1.0) -> tuple[np.n
     return fewshot_index(labels, fraction, shots=1, seed=seed)
 
 
-def _atomic_write(path: Path, write) -> None:
-    # Temporary file in the same directory, then os.replace: readers see the old file or the new one,
-    # never a half-written one, and a crash leaves no truncated index behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
@@ -209,11 +191,11 @@ def save_index(path, positions, report: Optional[SubsetReport] = None) -> Path:
         if report.images != pos.size:
             raise ValueError(f"report says {report.images} images but positions has {pos.size}: mismatched pair")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: np.save(f, pos, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, pos, allow_pickle=False))
     side = _sidecar(path)
     if report is not None:
         text = json.dumps(asdict(report), indent=2, sort_keys=True) + "\n"
-        _atomic_write(side, lambda f: f.write(text.encode()))
+        atomic_write_bytes(side, text.encode())
     elif side.exists():
         side.unlink()
     return path

@@ -8,11 +8,12 @@ uint8 buffers (older files); both are accepted and returned as ``bytes``. Writin
 from __future__ import annotations
 
 import csv
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
+
+from ..io import atomic_write
 
 
 def _as_bytes(item, path, i: int) -> bytes:
@@ -49,12 +50,8 @@ def write_bin(path: str | Path, images: list[bytes], issame) -> Path:
     issame = [bool(s) for s in issame]
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        pickle.dump(([bytes(b) for b in images], issame), fh, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
-    return path
+    payload = ([bytes(b) for b in images], issame)
+    return atomic_write(path, lambda fh: pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def parse_lfw_pairs(pairs_txt: str | Path) -> list[tuple[str, int, str, int, bool]]:
