@@ -15,6 +15,7 @@ counted in ``bad_records``, per process; the (n+1)-th stops with the full report
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import cv2
@@ -55,7 +56,7 @@ def load_keypoints(path: str | Path, count: int) -> np.ndarray:
     return kps.astype(np.float32)
 
 
-class FaceDataset(Dataset):
+class FaceDataset(Dataset, ABC):
     """Shared logic: identity index, keypoints, bad-record policy. Subclasses implement ``_load``."""
 
     labels: np.ndarray
@@ -82,8 +83,13 @@ class FaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abstractmethod
     def _load(self, index: int) -> np.ndarray:
-        raise NotImplementedError
+        """Decoded H x W x 3 uint8 RGB image of position ``index``; raises on a bad record."""
+
+    @abstractmethod
+    def raw(self, index: int) -> bytes:
+        """Encoded image bytes of position ``index`` (no decoding)."""
 
     def __getitem__(self, index: int) -> dict:
         pos = index

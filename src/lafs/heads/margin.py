@@ -20,6 +20,7 @@ Cosines are computed in fp32 even under autocast.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 HEADS = ("cosface", "arcface", "adaface")
 
 
-class MarginHead(nn.Module):
+class MarginHead(nn.Module, ABC):
     """Base class: class centres W (num_classes x embedding_size) and the scaled-cosine classifier."""
 
     default_scale = 64.0
@@ -50,9 +51,9 @@ class MarginHead(nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
 
+    @abstractmethod
     def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
-        """Margin-adjusted cosine of the target class (before scaling)."""
-        raise NotImplementedError
+        """Margin-adjusted cosine of the target class (before scaling): what each loss defines."""
 
     def margin_logits(self, cosine: Tensor, labels: Tensor, norms: Tensor | None = None) -> Tensor:
         """Scaled logits with the margin on each row's target column. Rows labelled -1 get no margin."""
