@@ -28,34 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lafs.data.synthetic import SyntheticConfig, SyntheticFaces, synthetic_pairs
+from lafs.data.synthetic import SyntheticConfig, SyntheticFaces, raw_pixel_pair_scores, synthetic_pairs
+from lafs.eval.verification import roc_auc
 from lafs.heads import build_head
 from lafs.models import build_backbone
-
-
-def roc_auc(scores: np.ndarray, issame: np.ndarray) -> float:
-    """P(genuine score > impostor score), ties counted half (Mann-Whitney U / (n_pos n_neg))."""
-    scores = np.asarray(scores, np.float64)
-    issame = np.asarray(issame, bool)
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    s = scores[order]  # average the ranks of ties
-    _, start, counts = np.unique(s, return_index=True, return_counts=True)
-    for st, c in zip(start, counts):
-        if c > 1:
-            ranks[order[st:st + c]] = st + (c + 1) / 2.0
-    n_pos, n_neg = issame.sum(), (~issame).sum()
-    return float((ranks[issame].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def pixel_scores(images: np.ndarray) -> np.ndarray:
-    """Cosine similarity of pairs (2k, 2k+1) of flattened, mean-subtracted grayscale images."""
-    g = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    g = g.reshape(len(g), -1)
-    g -= g.mean(axis=1, keepdims=True)
-    g /= np.linalg.norm(g, axis=1, keepdims=True) + 1e-8
-    return (g[0::2] * g[1::2]).sum(axis=1)
 
 
 def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
@@ -118,7 +94,7 @@ def main() -> None:
     print(f"speed: {res['images_per_s']:.0f} images/s (500 renders of 500 new identities, one process)")
 
     images, issame, _ = synthetic_pairs(faces, args.pairs, seed=args.seed + 7, identities=heldout)
-    res["auc_raw_pixels"] = roc_auc(pixel_scores(images), issame)
+    res["auc_raw_pixels"] = roc_auc(raw_pixel_pair_scores(images), issame)
     print(f"(a) raw-pixel AUC, {args.pairs} held-out pairs: {res['auc_raw_pixels']:.3f}")
 
     untrained = build_backbone(args.untrained, "micro").eval()

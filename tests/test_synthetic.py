@@ -14,24 +14,11 @@ from lafs.data.synthetic import (
     SyntheticConfig,
     SyntheticFaces,
     generate,
+    raw_pixel_pair_scores,
     synthetic_pair_indices,
     synthetic_pairs,
 )
-
-
-def roc_auc(scores: np.ndarray, issame: np.ndarray) -> float:
-    """P(genuine > impostor), ties half."""
-    pos, neg = scores[issame], scores[~issame]
-    diff = pos[:, None] - neg[None, :]
-    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
-
-
-def pixel_scores(images: np.ndarray) -> np.ndarray:
-    g = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    g = g.reshape(len(g), -1)
-    g -= g.mean(axis=1, keepdims=True)
-    g /= np.linalg.norm(g, axis=1, keepdims=True) + 1e-8
-    return (g[0::2] * g[1::2]).sum(axis=1)
+from lafs.eval.verification import roc_auc
 
 
 # --- shapes and config ----------------------------------------------------------------------------------
@@ -252,11 +239,11 @@ def test_raw_pixels_are_a_weak_identity_signal():
     """Mean-subtracted grayscale cosine: near chance with the default nuisances, informative without them."""
     hard = SyntheticFaces(200, seed=0)
     images, issame, _ = synthetic_pairs(hard, 200, seed=1)
-    auc_hard = roc_auc(pixel_scores(images), issame)
+    auc_hard = roc_auc(raw_pixel_pair_scores(images), issame)
     assert 0.45 < auc_hard < 0.75
     easy = SyntheticFaces(200, seed=0, config=SyntheticConfig.no_nuisance())
     images, issame, _ = synthetic_pairs(easy, 200, seed=1)
-    assert roc_auc(pixel_scores(images), issame) > auc_hard + 0.1
+    assert roc_auc(raw_pixel_pair_scores(images), issame) > auc_hard + 0.1
 
 
 def test_untrained_network_is_near_chance():

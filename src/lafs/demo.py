@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import Config, save_config, to_yaml
+from .eval.verification import roc_auc
 from .heads import build_head
 from .io import atomic_write_bytes
 from .models import build_backbone, count_params
@@ -60,13 +61,6 @@ def best_threshold(scores: torch.Tensor, same: torch.Tensor) -> float:
     return float(candidates[acc.argmax()])
 
 
-def roc_auc(scores: torch.Tensor, same: torch.Tensor) -> float:
-    """Probability that a genuine pair outscores an impostor pair (ties count half)."""
-    pos, neg = scores[same], scores[~same]
-    diff = pos[:, None] - neg[None, :]
-    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
-
-
 def run_demo(cfg: Config, progress: bool = True) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +85,7 @@ def run_demo(cfg: Config, progress: bool = True) -> dict:
 
     model.eval()
     scores0, same0 = pair_scores(model, heldout_ids, cfg.data.val_pairs, torch.Generator().manual_seed(1))
-    auc_before = roc_auc(scores0, same0)
+    auc_before = roc_auc(scores0.numpy(), same0.numpy())
 
     metrics_path = out / "metrics.jsonl"
     model.train()
@@ -127,7 +121,7 @@ def run_demo(cfg: Config, progress: bool = True) -> dict:
         "loss_last": losses[-1] if losses else float("nan"),
         "train_seconds": train_time,
         "heldout_auc_before": auc_before,
-        "heldout_auc": roc_auc(scores, same),
+        "heldout_auc": roc_auc(scores.numpy(), same.numpy()),
         "heldout_accuracy": float(((scores >= threshold) == same).float().mean()),
         "threshold": threshold,
     }

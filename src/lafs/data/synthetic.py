@@ -67,22 +67,18 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .align import ARCFACE_TEMPLATE
+
 __all__ = [
     "ARCFACE_TEMPLATE",
     "IdentityParams",
     "SyntheticConfig",
     "SyntheticFaces",
     "generate",
+    "raw_pixel_pair_scores",
     "synthetic_pair_indices",
     "synthetic_pairs",
 ]
-
-#: The 5-point ArcFace template for 112 x 112 aligned faces (x, y): left eye, right eye, nose tip,
-#: left mouth corner, right mouth corner (image order).
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
 
 CANON = 112  # canonical frame the face is designed in
 _SHIFT = 4  # cv2 fixed-point bits: coordinates are drawn with 1/16 px precision
@@ -964,3 +960,13 @@ def synthetic_pairs(faces: SyntheticFaces, num_pairs: int, seed: int, first_inde
     ids, idx, issame = synthetic_pair_indices(faces, num_pairs, seed, first_index, identities)
     images, kps = faces.batch(ids.tolist(), idx.tolist())
     return images, issame, kps
+
+
+def raw_pixel_pair_scores(images: np.ndarray) -> np.ndarray:
+    """The no-learning baseline of the hardness contract: cosine of pairs (2k, 2k+1) of flattened,
+    mean-subtracted grayscale images. Its AUC on :func:`synthetic_pairs` should stay near chance."""
+    g = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    g = g.reshape(len(g), -1)
+    g -= g.mean(axis=1, keepdims=True)
+    g /= np.linalg.norm(g, axis=1, keepdims=True) + 1e-8
+    return (g[0::2] * g[1::2]).sum(axis=1)

@@ -1,0 +1,1 @@
+"""Evaluation: embeddings -> metrics, independent of training."""
