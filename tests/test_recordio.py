@@ -242,3 +242,14 @@ def test_label_mismatch_between_record_and_index_is_named(tmp_path):
     ds.labels[1] = 0  # the index now disagrees with record 2's header (identity 1)
     with pytest.raises(RuntimeError, match=r"record 2 at byte \d+: label 1 differs from the index \(0\)"):
         ds[1]
+
+
+def test_read_label_from_record_heads_including_split_headers(tmp_path):
+    with RecordWriter(tmp_path / "h.rec") as w:
+        w.write(1, pack(IRHeader(0, 3.0, 1, 0), b"img"))
+        # id = MAGIC puts the magic word at payload offset 8 (aligned): the record splits inside its header.
+        w.write(2, pack(IRHeader(0, 5.0, MAGIC, 0), b"img"))
+        w.write(3, pack(IRHeader(2, np.array([7, 9]), 3, 0), b""))
+    r = RecordReader(tmp_path / "h.rec")
+    assert [r.read_label(k) for k in (1, 2, 3)] == [3, 5, 7]
+    assert r.read_header(2)[0].id == MAGIC

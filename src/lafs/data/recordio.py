@@ -181,6 +181,21 @@ class RecordReader:
                 return bytes(out)
             out += _MAGIC_BYTES
 
+    def read_label(self, key: int) -> int:
+        """Identity label of record ``key``, reading only its 32 leading bytes when the label is a scalar."""
+        offset = self.idx[key]
+        fh = self._handle()
+        fh.seek(offset)
+        head = fh.read(8 + _IR_SIZE)
+        if len(head) == 8 + _IR_SIZE:
+            magic, lrec = struct.unpack("<II", head[:8])
+            flag, label, _, _ = struct.unpack(_IR_FORMAT, head[8:])
+            # Only a whole first part that holds the full IRHeader can be decoded from these bytes.
+            if magic == MAGIC and (lrec & ((1 << 29) - 1)) >= _IR_SIZE and flag == 0:
+                return int(label)
+        header, _ = self.read_header(key)  # array labels, split or malformed records: the full path
+        return int(np.asarray(header.label).ravel()[0]) if header.flag > 0 else int(header.label)
+
     def read_header(self, key: int) -> tuple[IRHeader, bytes]:
         try:
             return unpack(self.read(key))
@@ -280,9 +295,6 @@ def face_record_index(reader: RecordReader) -> tuple[list[int], np.ndarray]:
             keys = reader.keys
     else:
         keys = reader.keys
-    labels = np.empty(len(keys), dtype=np.int64)
-    for i, key in enumerate(keys):
-        header, _ = reader.read_header(key)
-        label = header.label
-        labels[i] = int(np.asarray(label).ravel()[0]) if header.flag > 0 else int(label)
+    # Labels come from the 32-byte record heads: building the index never reads the image bytes.
+    labels = np.fromiter((reader.read_label(key) for key in keys), dtype=np.int64, count=len(keys))
     return list(keys), labels
