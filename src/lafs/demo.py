@@ -35,8 +35,12 @@ def toy_identities(num: int, size: int, generator: torch.Generator) -> torch.Ten
 def toy_images(templates: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Images of identities ``labels``: shifted (+-3 px), brightness-jittered, noisy copies of their template."""
     x = templates[labels]
-    shifts = torch.randint(-3, 4, (len(labels), 2), generator=generator)
-    x = torch.stack([torch.roll(img, (int(dy), int(dx)), dims=(1, 2)) for img, (dy, dx) in zip(x, shifts)])
+    n, _, h, w = x.shape
+    shifts = torch.randint(-3, 4, (n, 2), generator=generator)
+    # A cyclic shift (torch.roll) of every image at once: output pixel i reads input pixel (i - shift) mod size.
+    rows = (torch.arange(h) - shifts[:, :1]) % h
+    cols = (torch.arange(w) - shifts[:, 1:]) % w
+    x = x[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
     x = x + 0.2 * torch.randn(len(labels), 1, 1, 1, generator=generator)
     x = x + 0.25 * torch.randn(x.shape, generator=generator)
     return x.clamp(-1, 1)
