@@ -375,3 +375,29 @@ def test_build_head_known_names_and_defaults():
     assert type(arc) is ArcFace and (arc.scale, arc.margin) == (64.0, 0.5)
     assert type(ada) is AdaFace and (ada.scale, ada.margin, ada.h, ada.t_alpha) == (64.0, 0.4, 0.5, 0.1)
     assert cos.weight.shape == (5, 4)
+
+
+def test_mixup_soft_targets_weight_each_margin():
+    """CosFace with mixup: logit_j = s (cos_j - m y_j) with y = lam onehot(a) + (1 - lam) onehot(b) (the reference
+    code's soft one-hot mask), loss = lam CE(a) + (1 - lam) CE(b)."""
+    head = make(CosFace, margin=0.4)
+    phi, lam = 50.0, 0.7
+    emb = embed([(phi, 1.5)])
+    cos = cosines(phi)
+    rows = [[S * (cos[0] - 0.4 * lam), S * (cos[1] - 0.4 * (1 - lam)), S * cos[2]]]
+    got = head.logits(emb, torch.tensor([0]), torch.tensor([1]), lam)
+    assert_rows(got, rows)
+    loss = head(emb, torch.tensor([0]), torch.tensor([1]), lam)
+    assert loss.item() == approx(lam * hand_ce(rows, [0]) + (1 - lam) * hand_ce(rows, [1]))
+    # both targets the same class: the full margin, as without mixup
+    same = head(emb, torch.tensor([2]), torch.tensor([2]), lam)
+    assert same.item() == approx(head(emb, torch.tensor([2])).item())
+
+
+def test_mixup_adaface_updates_norm_statistics_once():
+    a, b = make(AdaFace), make(AdaFace)
+    emb = embed([(10.0, 30.0), (200.0, 5.0)])
+    a(emb, torch.tensor([0, 1]), torch.tensor([1, 2]), 0.6)
+    b(emb, torch.tensor([0, 1]))
+    assert a.batch_mean.item() == pytest.approx(b.batch_mean.item())
+    assert a.batch_std.item() == pytest.approx(b.batch_std.item())

@@ -253,3 +253,21 @@ def test_read_label_from_record_heads_including_split_headers(tmp_path):
     r = RecordReader(tmp_path / "h.rec")
     assert [r.read_label(k) for k in (1, 2, 3)] == [3, 5, 7]
     assert r.read_header(2)[0].id == MAGIC
+
+
+def test_concat_face_datasets_offset_labels_and_positions():
+    import numpy as np
+
+    from lafs.data.datasets import ArrayFaceDataset, ConcatFaceDataset
+
+    imgs = np.zeros((5, 4, 4, 3), np.uint8)
+    imgs[:, 0, 0, 0] = np.arange(5)
+    a = ArrayFaceDataset(imgs[:3], [0, 1, 1], name="a")
+    b = ArrayFaceDataset(imgs[3:], [0, 2], name="b")
+    both = ConcatFaceDataset([a, b])
+    assert len(both) == 5 and both.num_identities == 2 + 3
+    assert both.labels.tolist() == [0, 1, 1, 2, 4]
+    item = both[4]
+    assert item["label"] == 4 and item["index"] == 4 and item["image"][0, 0, 0] == 4
+    with pytest.raises(ValueError, match="b2: 2 images but 1 labels"):
+        ArrayFaceDataset(imgs[:2], [0], name="b2")

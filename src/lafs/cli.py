@@ -66,6 +66,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace, finetune: bool) -> Config:
+    overrides = list(args.overrides)
+    config = args.config
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config] + overrides  # `lafs train key=value ...` without a file
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    if finetune:
+        overrides.append(f"finetune.init={args.init}")
+        if args.landmark_init:
+            overrides.append(f"finetune.landmark_init={args.landmark_init}")
+    return load_config(config, overrides)
+
+
+def cmd_train(args: argparse.Namespace, finetune: bool = False) -> int:
+    from .train.loop import NonFiniteLossError
+    from .train.run import train
+
+    cfg = _train_config(args, finetune)
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.quiet)
+    except NonFiniteLossError as err:
+        print(f"lafs: training stopped: {err}", file=sys.stderr)
+        return 1
+    if result.val:
+        for name, r in result.val.items():
+            print(f"{name}: accuracy {r['accuracy'] * 100:.2f} +- {r['accuracy_std'] * 100:.2f} %, AUC {r['auc']:.4f}")
+    print(f"run folder: {cfg.out_dir} (config.yaml, metrics.jsonl, tb/, checkpoints/, summary.json)")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    return cmd_train(args, finetune=True)
+
+
 def cmd_data_pack(args: argparse.Namespace) -> int:
     from .data.datasets import ImageFolderDataset
     from .data.recordio import write_face_records
@@ -183,6 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_demo)
 
+    for name, helptext in (("train", "supervised training from scratch (margin heads, Partial FC, augmentations)"),
+                           ("finetune", "supervised finetuning of a pretrained backbone (LAFS landmark options a/b/c)")):
+        p = sub.add_parser(name, help=helptext, description=f"{helptext}. Multi-GPU / multi-node: "
+                           f"torchrun --nproc_per_node N -m lafs.cli {name} ...")
+        p.add_argument("config", nargs="?", default=None, help="YAML config (configs/*.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
+        p.add_argument("--out", help="run folder (= out_dir=...)")
+        p.add_argument("--resume", nargs="?", const="auto", default=None,
+                       help="resume from a checkpoint file, or (no value) the run folder's latest")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "finetune":
+            p.add_argument("--init", required=True, help="pretrained checkpoint (LAFS/DINO teacher or supervised)")
+            p.add_argument("--landmark-init", help="supervised Part fViT checkpoint for the landmark CNN")
+        p.set_defaults(func=cmd_finetune if name == "finetune" else cmd_train)
+
     data = sub.add_parser("data", help="pack, build, subset, align, synthesise and check face data").add_subparsers(
         dest="data_command", required=True
     )
@@ -226,7 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting KEY=VALUE positionals at the first option (`--out x a=b`): take the rest too
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as err:

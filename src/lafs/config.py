@@ -73,6 +73,8 @@ class HeadConfig:
     margin: Optional[float] = None  # m; None = paper value (CosFace 0.4, ArcFace 0.5, AdaFace 0.4)
     h: float = 0.333  # AdaFace
     t_alpha: float = 0.01  # AdaFace
+    partial_fc: bool = False  # shard the class centres over ranks (heads/partial_fc.py)
+    sample_rate: float = 1.0  # Partial FC: fraction of each shard's centres used per step (positives always)
 
 
 @dataclass
@@ -80,24 +82,74 @@ class OptimConfig:
     name: str = choice("adamw", ("adamw", "sgd"))
     lr: float = 1e-3
     weight_decay: float = 0.05
+    landmark_weight_decay: Optional[float] = None  # landmark CNN >= 2-D params; None = weight_decay (ref: 0.05 vs 0.1)
     momentum: float = 0.9  # SGD only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    schedule: str = choice("cosine", ("cosine", "constant"), "after the warm-up, per optimizer step")
+    warmup_epochs: float = 0.0
+    warmup_steps: int = 0  # added to warmup_epochs (handy for step-budgeted runs)
+    min_lr: float = 1e-6
+    clip_grad: Optional[float] = None  # max global grad norm; None = no clipping (reference)
 
 
 @dataclass
 class DataConfig:
-    """Toy data for the smallest end-to-end step (a Gaussian identity mixture until the data layer lands)."""
+    """Training and validation data. ``source: synthetic`` renders faces in memory (the embedded default)."""
 
-    num_identities: int = 16
-    images_per_identity: int = 8
-    val_pairs: int = 200
+    source: str = choice("synthetic", ("synthetic", "records", "folder"))
+    train: list[str] = field(default_factory=list)  # .rec files or image folders, concatenated (labels offset)
+    color: str = choice("rgb", ("rgb", "bgr"), "channel order the training files store (lafs_spec §9.14)")
+    index: Optional[str] = None  # few-shot / subset index file (.npy of positions, `lafs data subset`)
+    val: list[str] = field(default_factory=list)  # .bin verification sets evaluated during training
+    val_color: str = choice("rgb", ("rgb", "bgr"))
+    num_identities: int = 16  # synthetic
+    images_per_identity: int = 8  # synthetic
+    val_pairs: int = 200  # synthetic: pairs of held-out identities
+    val_identities: int = 32  # synthetic: held-out identities for val_pairs
+    seed: int = 0  # synthetic identities
+    workers: int = 2
+    max_bad_records: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    """lafs_spec §6.4: "w/ Aug" = webface4m (RandAugment m1, mixup 0.1) / ms1mv3 (m2, mixup 0.2); "w/o Aug" = flip."""
+
+    preset: str = choice("flip", ("none", "flip", "webface4m", "ms1mv3"))
+    mixup_alpha: Optional[float] = None  # None = the preset's (0.2)
+    mixup_prob: Optional[float] = None  # None = the preset's
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32
-    steps: int = 60
+    batch_size: int = 32  # per process; global batch = batch_size x processes x accumulation
+    steps: int = 60  # optimizer steps (ignored when epochs is set)
+    epochs: Optional[float] = None
+    accumulation: int = 1
+    amp: str = choice("none", ("none", "bf16", "fp16"), "fp16 uses a GradScaler (CUDA only)")
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | auto
+    log_every: int = 10
+    val_every: int = 0  # optimizer steps; 0 = at the end only
+    ckpt_every: int = 0  # optimizer steps; 0 = at the end of every epoch
+    keep_last: int = 2
+    max_nonfinite: int = 5  # consecutive non-finite losses that stop the run
+    sync_bn: bool = False  # SyncBatchNorm for the landmark CNN / IResNet under DDP (CUDA)
+
+
+@dataclass
+class FinetuneConfig:
+    """Finetuning from a pretrained ViT (lafs_spec §6.1) with the landmark options of LAFS §3.5.
+
+    ``landmark`` applies when finetuning (``init`` or ``landmark_init`` set); training from scratch is the
+    stage-1 recipe (§3), where the landmark CNN learns from the identity loss alone (option b).
+    """
+
+    init: Optional[str] = None  # pretrained backbone checkpoint (LAFS/DINO teacher or supervised)
+    landmark_init: Optional[str] = None  # supervised Part fViT checkpoint whose landmark CNN is used
+    landmark: str = choice("c", ("a", "b", "c"), "a: frozen CNN; b: trained freely (released code); c: + beta*MSE (paper)")
+    beta_schedule: list[float] = field(default_factory=lambda: [1000.0, 100.0, 1.0, 0.11, 0.0])
+    beta_epochs: list[int] = field(default_factory=lambda: [0, 8, 14, 21, 28])
 
 
 @dataclass
@@ -106,7 +158,9 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     out_dir: str = "runs/demo"
 
 

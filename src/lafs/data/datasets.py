@@ -188,3 +188,52 @@ class ImageFolderDataset(FaceDataset):
 
     def raw(self, index: int) -> bytes:
         return self.paths[index].read_bytes()
+
+
+class ArrayFaceDataset(FaceDataset):
+    """Images already in memory (N x H x W x 3 uint8 RGB), e.g. generated synthetic faces."""
+
+    def __init__(self, images: np.ndarray, labels, keypoints: np.ndarray | None = None, name: str = "array") -> None:
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"{name}: images must be N x H x W x 3 uint8, got {images.shape} {images.dtype}")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(images):
+            raise ValueError(f"{name}: {len(images)} images but {len(self.labels)} labels")
+        super().__init__(None, 0, name)
+        if keypoints is not None:
+            self.keypoints = np.asarray(keypoints, np.float32)
+
+    def _load(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def raw(self, index: int) -> bytes:
+        return encode_image(self.images[index])
+
+
+class ConcatFaceDataset(Dataset):
+    """Several face datasets as one; identities are renumbered so that dataset k's labels follow dataset k-1's."""
+
+    def __init__(self, datasets: list[FaceDataset]) -> None:
+        if not datasets:
+            raise ValueError("ConcatFaceDataset needs at least one dataset")
+        self.datasets = datasets
+        self.starts = np.cumsum([0] + [len(d) for d in datasets])
+        self.label_offsets = np.cumsum([0] + [d.num_identities for d in datasets])
+        self.labels = np.concatenate([d.labels + o for d, o in zip(datasets, self.label_offsets)])
+        self.name = " + ".join(d.name for d in datasets)
+
+    @property
+    def num_identities(self) -> int:
+        return int(self.label_offsets[-1])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        k = int(np.searchsorted(self.starts, index, side="right") - 1)
+        item = self.datasets[k][index - int(self.starts[k])]
+        item["label"] += int(self.label_offsets[k])
+        item["index"] += int(self.starts[k])
+        return item

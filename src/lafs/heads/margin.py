@@ -15,6 +15,11 @@ change the target logit only, scale by s and apply softmax cross-entropy:
 Interface: ``head(embeddings, labels) -> loss`` and ``head.logits(embeddings, labels=None)``; the margin
 itself is :meth:`MarginHead.margin_logits` on cosines, so a sampled classifier (Partial FC) reuses it.
 Cosines are computed in fp32 even under autocast.
+
+Mixup (lafs_spec §6.2, margin-aware soft targets): ``head(embeddings, labels, labels_b, lam)`` applies the
+margin to column ``labels`` with weight ``lam`` and to ``labels_b`` with weight ``1 - lam``
+(logit = cos + w * (margin(cos) - cos); for CosFace that is s * (cos - m * y_j), the reference code's soft
+one-hot mask) and returns ``lam * CE(labels) + (1 - lam) * CE(labels_b)``.
 """
 
 from __future__ import annotations
@@ -55,28 +60,49 @@ class MarginHead(nn.Module, ABC):
     def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
         """Margin-adjusted cosine of the target class (before scaling): what each loss defines."""
 
-    def margin_logits(self, cosine: Tensor, labels: Tensor, norms: Tensor | None = None) -> Tensor:
-        """Scaled logits with the margin on each row's target column. Rows labelled -1 get no margin."""
+    def _margin_delta(self, cosine: Tensor, labels: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
+        """(column index B x 1, margin(cos) - cos of each row's target, 0 for rows labelled -1)."""
         labels = labels.long()
-        valid = labels >= 0
         idx = labels.clamp_min(0)[:, None]
         cos_target = cosine.gather(1, idx).squeeze(1)
+        delta = self.target_logit(cos_target, norms) - cos_target
+        return idx, torch.where(labels >= 0, delta, torch.zeros_like(delta))
+
+    def margin_logits(
+        self, cosine: Tensor, labels: Tensor, norms: Tensor | None = None,
+        labels_b: Tensor | None = None, lam: float = 1.0,
+    ) -> Tensor:
+        """Scaled logits with the margin on each row's target column. Rows labelled -1 get no margin.
+
+        With ``labels_b`` (mixup) the margins of both targets are weighted by ``lam`` and ``1 - lam``.
+        """
         if norms is None:
             norms = cosine.new_ones(cosine.shape[0])
-        new_target = self.target_logit(cos_target, norms)
-        new_target = torch.where(valid, new_target, cos_target)
-        logits = cosine.scatter(1, idx, new_target[:, None])
-        return logits * self.scale
+        if labels_b is None or lam == 1.0:
+            idx, delta = self._margin_delta(cosine, labels, norms)
+            return cosine.scatter_add(1, idx, delta[:, None]) * self.scale
+        # one margin evaluation for both columns, so AdaFace updates its norm statistics once per batch
+        both = torch.cat([labels, labels_b])
+        idx, delta = self._margin_delta(cosine.repeat(2, 1), both, norms.repeat(2))
+        n = cosine.shape[0]
+        logits = cosine.scatter_add(1, idx[:n], lam * delta[:n, None])
+        return logits.scatter_add(1, idx[n:], (1.0 - lam) * delta[n:, None]) * self.scale
 
-    def logits(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+    def logits(
+        self, embeddings: Tensor, labels: Tensor | None = None, labels_b: Tensor | None = None, lam: float = 1.0
+    ) -> Tensor:
         """Scaled logits; with ``labels`` the margin is applied (training), without it not (inference)."""
         cosine = self.cosine(embeddings)
         if labels is None:
             return cosine * self.scale
-        return self.margin_logits(cosine, labels, embeddings.float().norm(dim=1))
+        return self.margin_logits(cosine, labels, embeddings.float().norm(dim=1), labels_b, lam)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(self.logits(embeddings, labels), labels.long(), ignore_index=-1)
+    def forward(self, embeddings: Tensor, labels: Tensor, labels_b: Tensor | None = None, lam: float = 1.0) -> Tensor:
+        logits = self.logits(embeddings, labels, labels_b, lam)
+        loss = F.cross_entropy(logits, labels.long(), ignore_index=-1)
+        if labels_b is None or lam == 1.0:
+            return loss
+        return lam * loss + (1.0 - lam) * F.cross_entropy(logits, labels_b.long(), ignore_index=-1)
 
     def extra_repr(self) -> str:
         return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.scale}, m={self.margin}"
@@ -143,13 +169,23 @@ class AdaFace(MarginHead):
         z = (safe - self.batch_mean) / (self.batch_std + self.eps) * self.h
         return z.clamp(-1.0, 1.0)
 
-    def margin_logits(self, cosine: Tensor, labels: Tensor, norms: Tensor | None = None) -> Tensor:
+    def margin_logits(
+        self, cosine: Tensor, labels: Tensor, norms: Tensor | None = None,
+        labels_b: Tensor | None = None, lam: float = 1.0,
+    ) -> Tensor:
         if norms is None:
             raise ValueError("AdaFace needs the embedding norms (pass un-normalised embeddings to logits())")
-        return super().margin_logits(cosine.clamp(-1 + self.eps, 1 - self.eps), labels, norms)
+        # z from the batch's own norms, once: a mixup batch evaluates the margin on two columns per row
+        self._z = self.margin_scaler(norms)
+        try:
+            return super().margin_logits(cosine.clamp(-1 + self.eps, 1 - self.eps), labels, norms, labels_b, lam)
+        finally:
+            del self._z
 
     def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
-        z, m = self.margin_scaler(norms), self.margin
+        z = getattr(self, "_z", None)
+        z = self.margin_scaler(norms) if z is None else z.repeat(cos_target.shape[0] // z.shape[0])
+        m = self.margin
         theta_m = (cos_target.acos() - m * z).clamp(self.eps, math.pi - self.eps)
         return theta_m.cos() - (m + m * z)
 

@@ -1,0 +1,305 @@
+"""Supervised-finetuning augmentations of LAFS (lafs_spec §6.4), batched on the training device.
+
+"w/ Aug" (the reference code's default; presets ``webface4m`` and ``ms1mv3``), in this order:
+
+- horizontal flip, p = 0.5;
+- RandAugment as in timm ``rand-m{M}-mstd0.5-inc1`` (the reference's ``util/rand_aa_face.py`` fork): 2 ops per
+  image drawn with replacement from :data:`RANDAUGMENT_OPS` (timm's "increasing" set minus Solarize, SolarizeAdd
+  and Cutout), each applied with p = 0.5 at a magnitude ~ N(M, 0.5) clipped to [0, 10]; M = 1 for WebFace4M and
+  M = 2 for MS1MV3;
+- RandomResizedCrop back to the input size, scale (0.9, 1.0), ratio 3/4 to 4/3;
+- ColorJitter(0.1, 0.1, 0.1, 0.1), its four ops in a random order per image;
+- RandomErasing p = 0.5, area scale (0.02, 0.1), ratio 0.3 to 3.3, value 0;
+- batch Mixup (:class:`Mixup`), alpha 0.2, p = 0.1 for WebFace4M and 0.2 for MS1MV3 (:data:`MIXUP_PRESETS`).
+
+"w/o Aug" (preset ``flip``): horizontal flip only, no Mixup. Preset ``none`` is the identity.
+
+The reference runs these per image in the data loader (PIL, then uint8 tensors). Here every random draw is still
+per image, but each op runs once on the whole batch (or once on the group of images that drew it), on the batch's
+device. All draws come from torch's global RNG for that device, so the trainer's RNG save/restore makes a resumed
+run repeat them exactly. Input and output are floats in the project's [-1, 1] convention; the ops work in [0, 1],
+where the reference's uint8 values v are v / 255. So erasing value 0 is black (-1 on output), and the geometric
+fill, grey 128, is 0.5 (0 on output).
+
+Known differences from the reference: no rounding to uint8 between ops; geometric ops always resample
+bilinearly (timm picks bilinear or bicubic at random); random draws differ from PIL/torchvision, and the
+distributions match.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import kornia.enhance as KE
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+RANDAUGMENT_OPS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Color", "Contrast", "Brightness", "Sharpness",
+    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)  # fmt: skip
+# Argument of each geometric op at magnitude 10 (timm: level / _LEVEL_DENOM * max, _LEVEL_DENOM = 10).
+_GEOMETRIC_MAX = {"Rotate": 30.0, "ShearX": 0.3, "ShearY": 0.3, "TranslateXRel": 0.45, "TranslateYRel": 0.45}
+_ENHANCE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "Color": KE.adjust_saturation_with_gray_subtraction,  # PIL ImageEnhance.Color: blend with the grey image
+    "Contrast": KE.adjust_contrast_with_mean_subtraction,  # PIL: blend with the mean grey level
+    "Brightness": lambda x, f: x * f.view(-1, 1, 1, 1),  # PIL: blend with black
+    "Sharpness": KE.sharpness,  # PIL: blend with the 3x3 smoothed image, border kept
+}
+# timm's mixup_my settings per dataset preset: (alpha, probability). Beta(alpha, alpha) weights, batch mode.
+MIXUP_PRESETS = {"none": (0.2, 0.0), "flip": (0.2, 0.0), "webface4m": (0.2, 0.1), "ms1mv3": (0.2, 0.2)}
+
+_W_AUG = dict(randaugment_ops=2, resized_crop_scale=(0.9, 1.0), color_jitter=0.1, erasing_prob=0.5)
+_PRESETS: dict[str, dict] = {
+    "none": dict(flip=False),
+    "flip": {},
+    "webface4m": dict(_W_AUG, randaugment_magnitude=1.0),
+    "ms1mv3": dict(_W_AUG, randaugment_magnitude=2.0),
+}
+
+
+def _uniform(low: float, high: float, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    return low + (high - low) * torch.rand(shape, device=device)
+
+
+def _groups(choice: Tensor, n: int) -> Iterator[tuple[int, Tensor]]:
+    """Yield (k, indices of the images that chose k) for k < n; entries outside [0, n) choose nothing.
+
+    One host sync per call (the group sizes), not one per group.
+    """
+    choice = torch.where((choice >= 0) & (choice < n), choice, n)
+    order = torch.argsort(choice, stable=True)
+    sizes = torch.bincount(choice, minlength=n + 1).tolist()
+    for k, idx in enumerate(torch.split(order, sizes)[:n]):
+        if len(idx):
+            yield k, idx
+
+
+def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """torchvision's adjust_hue: rotate the HSV hue by ``shift`` (N, fraction of the circle), V and S kept.
+
+    Written out in RGB because the round trip through HSV (kornia.enhance.adjust_hue) is ~3x slower on CPU.
+    """
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    v = x.amax(1, keepdim=True)
+    c = v - x.amin(1, keepdim=True)
+    d = torch.where(c > 0, c, 1)  # a grey pixel has no hue; its output is v whatever h is
+    h = torch.where(v == r, (g - b) / d, torch.where(v == g, (b - r) / d + 2, (r - g) / d + 4))
+    h = torch.remainder(h / 6 + shift.view(-1, 1, 1, 1), 1) * 6
+    k = torch.remainder(x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h, 6)
+    return v - c * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def _warp(images: Tensor, theta: Tensor, padding_mode: str) -> Tensor:
+    """Bilinear resampling: output pixel centre (x, y) reads the input at theta @ (x, y, 1).
+
+    theta is N x 2 x 3 in pixel units with pixel p spanning [p, p + 1], PIL's convention for affine transforms.
+    """
+    _, _, h, w = images.shape
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=images.device, dtype=images.dtype) + 0.5,
+        torch.arange(w, device=images.device, dtype=images.dtype) + 0.5,
+        indexing="ij",
+    )
+    src = torch.einsum("nij,hwj->nhwi", theta.to(images.dtype), torch.stack([xs, ys, torch.ones_like(xs)], -1))
+    grid = src * src.new_tensor([2 / w, 2 / h]) - 1  # align_corners=False puts pixel p's centre at p + 0.5
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def _geometric_theta(name: str, level: Tensor, h: int, w: int) -> Tensor:
+    """PIL's output-to-input affine for one geometric op at a signed per-image level."""
+    one, zero = torch.ones_like(level), torch.zeros_like(level)
+    if name == "Rotate":  # PIL: counter-clockwise by `level` degrees about the image centre
+        cos, sin, cx, cy = torch.cos(torch.deg2rad(level)), torch.sin(torch.deg2rad(level)), w / 2, h / 2
+        rows = (cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
+    else:  # timm shears about the top-left corner, and translates by a fraction of the image size
+        rows = {
+            "ShearX": (one, level, zero, zero, one, zero),
+            "ShearY": (one, zero, zero, level, one, zero),
+            "TranslateXRel": (one, zero, level * w, zero, one, zero),
+            "TranslateYRel": (one, zero, zero, zero, one, level * h),
+        }[name]
+    return torch.stack(rows, -1).view(-1, 2, 3)
+
+
+def rand_augment_op(images: Tensor, name: str, magnitude: Tensor, sign: Tensor) -> Tensor:
+    """Apply one RandAugment op of :data:`RANDAUGMENT_OPS` to every image, timm "increasing" level semantics.
+
+    images: N x 3 x H x W in [0, 1]. magnitude: N, in [0, 10]. sign: N of +-1, the random direction timm gives the
+    geometric and enhance ops (unused by the others). Returns N x 3 x H x W in [0, 1].
+    """
+    frac = magnitude.to(images.dtype) / 10
+    if name == "AutoContrast":  # per channel, min -> 0 and max -> 1; PIL leaves a flat channel alone
+        lo, hi = images.amin((2, 3), keepdim=True), images.amax((2, 3), keepdim=True)
+        return torch.where(hi > lo, (images - lo) / (hi - lo).clamp_min(1e-12), images)
+    if name == "Equalize":
+        return KE.equalize(images)
+    if name == "Invert":
+        return 1 - images
+    if name == "Posterize":  # keep 4 down to 0 high bits as the magnitude grows
+        return KE.posterize(images, 4 - (frac * 4).long())
+    if name in _ENHANCE:  # factor 1 is "no change"; it moves towards 0.1 or 1.9
+        return _ENHANCE[name](images, (1 + sign * 0.9 * frac).clamp_min(0.1)).clamp(0, 1)
+    if name in _GEOMETRIC_MAX:
+        theta = _geometric_theta(name, sign * frac * _GEOMETRIC_MAX[name], *images.shape[-2:])
+        return (_warp(images - 0.5, theta, "zeros") + 0.5).clamp(0, 1)  # zero padding fills with grey 128
+    raise ValueError(f"unknown RandAugment op {name!r}; expected one of {RANDAUGMENT_OPS}")
+
+
+class SupervisedAugment(nn.Module):
+    """The "w/ Aug" / "w/o Aug" pipeline of the module docstring on a B x 3 x H x W batch in [-1, 1].
+
+    Every stage can be switched off: ``flip=False``, ``randaugment_ops=0``, ``resized_crop_scale=None``,
+    ``color_jitter=0`` and ``erasing_prob=0``. With all off, the input tensor is returned as is.
+    """
+
+    def __init__(
+        self,
+        flip: bool = True,
+        randaugment_ops: int = 0,
+        randaugment_magnitude: float = 1.0,
+        randaugment_magnitude_std: float = 0.5,
+        randaugment_prob: float = 0.5,
+        resized_crop_scale: tuple[float, float] | None = None,
+        color_jitter: float = 0.0,
+        erasing_prob: float = 0.0,
+        erasing_scale: tuple[float, float] = (0.02, 0.1),
+    ) -> None:
+        super().__init__()
+        if not 0 <= color_jitter <= 0.5:  # torchvision's hue bound; beyond it the hue shift wraps around
+            raise ValueError(f"color_jitter must be in [0, 0.5], got {color_jitter}")
+        self.flip = flip
+        self.randaugment_ops = randaugment_ops
+        self.randaugment_magnitude = randaugment_magnitude
+        self.randaugment_magnitude_std = randaugment_magnitude_std
+        self.randaugment_prob = randaugment_prob
+        self.resized_crop_scale = tuple(resized_crop_scale) if resized_crop_scale is not None else None
+        self.color_jitter = color_jitter
+        self.erasing_prob = erasing_prob
+        self.erasing_scale = tuple(erasing_scale)
+
+    @classmethod
+    def preset(cls, name: str) -> SupervisedAugment:
+        """``none`` (identity), ``flip`` ("w/o Aug"), ``webface4m`` ("w/ Aug", RandAugment M=1), ``ms1mv3`` (M=2)."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown augmentation preset {name!r}; valid presets: {', '.join(_PRESETS)}")
+        return cls(**_PRESETS[name])
+
+    def extra_repr(self) -> str:
+        keys = ("flip", "randaugment_ops", "randaugment_magnitude", "randaugment_magnitude_std", "randaugment_prob",
+                "resized_crop_scale", "color_jitter", "erasing_prob", "erasing_scale")  # fmt: skip
+        return ", ".join(f"{k}={getattr(self, k)}" for k in keys)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        if self.flip:  # in the input space, so that a flip-only pipeline is an exact mirror
+            flipped = torch.rand(len(images), device=images.device) < 0.5
+            images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
+        ra = self.randaugment_ops > 0 and self.randaugment_prob > 0
+        if not (ra or self.resized_crop_scale or self.color_jitter > 0 or self.erasing_prob > 0):
+            return images
+        x = ((images.float() + 1) / 2).clamp(0, 1)  # kornia's equalize rejects values outside [0, 1]
+        if ra:
+            x = self._rand_augment(x)
+        if self.resized_crop_scale:
+            x = self._resized_crop(x)
+        if self.color_jitter > 0:
+            x = self._color_jitter(x)
+        if self.erasing_prob > 0:
+            x = self._erase(x)
+        return (x * 2 - 1).to(images.dtype)
+
+    def _rand_augment(self, x: Tensor) -> Tensor:
+        b, dev = len(x), x.device
+        for _ in range(self.randaugment_ops):
+            op = torch.randint(len(RANDAUGMENT_OPS), (b,), device=dev)
+            applied = torch.rand(b, device=dev) < self.randaugment_prob
+            magnitude = self.randaugment_magnitude + self.randaugment_magnitude_std * torch.randn(b, device=dev)
+            magnitude = magnitude.clamp(0, 10)
+            sign = torch.randint(0, 2, (b,), device=dev) * 2.0 - 1
+            for k, idx in _groups(torch.where(applied, op, -1), len(RANDAUGMENT_OPS)):
+                x[idx] = rand_augment_op(x[idx], RANDAUGMENT_OPS[k], magnitude[idx], sign[idx])
+        return x
+
+    def _resized_crop(self, x: Tensor) -> Tensor:
+        """torchvision RandomResizedCrop: 10 tries at a box of random area and log-uniform aspect ratio inside the
+        image, else the whole image clipped to the ratio range; the box is resized back to H x W."""
+        (b, _, h, w), dev = x.shape, x.device
+        ratio_lo, ratio_hi = 3 / 4, 4 / 3
+        area = h * w * _uniform(*self.resized_crop_scale, (b, 10), dev)
+        ratio = torch.exp(_uniform(math.log(ratio_lo), math.log(ratio_hi), (b, 10), dev))
+        cw, ch = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
+        fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+        first = fits.int().argmax(1, keepdim=True)  # the first try that fits
+        found = fits.any(1)
+        fw = w if w / h <= ratio_hi else round(h * ratio_hi)
+        fh = h if w / h >= ratio_lo else round(w / ratio_lo)
+        cw = torch.where(found, cw.gather(1, first).squeeze(1), float(fw))
+        ch = torch.where(found, ch.gather(1, first).squeeze(1), float(fh))
+        top = torch.where(found, torch.floor(torch.rand(b, device=dev) * (h - ch + 1)), (h - ch) // 2)
+        left = torch.where(found, torch.floor(torch.rand(b, device=dev) * (w - cw + 1)), (w - cw) // 2)
+        zero = torch.zeros_like(cw)
+        theta = torch.stack([cw / w, zero, left, zero, ch / h, top], -1).view(-1, 2, 3)
+        return _warp(x, theta, "border").clamp(0, 1)
+
+    def _color_jitter(self, x: Tensor) -> Tensor:
+        """torchvision ColorJitter(s, s, s, s): brightness, contrast and saturation factors ~ U(1 - s, 1 + s) and a
+        hue shift ~ U(-s, s) of the colour circle, applied in a random order drawn per image."""
+        b, dev, s = len(x), x.device, self.color_jitter
+        factors = _uniform(max(0.0, 1 - s), 1 + s, (3, b), dev)
+        hue = _uniform(-s, s, (b,), dev)
+        ops = (_ENHANCE["Brightness"], KE.adjust_contrast_with_mean_subtraction,
+               KE.adjust_saturation_with_gray_subtraction, _shift_hue)  # fmt: skip
+        params = (factors[0], factors[1], factors[2], hue)
+        order = torch.rand(b, 4, device=dev).argsort(1)
+        for step in range(4):
+            for k, idx in _groups(order[:, step], 4):
+                x[idx] = ops[k](x[idx], params[k][idx]).clamp(0, 1)
+        return x
+
+    def _erase(self, x: Tensor) -> Tensor:
+        """torchvision RandomErasing(value=0): 10 tries at a box of area fraction ~ U(scale) and log-uniform aspect
+        ratio in (0.3, 3.3) that fits strictly inside the image; an image where no try fits is left alone."""
+        (b, _, h, w), dev = x.shape, x.device
+        erased = torch.rand(b, device=dev) < self.erasing_prob
+        area = h * w * _uniform(*self.erasing_scale, (b, 10), dev)
+        ratio = torch.exp(_uniform(math.log(0.3), math.log(3.3), (b, 10), dev))
+        eh, ew = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
+        fits = (eh < h) & (ew < w)
+        first = fits.int().argmax(1, keepdim=True)
+        eh, ew = eh.gather(1, first), ew.gather(1, first)  # b x 1
+        top = torch.floor(torch.rand(b, 1, device=dev) * (h - eh + 1))
+        left = torch.floor(torch.rand(b, 1, device=dev) * (w - ew + 1))
+        rows = torch.arange(h, device=dev).view(1, h, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, w)
+        box = (rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
+        box = box & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1))
+        box = box & (erased & fits.any(1)).view(b, 1, 1)
+        return x.masked_fill(box.unsqueeze(1), 0.0)
+
+
+class Mixup:
+    """timm Mixup in "batch" mode, no CutMix, no label smoothing (lafs_spec §6.4).
+
+    With probability ``prob`` the whole batch is mixed with its reverse at one lam ~ Beta(alpha, alpha); the loss
+    is then ``lam * loss(labels_a) + (1 - lam) * loss(labels_b)``. Random draws come from torch's global RNG on the
+    images' device, and none at all when ``prob`` is 0.
+    """
+
+    def __init__(self, alpha: float = 0.2, prob: float = 0.1) -> None:
+        self.alpha, self.prob = alpha, prob
+
+    def __repr__(self) -> str:
+        return f"Mixup(alpha={self.alpha}, prob={self.prob})"
+
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+        if self.prob <= 0:
+            return images, labels, labels, 1.0
+        dev = images.device
+        alpha = torch.tensor(self.alpha, device=dev)
+        u, lam = torch.cat([torch.rand(1, device=dev), torch.distributions.Beta(alpha, alpha).sample((1,))]).tolist()
+        if u >= self.prob:
+            return images, labels, labels, 1.0
+        return lam * images + (1 - lam) * images.flip(0), labels, labels.flip(0), lam

@@ -1,0 +1,349 @@
+"""The training loop every method uses (supervised, finetuning, DINO, LAFS).
+
+A *task* is an ``nn.Module`` whose ``forward(images, labels)`` returns a dict with a scalar ``loss`` (plus
+any detached scalars to log) and whose ``embed(x)`` gives embeddings for verification; the loop does not
+know which method runs. Per optimizer step the loop:
+
+1. sets the learning rate from the step (``optim.lr_at``) and tells the task the epoch (``set_epoch``);
+2. runs ``accumulation`` micro-batches under autocast (bf16 on CPU/GPU, fp16 + GradScaler on GPU), with
+   DDP's gradient all-reduce only on the last one (``no_sync``);
+3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective); after
+   ``max_nonfinite`` consecutive skips it stops with :class:`NonFiniteLossError`, leaving the checkpoints
+   of the last good steps untouched;
+4. clips the global gradient norm if asked, steps, logs (JSONL, TensorBoard, tqdm with images/s and ETA),
+   verifies on ``.bin`` pairs and checkpoints when due.
+
+Exact resume: a checkpoint holds the model, optimizer, GradScaler, every rank's RNG states, the step and
+the data position (micro-batches consumed; ``data/sampler.py`` turns it into epoch + batch). The learning
+rate is a function of the step. A run killed mid-epoch and resumed on the same number of processes
+repeats the uninterrupted run's losses exactly (CPU, same seed). Sharded Partial FC centres and their
+optimizer state are saved gathered, so a run can resume on another number of processes (then with fresh
+RNG streams, reported).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import to_yaml
+from ..data.sampler import EpochBatchSampler
+from ..eval.verification import evaluate_pairs
+from .checkpoint import atomic_save
+from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
+from .logging import RunLogger
+from .optim import build_optimizer, lr_at, param_groups, set_lr
+
+CKPT_FORMAT = "lafs-train-1"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the message lists the steps."""
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+    }
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    """``step_*.pt`` files of a run, oldest first."""
+    return sorted(folder.glob("step_*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[0]))
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)
+    nonfinite_steps: list[int] = field(default_factory=list)
+    val: dict = field(default_factory=dict)
+    best: float | None = None
+    resumed_from: str | None = None
+
+
+class Trainer:
+    def __init__(self, cfg, task: nn.Module, train_set, env: DistEnv, val_sets: dict | None = None,
+                 progress: bool = True) -> None:
+        self.cfg, self.task, self.env = cfg, task.to(env.device), env
+        self.train_set, self.val_sets = train_set, val_sets or {}
+        self.out = Path(cfg.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.progress = progress
+        t = cfg.train
+        if t.amp == "fp16" and env.device.type != "cuda":
+            raise ValueError("train.amp=fp16 needs CUDA (a GradScaler); use train.amp=bf16 on CPU")
+        if t.accumulation < 1:
+            raise ValueError(f"train.accumulation must be >= 1, got {t.accumulation}")
+        self.sampler = EpochBatchSampler(len(train_set), t.batch_size, env.rank, env.world_size, t.seed)
+        self.batches_per_epoch = self.sampler.batches_per_epoch
+        self.steps_per_epoch = max(1, self.batches_per_epoch // t.accumulation)
+        self.total_steps = t.steps if t.epochs is None else math.ceil(t.epochs * self.batches_per_epoch / t.accumulation)
+        o = cfg.optim
+        self.warmup_steps = round(o.warmup_epochs * self.batches_per_epoch / t.accumulation) + o.warmup_steps
+
+        self.partial_fc = getattr(task, "head", None) if hasattr(getattr(task, "head", None), "full_state_dict") else None
+        named = list(task.named_parameters())
+        self.optimizer = build_optimizer(
+            param_groups(named, o.weight_decay, o.landmark_weight_decay), o.name, o.lr, o.momentum, tuple(o.betas)
+        )
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
+        self.net: nn.Module = task
+        if env.distributed:
+            module = task
+            if t.sync_bn:
+                module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            if self.partial_fc is not None:
+                # the sharded centres differ per rank: DDP must neither broadcast nor average them
+                nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    module, [f"head.{k}" for k, _ in self.partial_fc.named_parameters()]
+                    + [f"head.{k}" for k, _ in self.partial_fc.named_buffers()]
+                )
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        self.step = 0
+        self.micro_batches = 0
+        self.nonfinite_steps: list[int] = []
+        self.best: float | None = None
+
+    # ---------------------------------------------------------------- checkpoints
+    def _model_state(self) -> tuple[dict, dict | None]:
+        state = self.task.state_dict()
+        if self.partial_fc is None:
+            return state, None
+        return {k: v for k, v in state.items() if not k.startswith("head.")}, self.partial_fc.full_state_dict()
+
+    def _map_shard_state(self, opt_state: dict, fn) -> dict:
+        """Apply ``fn`` (gather or shard rows) to the optimizer state of the Partial FC centres."""
+        if self.partial_fc is not None:
+            shard_ids = {id(p) for p in self.partial_fc.parameters()}
+            for i, p in enumerate(self.params):  # optimizer state is keyed by position in the groups
+                if id(p) in shard_ids and i in opt_state["state"]:
+                    opt_state["state"][i] = {
+                        k: (fn(v) if torch.is_tensor(v) and v.ndim >= 1 else v) for k, v in opt_state["state"][i].items()
+                    }
+        return opt_state
+
+    def _optimizer_state(self) -> dict:
+        return self._map_shard_state(self.optimizer.state_dict(), lambda t: self.partial_fc.gather_rows(t))
+
+    def save(self, best: bool = False) -> Path | None:
+        """Every rank calls this (gathering is collective); rank 0 writes ``step_<n>.pt`` atomically."""
+        model, pfc = self._model_state()
+        state = {
+            "format": CKPT_FORMAT, "step": self.step, "micro_batches": self.micro_batches,
+            "model": model, "partial_fc": pfc, "optimizer": self._optimizer_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": all_gather_objects(rng_state()), "world_size": self.env.world_size,
+            "nonfinite_steps": self.nonfinite_steps, "best": self.best, "config": to_yaml(self.cfg),
+        }
+        path = None
+        if self.env.is_main:
+            path = atomic_save(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+            if best:
+                tmp = self.ckpt_dir / ".best.pt.link"
+                tmp.unlink(missing_ok=True)
+                os.link(path, tmp)  # a second name for the same bytes, swapped in atomically
+                os.replace(tmp, self.ckpt_dir / "best.pt")
+            for old in checkpoints_in(self.ckpt_dir)[: -self.cfg.train.keep_last]:
+                old.unlink()
+        barrier()
+        return path
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+        if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+            raise ValueError(f"{path} is not a lafs training checkpoint (format {CKPT_FORMAT})")
+        missing, unexpected = self.task.load_state_dict(state["model"], strict=False)
+        if self.partial_fc is not None:
+            missing = [k for k in missing if not k.startswith("head.")]
+            self.partial_fc.load_full_state_dict(state["partial_fc"])
+        if missing or unexpected:
+            raise ValueError(f"{path}: model keys differ from this config; missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(
+            self._map_shard_state(state["optimizer"], lambda t: self.partial_fc.shard_rows(t))
+        )
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.micro_batches = state["step"], state["micro_batches"]
+        self.nonfinite_steps, self.best = list(state["nonfinite_steps"]), state["best"]
+        if state["world_size"] == self.env.world_size:
+            set_rng_state(state["rng"][self.env.rank])
+        else:
+            torch.manual_seed(self.cfg.train.seed + 1000 * self.step + self.env.rank)
+            print(f"resumed {state['world_size']}-process checkpoint on {self.env.world_size} processes: "
+                  "model, optimizer and data position restored; random streams restart (not bit-exact)")
+
+    def find_resume(self, resume: str) -> Path | None:
+        if resume != "auto":
+            return Path(resume)
+        found = checkpoints_in(self.ckpt_dir)
+        return found[-1] if found else None
+
+    # ---------------------------------------------------------------- data
+    def _stream(self):
+        """Micro-batches from position ``self.micro_batches`` on, across epochs: (epoch, batch)."""
+        workers = self.cfg.data.workers
+        loader = DataLoader(
+            self.train_set, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
+            pin_memory=self.env.device.type == "cuda", persistent_workers=workers > 0,
+            # its own generator: creating a loader iterator must not consume the global RNG (exact resume)
+            generator=torch.Generator(),
+        )
+        epoch, batch = divmod(self.micro_batches, self.batches_per_epoch)
+        while True:
+            self.sampler.set_position(epoch, batch)
+            for item in loader:
+                yield epoch, item
+            epoch, batch = epoch + 1, 0
+
+    # ---------------------------------------------------------------- evaluation
+    def validate(self) -> dict:
+        results = {}
+        if self.env.is_main and self.val_sets:
+            was_training = self.task.training
+            self.task.eval()
+            amp = self.cfg.train.amp
+            with torch.autocast(self.env.device.type, AMP_DTYPES.get(amp, torch.float32), enabled=amp != "none"):
+                for name, (images, issame) in self.val_sets.items():
+                    r = evaluate_pairs(lambda x: self.task.embed(x).float(), images, issame,
+                                       batch_size=256, device=self.env.device)
+                    results[name] = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"]}
+            self.task.train(was_training)
+        return broadcast_object(results)
+
+    # ---------------------------------------------------------------- the loop
+    def run(self, resume: str | None = None) -> TrainResult:
+        t, env = self.cfg.train, self.env
+        resumed_from = None
+        if resume:
+            path = self.find_resume(resume)
+            if path is not None:
+                self.load(path)
+                resumed_from = str(path)
+        logger = RunLogger(self.out, enabled=env.is_main, total_steps=self.total_steps, start_step=self.step,
+                           progress=self.progress)
+        if resumed_from:
+            logger.write(f"resumed from {resumed_from} at step {self.step}")
+        result = TrainResult(step=self.step, resumed_from=resumed_from)
+        amp_dtype = AMP_DTYPES.get(t.amp, torch.float32)
+        ckpt_every = t.ckpt_every or self.steps_per_epoch
+        stream = self._stream()
+        consecutive = 0
+        self.task.train()
+        try:
+            while self.step < self.total_steps:
+                lr = lr_at(self.step, self.total_steps, self.cfg.optim.lr, self.warmup_steps,
+                           self.cfg.optim.min_lr, self.cfg.optim.schedule)
+                set_lr(self.optimizer, lr)
+                self.task.set_epoch(self.micro_batches // self.batches_per_epoch)
+                self.optimizer.zero_grad(set_to_none=True)
+                losses, extras, images, finite = [], {}, 0, True
+                for micro in range(t.accumulation):
+                    _, batch = next(stream)
+                    self.micro_batches += 1
+                    x = batch["image"].to(env.device, non_blocking=True)
+                    y = batch["label"].to(env.device, non_blocking=True)
+                    images += len(y) * env.world_size
+                    sync = self.net.no_sync() if env.distributed and micro < t.accumulation - 1 else contextlib.nullcontext()
+                    with sync:
+                        with torch.autocast(env.device.type, amp_dtype, enabled=t.amp != "none"):
+                            out = self.net(x, y)
+                        loss = out["loss"].float()
+                        if any_rank(not bool(torch.isfinite(loss)), env.device):
+                            finite = False
+                            break
+                        scaled = loss / t.accumulation
+                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                    losses.append(loss.detach())
+                    for k, v in out.items():
+                        if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
+                            extras.setdefault(k, []).append(v.detach().float())
+                if not finite:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1  # steps are numbered from 1; a skipped one still counts (schedules move on)
+                    self.nonfinite_steps.append(self.step)
+                    consecutive += 1
+                    logger.log(self.step, {"loss": float("nan"), "lr": lr, "skipped": 1})
+                    logger.write(f"step {self.step}: non-finite loss, step skipped ({consecutive} in a row)")
+                    if consecutive >= t.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{consecutive} consecutive non-finite losses (steps {self.nonfinite_steps[-consecutive:]}); "
+                            f"stopped. The last good checkpoint in {self.ckpt_dir} is intact; lower optim.lr, "
+                            "set optim.clip_grad or train.amp=none, then --resume."
+                        )
+                    continue
+                consecutive = 0
+                record = {"lr": lr}
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                if self.cfg.optim.clip_grad:
+                    record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad))
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.step += 1
+                loss_value = float(all_reduce_mean(torch.stack(losses).mean()))
+                result.losses.append(loss_value)
+                record["loss"] = loss_value
+                for k, v in extras.items():
+                    record[k] = float(all_reduce_mean(torch.stack(v).mean()))
+                record["epoch"] = self.micro_batches / self.batches_per_epoch
+                record["images_per_s"] = logger.progress(self.step, images, loss_value, lr)
+                if self.step % t.log_every == 0 or self.step == self.total_steps or self.step == 1:
+                    logger.log(self.step, record)
+                improved = False
+                last = self.step == self.total_steps
+                if (t.val_every and self.step % t.val_every == 0) or last:
+                    val = self.validate()
+                    if val:
+                        result.val = val
+                        mean_acc = float(np.mean([v["accuracy"] for v in val.values()]))
+                        improved = self.best is None or mean_acc > self.best
+                        self.best = max(mean_acc, self.best or mean_acc)
+                        flat = {f"{n}_{k}": v for n, r in val.items() for k, v in r.items()}
+                        logger.log(self.step, flat, kind="val")
+                        logger.write(f"step {self.step}: " + ", ".join(
+                            f"{n} {r['accuracy'] * 100:.2f}% (AUC {r['auc']:.3f})" for n, r in val.items()))
+                if self.step % ckpt_every == 0 or last or improved:
+                    self.save(best=improved)
+        finally:
+            logger.close()
+        result.step = self.step
+        result.nonfinite_steps = list(self.nonfinite_steps)
+        result.best = self.best
+        return result

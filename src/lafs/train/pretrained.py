@@ -1,0 +1,90 @@
+"""Initialise a backbone from another run's checkpoint, reporting every key it did not use (lafs_spec §6.1).
+
+Accepted files: our checkpoints (``{"model": {"backbone.*": ...}}``), SSL checkpoints holding a ``teacher``
+or ``student`` (the LAFS code finetunes from the *teacher*), or a bare state dict. Wrapper prefixes
+(``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``, ``backbone.``) are stripped. Keys the target
+does not have (SSL projection heads, a classifier with another class count) and keys with another shape are
+skipped and listed in the report, never silently dropped and never a crash (§9.13).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCES = ("teacher", "model", "state_dict", "student")
+PREFIXES = ("module.", "_orig_mod.", "backbone.")
+
+
+@dataclass
+class LoadReport:
+    path: str
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    mismatched: list[str] = field(default_factory=list)  # same name, other shape
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+
+    def summary(self) -> str:
+        lines = [f"{self.path} [{self.source}]: loaded {len(self.loaded)} tensors"]
+        for what, keys in (("skipped (not in the model)", self.unexpected),
+                           ("skipped (shape differs)", self.mismatched),
+                           ("left at initialisation (not in the file)", self.missing)):
+            if keys:
+                lines.append(f"  {what}: {len(keys)}: " + ", ".join(keys))
+        return "\n".join(lines)
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def read_state(path: str | Path, source: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict inside a checkpoint file and the entry it came from."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    names = (source,) if source else SOURCES
+    for name in names:
+        if isinstance(ckpt.get(name), dict):
+            return ckpt[name], name
+    if source:
+        raise KeyError(f"{path}: no '{source}' entry; entries: {', '.join(map(str, ckpt))}")
+    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt, "state dict"
+    raise ValueError(f"{path}: no state dict found (looked for {', '.join(SOURCES)}); entries: {', '.join(map(str, ckpt))}")
+
+
+def load_pretrained(module: nn.Module, path: str | Path, source: str | None = None, only_prefix: str = "",
+                    ) -> LoadReport:
+    """Copy matching tensors from ``path`` into ``module``; ``only_prefix`` restricts to e.g. ``landmark_cnn.``."""
+    state, src = read_state(path, source)
+    target = module.state_dict()
+    report = LoadReport(str(path), src)
+    clean: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        k = _strip(key)
+        if only_prefix and not k.startswith(only_prefix):
+            continue
+        if k not in target:
+            report.unexpected.append(key)
+        elif tuple(target[k].shape) != tuple(value.shape):
+            report.mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(target[k].shape)}")
+        else:
+            clean[k] = value
+    module.load_state_dict(clean, strict=False)
+    report.loaded = sorted(clean)
+    report.missing = sorted(k for k in target if k not in clean and k.startswith(only_prefix))
+    return report

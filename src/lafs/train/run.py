@@ -1,0 +1,128 @@
+"""``lafs train`` / ``lafs finetune``: config -> data, task, trainer; the process set-up around the loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, save_config
+from ..io import atomic_write_bytes
+from ..models import build_backbone
+from .distributed import DistEnv, setup, teardown
+from .loop import Trainer, TrainResult
+from .pretrained import load_pretrained
+from .supervised import SupervisedTask, build_augment, build_classifier
+
+
+def build_train_set(cfg):
+    """The ``data`` section -> a face dataset (items: uint8 image, label)."""
+    from ..data.datasets import ArrayFaceDataset, ConcatFaceDataset, ImageFolderDataset, RecordDataset
+
+    d = cfg.data
+    if d.source == "synthetic":
+        from ..data.synthetic import SyntheticFaces
+
+        faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed)
+        ids = np.repeat(np.arange(d.num_identities), d.images_per_identity)
+        idx = np.tile(np.arange(d.images_per_identity), d.num_identities)
+        images, kps = faces.batch(ids.tolist(), idx.tolist())
+        dataset = ArrayFaceDataset(images, ids, kps, name=f"synthetic({d.num_identities}x{d.images_per_identity})")
+    else:
+        if not d.train:
+            raise ConfigError(f"data.source={d.source} needs data.train (a list of {'.rec files' if d.source == 'records' else 'image folders'})")
+        parts = []
+        for path in d.train:
+            if not Path(path).exists():
+                raise ConfigError(f"data.train: {path} not found")
+            if d.source == "records":
+                parts.append(RecordDataset(path, color=d.color, keypoints=False, max_bad_records=d.max_bad_records))
+            else:
+                parts.append(ImageFolderDataset(path, max_bad_records=d.max_bad_records))
+        dataset = parts[0] if len(parts) == 1 else ConcatFaceDataset(parts)
+    if d.index:
+        from torch.utils.data import Subset
+
+        from ..data.fewshot import load_index
+
+        positions, _ = load_index(d.index)
+        if len(positions) and (positions.max() >= len(dataset) or positions.min() < 0):
+            raise ConfigError(f"data.index {d.index}: positions outside the dataset's 0..{len(dataset) - 1}")
+        num_classes = dataset.num_identities
+        dataset = Subset(dataset, positions.tolist())
+        dataset.num_identities = num_classes
+    return dataset
+
+
+def build_val_sets(cfg) -> dict:
+    """name -> (uint8 images N x 3 x H x W, issame): the ``.bin`` files, or held-out synthetic identities."""
+    from ..eval.verification import load_bin
+
+    d = cfg.data
+    sets = {}
+    for path in d.val:
+        if not Path(path).is_file():
+            raise ConfigError(f"data.val: {path} not found")
+        sets[Path(path).stem] = load_bin(path, color=d.val_color)
+    if d.source == "synthetic" and not d.val and d.val_pairs > 0 and d.val_identities >= 2:
+        from ..data.synthetic import SyntheticFaces, synthetic_pairs
+
+        faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed)
+        held_out = range(d.num_identities, d.num_identities + d.val_identities)
+        images, issame, _ = synthetic_pairs(faces, d.val_pairs, seed=d.seed, identities=held_out)
+        sets["synthetic_val"] = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), issame)
+    return sets
+
+
+def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask:
+    backbone = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides())
+    ft = cfg.finetune
+    if ft.init:
+        log(load_pretrained(backbone, ft.init).summary())
+    if ft.landmark_init:
+        if not hasattr(backbone, "landmark_cnn"):
+            raise ConfigError("finetune.landmark_init needs model.name=part_fvit")
+        log(load_pretrained(backbone, ft.landmark_init, only_prefix="landmark_cnn.").summary())
+    head = build_classifier(cfg, backbone.embedding_size, num_classes, env.rank, env.world_size)
+    augment, mixup = build_augment(cfg)
+    if mixup is not None and hasattr(head, "full_state_dict"):
+        raise ConfigError("mixup with Partial FC is not supported: set augment.mixup_prob=0 or head.partial_fc=false")
+    # the landmark options are finetuning options; from scratch (stage 1, §3) the CNN learns freely
+    finetuning = bool(ft.init or ft.landmark_init)
+    option = ft.landmark if finetuning and hasattr(backbone, "landmark_cnn") else "b"
+    task = SupervisedTask(backbone, head, augment, mixup, option, (list(ft.beta_schedule), list(ft.beta_epochs)))
+    task.freeze_reference()
+    return task
+
+
+def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
+    """Run (or resume) a supervised training / finetuning run described by ``cfg``."""
+    env = setup(cfg.train.device)
+    try:
+        # identical initial weights on every rank (DDP also broadcasts them); then per-rank random streams
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        train_set = build_train_set(cfg)
+        num_classes = int(train_set.num_identities)
+        log = print if env.is_main else (lambda *_: None)
+        task = build_task(cfg, num_classes, env, log)
+        val_sets = build_val_sets(cfg) if env.is_main else {}
+        torch.manual_seed(cfg.train.seed + env.rank)
+        if env.is_main:
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            save_config(cfg, cfg.out_dir)
+        trainer = Trainer(cfg, task, train_set, env, val_sets, progress=progress and env.is_main)
+        log(f"training {cfg.model.name}-{cfg.model.size} on {len(train_set)} images of {num_classes} identities; "
+            f"{trainer.total_steps} steps of {cfg.train.batch_size} x {env.world_size} x {cfg.train.accumulation} images "
+            f"({trainer.steps_per_epoch} steps/epoch) on {env.device}")
+        result = trainer.run(resume)
+        if env.is_main:
+            summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
+                       "val": result.val, "best": result.best, "nonfinite_steps": result.nonfinite_steps,
+                       "resumed_from": result.resumed_from}
+            atomic_write_bytes(Path(cfg.out_dir) / "summary.json", json.dumps(summary, indent=2).encode())
+        return result
+    finally:
+        teardown()

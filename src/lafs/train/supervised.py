@@ -1,0 +1,131 @@
+"""Supervised training and finetuning as one task: backbone -> margin head, with the LAFS landmark options.
+
+lafs_spec §3 (stage 1: Part fViT learns its landmark CNN from the identity loss alone) and §6 (finetuning
+from a pretrained ViT). The landmark options of LAFS §3.5 for a Part fViT:
+
+- ``a``: the landmark CNN is frozen (eval mode, no gradient); only the ViT and the head train.
+- ``b``: the landmark CNN trains freely with the identity loss (the released code's default, §9.7).
+- ``c``: as (b) plus ``beta * MSE(r_hat / (S-1), r / (S-1))`` (Eq. 7; S = image size, 111 at 112 px), where
+  ``r`` are the trainable CNN's landmarks and ``r_hat`` those of a frozen copy of the initial CNN on the
+  same (augmented) image; ``beta`` follows a per-epoch step schedule (reference 1000/100/1/0.11/0 from
+  epochs 0/8/14/21/28). The paper uses (c) for all its results.
+
+The task takes uint8 images straight from the loader: scaling to [-1, 1], resizing to the model's input
+size and the augmentations all run batched on the training device.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..augment.supervised import MIXUP_PRESETS, Mixup, SupervisedAugment
+from ..heads import build_head
+from .optim import step_schedule
+
+LANDMARK_OPTIONS = ("a", "b", "c")
+
+
+def to_model_input(images: Tensor, size: int) -> Tensor:
+    """uint8 B x 3 x H x W -> float in [-1, 1] (x / 127.5 - 1, the one scaling everywhere, §9.11) at ``size``."""
+    x = images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+class SupervisedTask(nn.Module):
+    """``forward(images uint8, labels) -> {"loss", "id_loss", ...}``; ``embed(x in [-1, 1])`` for evaluation."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, augment: nn.Module | None = None,
+                 mixup: Mixup | None = None, landmark_option: str = "b",
+                 beta_schedule: tuple[list[float], list[int]] = ([0.0], [0])) -> None:
+        super().__init__()
+        if landmark_option not in LANDMARK_OPTIONS:
+            raise ValueError(f"landmark option must be one of {LANDMARK_OPTIONS}, got {landmark_option!r}")
+        self.backbone = backbone
+        self.head = head
+        self.augment = augment
+        self.mixup = mixup
+        self.landmark_option = landmark_option
+        self.beta_values, self.beta_epochs = list(beta_schedule[0]), list(beta_schedule[1])
+        step_schedule(0, self.beta_values, self.beta_epochs)  # validates the schedule now, not at epoch 8
+        self.beta = 0.0
+        self.img_size = backbone.img_size
+        has_cnn = hasattr(backbone, "landmark_cnn")
+        if landmark_option != "b" and not has_cnn:
+            raise ValueError(f"landmark option {landmark_option!r} needs a Part fViT (this backbone has no landmark CNN)")
+        self.reference_landmarks = None
+        if landmark_option == "a":
+            backbone.landmark_cnn.requires_grad_(False)
+        self._frozen_reference = landmark_option == "c"
+        self.set_epoch(0)
+
+    def freeze_reference(self) -> None:
+        """Option (c): snapshot the landmark CNN as it is now (after loading its initialisation)."""
+        if self._frozen_reference:
+            self.reference_landmarks = copy.deepcopy(self.backbone.landmark_cnn).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # frozen CNNs stay in eval mode: no dropout on the landmark head, BatchNorm statistics fixed
+        if self.landmark_option == "a":
+            self.backbone.landmark_cnn.eval()
+        if self.reference_landmarks is not None:
+            self.reference_landmarks.eval()
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.beta = step_schedule(epoch, self.beta_values, self.beta_epochs) if self.landmark_option == "c" else 0.0
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.backbone(to_model_input(x, self.img_size))["embedding"]
+
+    def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        x = to_model_input(images, self.img_size)
+        if self.augment is not None:
+            x = self.augment(x)
+        labels_b, lam = None, 1.0
+        if self.mixup is not None:
+            x, labels, labels_b, lam = self.mixup(x, labels)
+        out = self.backbone(x)
+        if labels_b is None:
+            id_loss = self.head(out["embedding"], labels)
+        else:
+            id_loss = self.head(out["embedding"], labels, labels_b, lam)
+        result = {"loss": id_loss, "id_loss": id_loss.detach()}
+        if self.landmark_option == "c":
+            if self.reference_landmarks is None:
+                raise RuntimeError("landmark option c: call freeze_reference() after loading the landmark CNN")
+            result["beta"] = torch.tensor(self.beta)
+            if self.beta > 0:
+                with torch.no_grad():
+                    r_hat = self.reference_landmarks(x)
+                s = float(self.img_size - 1)
+                lm_loss = F.mse_loss(out["landmarks"].float() / s, r_hat.float() / s)
+                result["loss"] = id_loss + self.beta * lm_loss
+                result["landmark_loss"] = lm_loss.detach()
+        return result
+
+
+def build_augment(cfg) -> tuple[nn.Module | None, Mixup | None]:
+    """The ``augment`` section -> (batched augmentation or None, mixup or None)."""
+    preset = cfg.augment.preset
+    augment = None if preset == "none" else SupervisedAugment.preset(preset)
+    alpha, prob = MIXUP_PRESETS[preset]
+    alpha = alpha if cfg.augment.mixup_alpha is None else cfg.augment.mixup_alpha
+    prob = prob if cfg.augment.mixup_prob is None else cfg.augment.mixup_prob
+    return augment, (Mixup(alpha, prob) if prob > 0 else None)
+
+
+def build_classifier(cfg, embedding_size: int, num_classes: int, rank: int = 0, world_size: int = 1) -> nn.Module:
+    kwargs = dict(scale=cfg.head.scale, margin=cfg.head.margin, h=cfg.head.h, t_alpha=cfg.head.t_alpha)
+    if cfg.head.partial_fc or cfg.head.sample_rate < 1.0:
+        from ..heads.partial_fc import build_partial_fc
+
+        return build_partial_fc(cfg.head.name, embedding_size, num_classes, cfg.head.sample_rate,
+                                rank=rank, world_size=world_size, **kwargs)
+    return build_head(cfg.head.name, embedding_size, num_classes, **kwargs)

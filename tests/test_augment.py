@@ -1,0 +1,271 @@
+import math
+
+import kornia.enhance as KE
+from kornia.color import rgb_to_grayscale
+import pytest
+import torch
+
+import lafs.augment.supervised as sup
+from lafs.augment import MIXUP_PRESETS, RANDAUGMENT_OPS, Mixup, SupervisedAugment, rand_augment_op
+
+PRESETS = ("none", "flip", "webface4m", "ms1mv3")
+
+
+def _op(images, name, magnitude, sign=1.0):
+    n = len(images)
+    return rand_augment_op(images, name, torch.full((n,), float(magnitude)), torch.full((n,), float(sign)))
+
+
+def _blob_centre(img):
+    """(x, y) centroid of the pixels brighter than the grey fill, pixel centres at p + 0.5."""
+    w = (img.mean(0) - 0.5).clamp_min(0)
+    ys, xs = torch.meshgrid(torch.arange(img.shape[1]) + 0.5, torch.arange(img.shape[2]) + 0.5, indexing="ij")
+    return (w * xs).sum() / w.sum(), (w * ys).sum() / w.sum()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_keep_shape_dtype_range(name):
+    x = torch.rand(16, 3, 40, 40, dtype=torch.float64) * 2 - 1
+    y = SupervisedAugment.preset(name)(x)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    assert torch.isfinite(y).all() and y.min() >= -1 and y.max() <= 1
+
+
+def test_preset_settings_follow_the_paper():
+    wf, ms = SupervisedAugment.preset("webface4m"), SupervisedAugment.preset("ms1mv3")
+    for aug in (wf, ms):
+        assert aug.flip and aug.randaugment_ops == 2 and aug.randaugment_prob == 0.5
+        assert aug.randaugment_magnitude_std == 0.5 and aug.resized_crop_scale == (0.9, 1.0)
+        assert aug.color_jitter == 0.1 and aug.erasing_prob == 0.5 and aug.erasing_scale == (0.02, 0.1)
+    assert (wf.randaugment_magnitude, ms.randaugment_magnitude) == (1.0, 2.0)
+    flip = SupervisedAugment.preset("flip")
+    assert flip.flip and not (flip.randaugment_ops or flip.resized_crop_scale or flip.color_jitter or flip.erasing_prob)
+    assert set(MIXUP_PRESETS) == set(PRESETS) and MIXUP_PRESETS["webface4m"] == (0.2, 0.1)
+    assert MIXUP_PRESETS["ms1mv3"] == (0.2, 0.2) and MIXUP_PRESETS["flip"][1] == 0
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        SupervisedAugment.preset("imagenet")
+    assert all(name in str(err.value) for name in PRESETS)
+
+
+def test_none_is_exact_identity():
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    assert torch.equal(SupervisedAugment.preset("none")(x), x)
+
+
+def test_flip_mirrors_about_half_exactly():
+    x = torch.rand(200, 3, 6, 6) * 2 - 1
+    y = SupervisedAugment.preset("flip")(x)
+    same = (y == x).flatten(1).all(1)
+    mirrored = (y == x.flip(-1)).flatten(1).all(1)
+    assert (same ^ mirrored).all()
+    assert 70 <= mirrored.sum() <= 130
+
+
+def test_same_seed_same_output_other_seed_differs():
+    x = torch.rand(16, 3, 40, 40) * 2 - 1
+    aug = SupervisedAugment.preset("ms1mv3")
+    torch.manual_seed(1)
+    a = aug(x)
+    torch.manual_seed(1)
+    b = aug(x)
+    torch.manual_seed(2)
+    c = aug(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_randaugment_draws_ops_uniformly_with_prob_and_clipped_magnitude(monkeypatch):
+    calls = []
+
+    def record(images, name, magnitude, sign):
+        calls.append((name, magnitude.clone(), sign.clone()))
+        return images
+
+    monkeypatch.setattr(sup, "rand_augment_op", record)
+    aug = SupervisedAugment(flip=False, randaugment_ops=2, randaugment_magnitude=1.0, randaugment_prob=0.5)
+    aug(torch.zeros(2600, 3, 2, 2))
+    counts = {name: 0 for name in RANDAUGMENT_OPS}
+    for name, magnitude, _ in calls:
+        counts[name] += len(magnitude)
+    assert 2 * 2600 * 0.45 < sum(counts.values()) < 2 * 2600 * 0.55  # 2 ops per image, each with p = 0.5
+    assert all(150 < n < 250 for n in counts.values())  # ~200 each: uniform over the 13 ops
+    mags = torch.cat([m for _, m, _ in calls])
+    signs = torch.cat([s for _, _, s in calls])
+    assert mags.min() >= 0 and mags.max() <= 10 and (mags == 0).any()  # N(1, 0.5) clipped at 0
+    assert abs(mags.mean() - 1.0) < 0.05 and set(signs.tolist()) == {-1.0, 1.0}
+
+
+def test_randaugment_prob_zero_and_one():
+    x = torch.rand(32, 3, 24, 24) * 2 - 1
+    assert torch.equal(SupervisedAugment(flip=False, randaugment_ops=2, randaugment_prob=0.0)(x), x)
+    on = SupervisedAugment(flip=False, randaugment_ops=2, randaugment_magnitude=9, randaugment_prob=1.0)
+    changed = ((on(x) - x).abs().flatten(1).amax(1) > 1e-3).float().mean()
+    assert changed > 0.8
+
+
+def test_invert_negates_in_project_range():
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    torch.testing.assert_close(_op((x + 1) / 2, "Invert", 5) * 2 - 1, -x)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rotate_moves_a_known_pixel_counter_clockwise(sign):
+    img = torch.full((1, 3, 64, 64), 0.5)
+    img[..., 30:34, 50:54] = 1.0  # blob centred 20 px right of the image centre (32, 32)
+    x, y = _blob_centre(_op(img, "Rotate", 10, sign)[0])  # 30 degrees, counter-clockwise for sign +1
+    assert abs(x - (32 + 20 * math.cos(math.pi / 6))) < 0.3
+    assert abs(y - (32 - sign * 20 * math.sin(math.pi / 6))) < 0.3
+
+
+def test_geometric_fill_is_grey_128():
+    out = _op(torch.ones(1, 3, 32, 32), "Rotate", 10)
+    assert torch.allclose(out[..., 0, 0], torch.tensor(0.5))  # a corner rotated in from outside the image
+    out = _op(torch.ones(1, 3, 32, 32), "TranslateYRel", 10, -1)  # 0.45 * 32 = 14.4 px down
+    assert torch.allclose(out[..., :14, :], torch.tensor(0.5)) and torch.allclose(out[..., 15:, :], torch.tensor(1.0))
+
+
+def test_shear_x_is_about_the_top_left_corner():
+    img = torch.full((1, 3, 40, 40), 0.5)
+    img[..., :, 30] = 1.0
+    out = _op(img, "ShearX", 10)  # out(x, y) = in(x + 0.3 y, y)
+    for row in (0, 10, 20, 30):
+        assert out[0, 0, row].argmax() == round(30 - 0.3 * (row + 0.5))
+
+
+def test_translate_rel_shifts_by_a_fraction_of_the_size():
+    img = torch.rand(1, 3, 40, 40)
+    out = _op(img, "TranslateXRel", 5)  # 0.225 * 40 = 9 px; out(x) = in(x + 9)
+    torch.testing.assert_close(out[..., :31], img[..., 9:])
+    assert torch.allclose(out[..., 31:], torch.tensor(0.5))
+    torch.testing.assert_close(_op(img, "TranslateYRel", 5, -1)[..., 9:, :], img[..., :31, :])
+
+
+@pytest.mark.parametrize("name", ["Rotate", "ShearX", "ShearY", "TranslateXRel", "Color", "Contrast", "Sharpness"])
+def test_magnitude_zero_is_identity(name):
+    img = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(_op(img, name, 0), img, atol=1e-5, rtol=0)
+
+
+def test_posterize_keeps_fewer_bits_as_magnitude_grows():
+    img = torch.arange(256.0).div(255).repeat(3, 16, 1).unsqueeze(0)
+    four = _op(img, "Posterize", 1)  # 4 - int(0.4) = 4 bits
+    assert four.unique().numel() == 16
+    torch.testing.assert_close(four * 255 % 16, torch.zeros_like(four), atol=1e-3, rtol=0)
+    assert _op(img, "Posterize", 5).unique().numel() == 4  # 2 bits
+    assert (_op(img, "Posterize", 10) == 0).all()  # 0 bits: black, as PIL
+
+
+def test_equalize_flattens_the_histogram():
+    img = (0.5 + 0.1 * torch.randn(1, 3, 64, 64)).clamp(0, 1)
+    out = _op(img, "Equalize", 5)
+    hist_in, hist_out = torch.histc(img, 8, 0, 1), torch.histc(out, 8, 0, 1)
+    assert hist_out.max() < 0.5 * hist_in.max()
+    assert hist_out.min() > 0.5 * hist_out.mean()
+
+
+def test_autocontrast_stretches_each_channel_and_keeps_flat_ones():
+    img = 0.25 + 0.5 * torch.rand(1, 3, 16, 16)
+    img[:, 2] = 0.3
+    out = _op(img, "AutoContrast", 5)
+    assert torch.allclose(out[0, :2].amin((1, 2)), torch.zeros(2)) and torch.allclose(out[0, :2].amax((1, 2)), torch.ones(2))
+    assert torch.equal(out[:, 2], img[:, 2])
+
+
+def test_enhance_ops_use_increasing_factors():
+    img = 0.2 + 0.6 * torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(_op(img, "Brightness", 10, -1), img * 0.1)  # factor 1 - 0.9
+    torch.testing.assert_close(_op(img, "Brightness", 5, 1), (img * 1.45).clamp(0, 1))  # factor 1 + 0.45
+    spread = img.amax(1) - img.amin(1)
+    torch.testing.assert_close(_op(img, "Color", 10, -1).amax(1) - _op(img, "Color", 10, -1).amin(1), spread * 0.1)
+    grey = rgb_to_grayscale(img)
+    low = rgb_to_grayscale(_op(img, "Contrast", 10, -1))
+    torch.testing.assert_close(low.std(), grey.std() * 0.1)
+    sharp = _op(img, "Sharpness", 10, 1)
+    assert torch.equal(sharp[..., 0, :], img[..., 0, :]) and not torch.allclose(sharp, img)  # PIL keeps the border
+
+
+def test_unknown_op_raises():
+    with pytest.raises(ValueError, match="Solarize"):
+        _op(torch.rand(1, 3, 8, 8), "Solarize", 5)
+
+
+def test_hue_shift_matches_hsv_rotation():
+    img = torch.rand(4, 3, 16, 16)
+    img[:, :, :3] = img[:, :1, :3]  # grey rows: no hue to rotate
+    shift = torch.tensor([-0.5, -0.1, 0.05, 0.3])
+    out = sup._shift_hue(img, shift)
+    torch.testing.assert_close(out, KE.adjust_hue(img, shift * 2 * math.pi), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, :, :3], img[:, :, :3])
+
+
+def test_color_jitter_on_grey_only_scales_brightness():
+    x = torch.zeros(64, 3, 8, 8)  # grey 0.5 in [0, 1]: contrast, saturation and hue leave it alone
+    y = (SupervisedAugment(flip=False, color_jitter=0.1)(x) + 1) / 2
+    assert (y.flatten(1).amax(1) - y.flatten(1).amin(1)).max() < 1e-5
+    assert y.min() >= 0.45 - 1e-5 and y.max() <= 0.55 + 1e-5 and y.std() > 0.01
+
+
+def test_resized_crop_keeps_size_and_crops_at_least_scale_of_the_width():
+    ramp = torch.linspace(-1, 1, 56).expand(32, 3, 56, 56).contiguous()
+    y = SupervisedAugment(flip=False, resized_crop_scale=(0.9, 1.0))(ramp)
+    assert y.shape == ramp.shape
+    assert (y.diff(dim=-1) >= -1e-6).all()  # still a left-to-right ramp: no flip, no rotation
+    # area >= 0.9 and height <= H force width >= 0.9 W; on a ramp, the output's span is the crop's width fraction
+    span = (y[..., -1] - y[..., 0]).flatten() / 2
+    assert span.min() > 0.88 and span.max() < 1.0 + 1e-5 and span.min() < 0.99
+
+
+def test_erasing_blackens_one_rectangle_within_scale():
+    x = torch.zeros(64, 3, 40, 40)
+    y = SupervisedAugment(flip=False, erasing_prob=1.0)(x)
+    erased = y[:, 0] == -1  # value 0 of the uint8 image, i.e. black
+    assert ((y == -1) == erased.unsqueeze(1)).all() and (y[~erased.unsqueeze(1).expand_as(y)] == 0).all()
+    for mask in erased:
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert mask.sum() == h * w  # a filled rectangle
+        assert 0.02 * 0.9 <= mask.float().mean() <= 0.1 * 1.1  # area fraction in scale, up to rounding
+    half = SupervisedAugment(flip=False, erasing_prob=0.5)(x)
+    assert 16 <= (half == -1).flatten(1).any(1).sum() <= 48
+
+
+def test_mixup_always_mixes_batch_with_its_reverse():
+    x, labels = torch.randn(6, 3, 4, 4), torch.arange(6)
+    for _ in range(10):
+        out, a, b, lam = Mixup(alpha=0.2, prob=1.0)(x, labels)
+        assert 0 < lam < 1 and isinstance(lam, float)
+        torch.testing.assert_close(out, lam * x + (1 - lam) * x.flip(0))
+        assert torch.equal(a, labels) and torch.equal(b, labels.flip(0))
+
+
+def test_mixup_prob_zero_is_identity_without_rng():
+    x, labels = torch.randn(4, 3, 4, 4), torch.arange(4)
+    torch.manual_seed(3)
+    out, a, b, lam = Mixup(prob=0.0)(x, labels)
+    assert out is x and a is labels and b is labels and lam == 1.0
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(1))
+
+
+def test_mixup_rate_and_beta_weights():
+    x, labels = torch.randn(2, 1, 1, 1), torch.arange(2)
+    lams = [Mixup(alpha=0.2, prob=0.3)(x, labels)[3] for _ in range(400)]
+    mixed = [lam for lam in lams if lam != 1.0]
+    assert 0.2 < len(mixed) / 400 < 0.4
+    assert abs(sum(mixed) / len(mixed) - 0.5) < 0.15  # Beta(0.2, 0.2): symmetric, U-shaped
+    assert sum(lam < 0.1 or lam > 0.9 for lam in mixed) > 0.4 * len(mixed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_gpu_deterministically():
+    x = torch.rand(32, 3, 112, 112, device="cuda") * 2 - 1
+    aug = SupervisedAugment.preset("webface4m")
+    torch.manual_seed(5)
+    a = aug(x)
+    torch.manual_seed(5)
+    assert a.device == x.device and torch.equal(a, aug(x))
+    out, _, _, lam = Mixup(prob=1.0)(x, torch.arange(32, device="cuda"))
+    assert out.device == x.device and 0 < lam < 1
