@@ -256,6 +256,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, partial_fc):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
+    if partial_fc:  # centres and their AdamW moments were saved gathered: resume the 2-process run on 1
+        more = [*BASE, "train.batch_size=16", *args, "train.steps=8", "--out", str(tmp_path / "two"), "--resume"]
+        out = finish(run_cli(["-m", "lafs.cli", "train", *more]))
+        assert "resumed 2-process checkpoint on 1 processes" in out and "at step 6" in out
+        assert sorted(train_losses(tmp_path / "two")) == list(range(1, 9))
 
 
 # ----------------------------------------------------------------------------- landmark option (c)
@@ -339,3 +344,20 @@ def test_train_cli_rejects_unknown_key(tmp_path, capsys):
 
     assert main(["train", "train.stpes=3", "--out", str(tmp_path)]) == 2
     assert "did you mean 'train.steps'" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """2 micro-batches of 8 = one batch of 16 (fViT: no BatchNorm), loss by loss."""
+    common = ["model.name=fvit", "train.steps=4"]
+    big = train(cfg_for(tmp_path / "big", *common, "train.batch_size=16"), progress=False)
+    acc = train(cfg_for(tmp_path / "acc", *common, "train.batch_size=8", "train.accumulation=2"), progress=False)
+    assert acc.losses == pytest.approx(big.losses, rel=1e-5)
+
+
+def test_bf16_autocast_and_clipping_on_cpu(tmp_path):
+    result = train(cfg_for(tmp_path, "train.steps=3", "train.amp=bf16", "optim.clip_grad=1.0"), progress=False)
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
+    assert all(r["grad_norm"] > 0 for r in records)
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        train(cfg_for(tmp_path, "train.steps=1", "train.amp=fp16"), progress=False)
