@@ -125,10 +125,11 @@ class PartFViT(nn.Module):
         self.embedding_size = self.encoder.embedding_size
 
     def forward(
-        self, images: Tensor, landmarks: Tensor | None = None, attn_bias: Tensor | None = None
+        self, images: Tensor, landmarks: Tensor | None = None, attn_bias: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> dict[str, Tensor]:
         if landmarks is None:
             landmarks = self.landmark_cnn(images)
         tokens = sample_patches(images, landmarks, self.patch_size, self.patch_layout)
-        out = self.encoder(tokens, attn_bias)
+        out = self.encoder(tokens, attn_bias, positions)
         return {"embedding": out["embedding"], "landmarks": landmarks}

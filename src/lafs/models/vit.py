@@ -196,15 +196,26 @@ class ViTEncoder(nn.Module):
             self.embedding_size = embedding_size
 
     def forward(
-        self, tokens: Tensor, attn_bias: Tensor | Sequence[Tensor | None] | None = None
+        self, tokens: Tensor, attn_bias: Tensor | Sequence[Tensor | None] | None = None,
+        positions: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """``attn_bias``: one tensor for every layer, or one (or None) per layer."""
+        """``attn_bias``: one tensor for every layer, or one (or None) per layer.
+
+        ``positions`` (B x n, in 0..num_tokens-1): the position embedding of each token (LAFS views without
+        landmark shuffle keep their landmark's); default: token j takes position j, as the reference does.
+        """
         b, n, _ = tokens.shape
-        if n > self.num_tokens:
+        if n > self.num_tokens and positions is None:
             raise ValueError(f"got {n} tokens but the position embedding holds {self.num_tokens}")
         x = self.to_embedding(tokens)
         x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
-        x = self.emb_drop(x + self.pos_embedding[:, : n + 1].to(x.dtype))
+        if positions is None:
+            pos = self.pos_embedding[:, : n + 1]
+        else:
+            if positions.shape != (b, n) or int(positions.min()) < 0 or int(positions.max()) >= self.num_tokens:
+                raise ValueError(f"positions must be {b} x {n} indices in 0..{self.num_tokens - 1}")
+            pos = torch.cat([self.pos_embedding[:, :1].expand(b, -1, -1), self.pos_embedding[0, 1:][positions]], 1)
+        x = self.emb_drop(x + pos.to(x.dtype))
         if attn_bias is None or isinstance(attn_bias, Tensor):
             biases: Sequence[Tensor | None] = [attn_bias] * self.depth
         else:

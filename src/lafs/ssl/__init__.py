@@ -1,0 +1,22 @@
+"""Self-supervised pretraining components (DINO as used by LAFS; lafs_spec §4)."""
+
+from lafs.ssl.dino import (
+    TEACHER_TEMP_PRESETS,
+    DINOHead,
+    DINOLoss,
+    cancel_last_layer_grads,
+    clip_gradients_per_param,
+    ema_update,
+    mean_entropy,
+    momentum_at,
+    teacher_entropy,
+    teacher_student_kl,
+    teacher_temp_at,
+    weight_decay_at,
+)
+
+__all__ = [
+    "TEACHER_TEMP_PRESETS", "DINOHead", "DINOLoss", "cancel_last_layer_grads", "clip_gradients_per_param",
+    "ema_update", "mean_entropy", "momentum_at", "teacher_entropy", "teacher_student_kl", "teacher_temp_at",
+    "weight_decay_at",
+]

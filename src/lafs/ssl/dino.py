@@ -1,0 +1,290 @@
+"""DINO self-distillation components used by LAFS pretraining.
+
+Reference: M. Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (DINO), ICCV 2021, and
+its released code (``main_dino.py``, ``utils.py``, ``vision_transformer.DINOHead``), which LAFS copies unchanged
+(lafs_spec §4). What is here:
+
+- ``DINOHead``: 3-layer MLP -> bottleneck -> L2-normalise -> weight-normalised linear layer to ``out_dim``
+  prototypes with the weight norm ``g`` fixed at 1 (``norm_last_layer``), so every prototype row has unit norm.
+- ``DINOLoss``: cross-entropy between the centred, sharpened teacher distribution of each global view and the
+  student distribution of every *other* view, plus the EMA centre update (after the loss, all-reduced).
+- Pure per-iteration / per-epoch schedules (teacher temperature, EMA momentum, weight decay), like
+  ``lafs.train.optim.lr_at``, so resuming needs only the step.
+- ``ema_update`` (teacher <- student, parameters only), ``clip_gradients_per_param`` (DINO ``clip_gradients``) and
+  ``cancel_last_layer_grads`` (DINO ``cancel_gradients_last_layer``).
+- Collapse diagnostics: mean entropy of the teacher's centred, sharpened distribution (~0: one-hot collapse,
+  ~log(out_dim): uniform collapse) and the teacher-student KL.
+
+Temperatures (lafs_spec §9.4): the DINO paper warms the teacher temperature up 0.04 -> 0.07 over 30 epochs (its
+code defaults to 0.04 -> 0.04); the LAFS code runs it *down* 0.07 -> 0.04 over 30 epochs. Both are presets in
+``TEACHER_TEMP_PRESETS``. The LAFS code uses ``out_dim=100000`` (DINO: 65536; §9.5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+__all__ = [
+    "TEACHER_TEMP_PRESETS", "DINOHead", "DINOLoss", "teacher_temp_at", "momentum_at", "weight_decay_at",
+    "ema_update", "clip_gradients_per_param", "cancel_last_layer_grads", "teacher_entropy", "mean_entropy",
+    "teacher_student_kl",
+]
+
+# (warmup_teacher_temp, teacher_temp, warmup_epochs). "dino": the paper's setting; "lafs_code": the released LAFS
+# script (decreasing; whether intended is unknown, lafs_spec §9.4).
+TEACHER_TEMP_PRESETS: dict[str, tuple[float, float, int]] = {
+    "dino": (0.04, 0.07, 30),
+    "lafs_code": (0.07, 0.04, 30),
+}
+
+LAST_LAYER = "last_layer"  # name prefix of the prototype layer; cancel_last_layer_grads matches on it
+
+
+class DINOHead(nn.Module):
+    """Projection head: MLP -> bottleneck -> L2-normalise -> weight-normalised Linear(bottleneck, out_dim, bias=False).
+
+    The weight-normalised layer is built with ``torch.nn.utils.parametrizations.weight_norm``: its magnitude ``g``
+    is ``last_layer.parametrizations.weight.original0`` (shape ``out_dim x 1``) and its direction ``v`` is
+    ``...original1``. ``g`` starts at 1 (as in DINO) and, with ``norm_last_layer``, is frozen there, so the logits
+    are cosine similarities between the normalised bottleneck feature and unit-norm prototypes (DINO found this
+    stabilises training). All parameter names of the prototype layer start with ``last_layer.``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 nlayers: int = 3, norm_last_layer: bool = True):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            for _ in range(nlayers - 2):
+                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        # DINO applies the trunc-normal init before creating last_layer, so the prototype directions keep the
+        # default nn.Linear init; we do the same.
+        self.apply(self._init_weights)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False), name="weight", dim=0)
+        g = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            g.fill_(1.0)
+        if norm_last_layer:
+            g.requires_grad_(False)
+        self.norm_last_layer = norm_last_layer
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2)
+        return self.last_layer(x)
+
+
+def _views(x: torch.Tensor | Sequence[torch.Tensor], n: int | None = None) -> list[torch.Tensor]:
+    """A list of per-view tensors; a single tensor (views concatenated on dim 0, DINO style) is chunked into n."""
+    if isinstance(x, torch.Tensor):
+        if n is None:
+            raise ValueError("pass the views as a list, or a concatenated tensor together with the number of views")
+        return list(x.chunk(n))
+    return list(x)
+
+
+class DINOLoss(nn.Module):
+    """DINO cross-view distillation loss with a centred, sharpened teacher (lafs_spec §4 "Loss").
+
+    ``forward(student_out, teacher_out, teacher_temp)``: ``student_out`` is a list with one ``B x out_dim`` tensor
+    per view (the first ``num_teacher_views`` are the global views the teacher also saw), ``teacher_out`` a list of
+    ``num_teacher_views`` tensors. Returns
+
+        L = mean over pairs (iq, v), v != iq, of mean_batch( -softmax((t_iq - c)/tau_t) . log_softmax(s_v/tau_s) )
+
+    (18 pairs for 2 global + 8 local views). The teacher side is detached (the teacher is updated only by EMA).
+    Afterwards the centre ``c`` (buffer, ``1 x out_dim``) is updated with the batch mean of all teacher outputs,
+    so the loss of this step used the previous centre, as in DINO. Everything is computed in fp32: with
+    tau_t = 0.04 and 65536+ logits, fp16 softmax/log-softmax loses too much.
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, num_teacher_views: int = 2, student_temp: float = 0.1,
+                 center_momentum: float = 0.9):
+        super().__init__()
+        self.out_dim = out_dim
+        self.num_teacher_views = num_teacher_views
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_out: torch.Tensor | Sequence[torch.Tensor],
+                teacher_out: torch.Tensor | Sequence[torch.Tensor], teacher_temp: float) -> torch.Tensor:
+        teacher = [t.detach().float() for t in _views(teacher_out, self.num_teacher_views)]
+        students = _views(student_out, None if not isinstance(student_out, torch.Tensor) else
+                          student_out.shape[0] // teacher[0].shape[0])
+        if len(teacher) != self.num_teacher_views:
+            raise ValueError(f"expected {self.num_teacher_views} teacher views, got {len(teacher)}")
+        if len(students) < len(teacher):
+            raise ValueError(f"the student must see the {len(teacher)} teacher views first; got {len(students)} views")
+        log_p = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in students]
+        center = self.center.float()
+        total = torch.zeros((), device=log_p[0].device)
+        n_terms = 0
+        for iq, t in enumerate(teacher):
+            q = F.softmax((t - center) / teacher_temp, dim=-1)
+            for v, lp in enumerate(log_p):
+                if v == iq:  # never match a view with itself
+                    continue
+                total = total + torch.sum(-q * lp, dim=-1).mean()
+                n_terms += 1
+        loss = total / n_terms
+        self.update_center(teacher)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """c <- m c + (1 - m) mean(teacher outputs over all views and the global batch).
+
+        DINO all-reduces the sum and divides by ``len * world_size``, which assumes equal per-rank batches; we
+        all-reduce the row count with the sum (one collective) so unequal batches also get the true global mean.
+        """
+        views = [t.detach().float() for t in _views(teacher_out, self.num_teacher_views)]
+        rows = torch.cat(views, dim=0)
+        stats = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)
+        self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.dtype),
+                                                    alpha=1.0 - self.center_momentum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# collapse diagnostics
+
+def mean_entropy(probs: torch.Tensor, eps: float = 1e-12) -> float:
+    """Mean over rows of the entropy (nats) of row-stochastic ``probs`` (B x K)."""
+    p = probs.float()
+    return float((-(p * torch.log(p.clamp_min(eps))).sum(dim=-1)).mean())
+
+
+@torch.no_grad()
+def teacher_entropy(teacher_out: torch.Tensor | Sequence[torch.Tensor], center: torch.Tensor,
+                    teacher_temp: float) -> float:
+    """Mean entropy of softmax((t - c) / tau_t) over all teacher rows.
+
+    ~0: every sample maps to one prototype (one-hot collapse: centring too weak / sharpening too strong);
+    ~log(out_dim): uniform output (uniform collapse: centring dominates). DINO monitors this with the KL below.
+    """
+    t = torch.cat([x.float() for x in _views(teacher_out, 1)], dim=0)  # a tensor is one "view" here
+    return mean_entropy(F.softmax((t - center.float()) / teacher_temp, dim=-1))
+
+
+@torch.no_grad()
+def teacher_student_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor,
+                       teacher_temp: float, student_temp: float = 0.1) -> float:
+    """Mean KL(P_teacher || P_student) for the same view; DINO's collapse monitor (0 when both collapse alike).
+
+    The DINO loss equals H(P_t) + KL(P_t || P_s), so a vanishing KL together with entropy ~0 or ~log K means collapse.
+    """
+    log_q = F.log_softmax((teacher_logits.float() - center.float()) / teacher_temp, dim=-1)
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return float((log_q.exp() * (log_q - log_p)).sum(dim=-1).mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# schedules (pure functions, like lafs.train.optim.lr_at)
+
+def teacher_temp_at(epoch: int, warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int) -> float:
+    """Teacher temperature of ``epoch`` (0-based): DINO's ``np.linspace(warmup, final, warmup_epochs)`` per epoch,
+    then ``teacher_temp``. Like DINO, the linspace has ``warmup_epochs`` points, so it reaches ``teacher_temp`` at
+    epoch ``warmup_epochs - 1``. Presets: ``TEACHER_TEMP_PRESETS`` ("dino" 0.04->0.07, "lafs_code" 0.07->0.04)."""
+    if epoch >= warmup_epochs:
+        return float(teacher_temp)
+    if warmup_epochs == 1:
+        return float(warmup_teacher_temp)
+    return float(warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * epoch / (warmup_epochs - 1))
+
+
+def _cosine(step: int, total_steps: int, base: float, final: float) -> float:
+    # DINO cosine_scheduler: final + 0.5 (base - final)(1 + cos(pi i / N)), i = 0..N-1; clamped past the end.
+    t = min(1.0, max(0.0, step / max(1, total_steps)))
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * t))
+
+
+def momentum_at(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
+    """EMA teacher momentum at iteration ``step`` (cosine base -> final; lafs_spec §4)."""
+    return _cosine(step, total_steps, base, final)
+
+
+def weight_decay_at(step: int, total_steps: int, base: float = 0.04, final: float = 0.4) -> float:
+    """Weight decay at iteration ``step`` (cosine base -> final; applied to the regularised group only)."""
+    return _cosine(step, total_steps, base, final)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# teacher EMA and gradient handling
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``t <- m t + (1 - m) s`` for every parameter (not buffers, as in DINO), with fused ``torch._foreach`` ops.
+
+    Parameters are paired by name, so a teacher built differently (other order, missing layer) raises instead of
+    silently mixing unrelated tensors. Unwrap DDP (``student.module``) before calling.
+    """
+    t_named = dict(teacher.named_parameters())
+    s_named = dict(student.named_parameters())
+    if t_named.keys() != s_named.keys():
+        only_t = sorted(t_named.keys() - s_named.keys())[:5]
+        only_s = sorted(s_named.keys() - t_named.keys())[:5]
+        raise ValueError(f"teacher and student parameters differ: only in teacher {only_t}, only in student {only_s}")
+    t_params, s_params = [], []
+    for name, tp in t_named.items():
+        sp = s_named[name]
+        if tp.shape != sp.shape:
+            raise ValueError(f"parameter {name!r}: teacher shape {tuple(tp.shape)} != student {tuple(sp.shape)}")
+        t_params.append(tp)
+        s_params.append(sp.detach().to(dtype=tp.dtype, device=tp.device))
+    if not t_params:
+        return
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def clip_gradients_per_param(module: nn.Module, clip: float = 3.0) -> list[float]:
+    """DINO ``clip_gradients``: clip each parameter's grad norm separately to ``clip``; returns the pre-clip norms.
+
+    Unlike ``clip_grad_norm_`` (one global norm) this limits every tensor on its own. The ``+ 1e-6`` of the
+    reference is kept, so a clipped grad ends with norm ``clip * n / (n + 1e-6)``. With AMP, unscale first.
+    """
+    norms: list[float] = []
+    for p in module.parameters():
+        if p.grad is None:
+            continue
+        norm = p.grad.detach().norm(2)
+        norms.append(float(norm))
+        coef = clip / (float(norm) + 1e-6)
+        if coef < 1.0:
+            p.grad.mul_(coef)
+    return norms
+
+
+def cancel_last_layer_grads(module: nn.Module, epoch: int, freeze_last_layer: int = 1) -> None:
+    """During the first ``freeze_last_layer`` epochs drop the grads of the prototype layer (``last_layer.*``), as
+    DINO does: keeping the prototypes fixed early helps the student escape a bad start. Call after backward (and
+    after unscaling/clipping), before ``optimizer.step``; AdamW skips parameters whose grad is None."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in module.named_parameters():
+        if LAST_LAYER in name.split("."):
+            p.grad = None
