@@ -26,3 +26,14 @@ def test_bench_models_quick_run_reports_figures(tmp_path):
     assert model["fraction_of_peak"] == pytest.approx(model["achieved_gflops"] / result["matmul"]["peak_gflops"])
     assert result["sampling"]["max_abs_diff_out"] <= 1e-6 and result["sampling"]["fwd_ratio"] > 0
     assert "loop / batched" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_augment_runs_and_reports_every_pipeline():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_augment.py"), "--batch", "4", "--reps", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rates = [float(line.split()[-5]) for line in proc.stdout.splitlines() if "source images/s" in line]
+    assert len(rates) == 4 and all(r > 0 for r in rates), proc.stdout
