@@ -40,6 +40,14 @@ def decode_image(data: bytes, color: str = "rgb", source: str = "image") -> np.n
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if color == "rgb" else img
 
 
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1] (x / 127.5 - 1): the one input scaling of every model (lafs_spec §9.11)."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    # in place on the new float tensor: the scaling is memory-bound and costs as much as a small model on CPU
+    return images.to(torch.float32).div_(127.5).sub_(1.0)
+
+
 def encode_image(rgb: np.ndarray, quality: int = 95, color: str = "rgb") -> bytes:
     """H x W x 3 uint8 RGB -> JPEG bytes stored in ``color`` order (see module docstring)."""
     arr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if color == "rgb" else rgb

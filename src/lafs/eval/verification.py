@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.datasets import decode_image
+from ..data.datasets import decode_image, to_model_range
 from ..data.pairs import read_bin
 
 
@@ -184,8 +184,7 @@ def embed_images(
     chunks = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            # In place: the scaling is memory-bound and costs as much as a small model on CPU.
-            x = images[start : start + batch_size].to(device).to(torch.float32).div_(127.5).sub_(1.0)
+            x = to_model_range(images[start : start + batch_size].to(device))
             emb = embed_fn(x)
             if flip:
                 emb = emb + embed_fn(x.flip(3))

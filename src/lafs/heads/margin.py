@@ -51,22 +51,18 @@ class MarginHead(nn.Module, ABC):
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.xavier_uniform_(self.weight)
 
-    def cosine(self, embeddings: Tensor) -> Tensor:
-        """B x num_classes cosines, in fp32."""
+    def cosine(self, embeddings: Tensor, weight: Tensor | None = None) -> Tensor:
+        """B x C cosines to the centres (``weight``, default all of ``self.weight``), in fp32."""
+        weight = self.weight if weight is None else weight
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+            return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(weight.float(), dim=1))
 
     @abstractmethod
     def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
-        """Margin-adjusted cosine of the target class (before scaling): what each loss defines."""
+        """Margin-adjusted cosines of the targets (before scaling): what each loss defines.
 
-    def _margin_delta(self, cosine: Tensor, labels: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
-        """(column index B x 1, margin(cos) - cos of each row's target, 0 for rows labelled -1)."""
-        labels = labels.long()
-        idx = labels.clamp_min(0)[:, None]
-        cos_target = cosine.gather(1, idx).squeeze(1)
-        delta = self.target_logit(cos_target, norms) - cos_target
-        return idx, torch.where(labels >= 0, delta, torch.zeros_like(delta))
+        ``cos_target`` is B x T (T target columns per row: 1, or 2 with mixup), ``norms`` is B.
+        """
 
     def margin_logits(
         self, cosine: Tensor, labels: Tensor, norms: Tensor | None = None,
@@ -74,19 +70,20 @@ class MarginHead(nn.Module, ABC):
     ) -> Tensor:
         """Scaled logits with the margin on each row's target column. Rows labelled -1 get no margin.
 
-        With ``labels_b`` (mixup) the margins of both targets are weighted by ``lam`` and ``1 - lam``.
+        With ``labels_b`` (mixup) the margins of both targets are weighted by ``lam`` and ``1 - lam``; both
+        columns go through one ``target_logit`` call, so AdaFace updates its norm statistics once per batch.
         """
         if norms is None:
             norms = cosine.new_ones(cosine.shape[0])
-        if labels_b is None or lam == 1.0:
-            idx, delta = self._margin_delta(cosine, labels, norms)
-            return cosine.scatter_add(1, idx, delta[:, None]) * self.scale
-        # one margin evaluation for both columns, so AdaFace updates its norm statistics once per batch
-        both = torch.cat([labels, labels_b])
-        idx, delta = self._margin_delta(cosine.repeat(2, 1), both, norms.repeat(2))
-        n = cosine.shape[0]
-        logits = cosine.scatter_add(1, idx[:n], lam * delta[:n, None])
-        return logits.scatter_add(1, idx[n:], (1.0 - lam) * delta[n:, None]) * self.scale
+        mixed = labels_b is not None and lam != 1.0
+        targets = (torch.stack([labels, labels_b], 1) if mixed else labels[:, None]).long()
+        idx = targets.clamp_min(0)
+        cos_target = cosine.gather(1, idx)
+        delta = self.target_logit(cos_target, norms) - cos_target
+        delta = torch.where(targets >= 0, delta, torch.zeros_like(delta))
+        if mixed:  # a == b adds lam + (1 - lam) = the full margin
+            delta = delta * delta.new_tensor([lam, 1.0 - lam])
+        return cosine.scatter_add(1, idx, delta) * self.scale
 
     def logits(
         self, embeddings: Tensor, labels: Tensor | None = None, labels_b: Tensor | None = None, lam: float = 1.0
@@ -175,17 +172,10 @@ class AdaFace(MarginHead):
     ) -> Tensor:
         if norms is None:
             raise ValueError("AdaFace needs the embedding norms (pass un-normalised embeddings to logits())")
-        # z from the batch's own norms, once: a mixup batch evaluates the margin on two columns per row
-        self._z = self.margin_scaler(norms)
-        try:
-            return super().margin_logits(cosine.clamp(-1 + self.eps, 1 - self.eps), labels, norms, labels_b, lam)
-        finally:
-            del self._z
+        return super().margin_logits(cosine.clamp(-1 + self.eps, 1 - self.eps), labels, norms, labels_b, lam)
 
     def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
-        z = getattr(self, "_z", None)
-        z = self.margin_scaler(norms) if z is None else z.repeat(cos_target.shape[0] // z.shape[0])
-        m = self.margin
+        z, m = self.margin_scaler(norms)[:, None], self.margin
         theta_m = (cos_target.acos() - m * z).clamp(self.eps, math.pi - self.eps)
         return theta_m.cos() - (m + m * z)
 

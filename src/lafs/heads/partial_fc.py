@@ -258,8 +258,7 @@ class PartialFC(nn.Module):
                 index, local_labels = self.sample(labels)
                 self.sampled_index = index
                 # row-wise normalisation commutes with row selection: normalise only the kept rows
-                centres = F.normalize(self.weight[index].float(), dim=1)
-                cosine = F.linear(F.normalize(embeddings, dim=1), centres)
+                cosine = self.margin_head.cosine(embeddings, self.weight[index])
             else:
                 local_labels = self._local_labels(labels)
                 cosine = self.margin_head.cosine(embeddings)

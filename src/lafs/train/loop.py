@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from ..config import to_yaml
 from ..data.sampler import EpochBatchSampler
 from ..eval.verification import evaluate_pairs
+from ..heads.partial_fc import PartialFC
 from .checkpoint import atomic_save
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
 from .logging import RunLogger
@@ -109,7 +110,8 @@ class Trainer:
         o = cfg.optim
         self.warmup_steps = round(o.warmup_epochs * self.batches_per_epoch / t.accumulation) + o.warmup_steps
 
-        self.partial_fc = getattr(task, "head", None) if hasattr(getattr(task, "head", None), "full_state_dict") else None
+        head = getattr(task, "head", None)
+        self.partial_fc = head if isinstance(head, PartialFC) else None
         named = list(task.named_parameters())
         self.optimizer = build_optimizer(
             param_groups(named, o.weight_decay, o.landmark_weight_decay), o.name, o.lr, o.momentum, tuple(o.betas)
@@ -317,11 +319,12 @@ class Trainer:
                 else:
                     self.optimizer.step()
                 self.step += 1
-                loss_value = float(all_reduce_mean(torch.stack(losses).mean()))
+                # the loss and every logged scalar in one all-reduce (one host sync per step)
+                names = ["loss", *extras]
+                means = torch.stack([torch.stack(losses).mean()] + [torch.stack(v).mean() for v in extras.values()])
+                record.update(zip(names, all_reduce_mean(means).tolist()))
+                loss_value = record["loss"]
                 result.losses.append(loss_value)
-                record["loss"] = loss_value
-                for k, v in extras.items():
-                    record[k] = float(all_reduce_mean(torch.stack(v).mean()))
                 record["epoch"] = self.micro_batches / self.batches_per_epoch
                 record["images_per_s"] = logger.progress(self.step, images, loss_value, lr)
                 if self.step % t.log_every == 0 or self.step == self.total_steps or self.step == 1:

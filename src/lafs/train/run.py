@@ -10,6 +10,7 @@ import torch
 
 from ..config import ConfigError, save_config
 from ..io import atomic_write_bytes
+from ..heads.partial_fc import PartialFC
 from ..models import build_backbone
 from .distributed import DistEnv, setup, teardown
 from .loop import Trainer, TrainResult
@@ -87,7 +88,7 @@ def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask
         log(load_pretrained(backbone, ft.landmark_init, only_prefix="landmark_cnn.").summary())
     head = build_classifier(cfg, backbone.embedding_size, num_classes, env.rank, env.world_size)
     augment, mixup = build_augment(cfg)
-    if mixup is not None and hasattr(head, "full_state_dict"):
+    if mixup is not None and isinstance(head, PartialFC):
         raise ConfigError("mixup with Partial FC is not supported: set augment.mixup_prob=0 or head.partial_fc=false")
     # the landmark options are finetuning options; from scratch (stage 1, §3) the CNN learns freely
     finetuning = bool(ft.init or ft.landmark_init)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..augment.supervised import MIXUP_PRESETS, Mixup, SupervisedAugment
+from ..data.datasets import to_model_range
 from ..heads import build_head
 from .optim import step_schedule
 
@@ -31,7 +32,7 @@ LANDMARK_OPTIONS = ("a", "b", "c")
 
 def to_model_input(images: Tensor, size: int) -> Tensor:
     """uint8 B x 3 x H x W -> float in [-1, 1] (x / 127.5 - 1, the one scaling everywhere, §9.11) at ``size``."""
-    x = images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images
+    x = to_model_range(images) if images.dtype == torch.uint8 else images
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x
@@ -61,12 +62,11 @@ class SupervisedTask(nn.Module):
         self.reference_landmarks = None
         if landmark_option == "a":
             backbone.landmark_cnn.requires_grad_(False)
-        self._frozen_reference = landmark_option == "c"
         self.set_epoch(0)
 
     def freeze_reference(self) -> None:
         """Option (c): snapshot the landmark CNN as it is now (after loading its initialisation)."""
-        if self._frozen_reference:
+        if self.landmark_option == "c":
             self.reference_landmarks = copy.deepcopy(self.backbone.landmark_cnn).requires_grad_(False).eval()
 
     def train(self, mode: bool = True):
