@@ -1,7 +1,7 @@
 """``lafs <command>``: the one entry point.
 
-Commands so far: ``models`` (the model zoo table), ``demo`` (the smallest end-to-end step) and
-``data`` (pack / bin / check face data). Every
+Commands so far: ``models`` (the model zoo table), ``demo`` (the smallest end-to-end step), ``train``,
+``pretrain`` (DINO / LAFS), ``finetune`` and ``data`` (pack / bin / subset / align / synth / check). Every
 command that runs something takes ``--config FILE`` and dotted ``key=value`` overrides, validated against
 ``lafs.config``; a bad key or value stops with a message naming it (exit code 2).
 """
@@ -74,17 +74,25 @@ def _train_config(args: argparse.Namespace, finetune: bool) -> Config:
     if args.out:
         overrides.append(f"out_dir={args.out}")
     if finetune:
-        overrides.append(f"finetune.init={args.init}")
+        if not (args.init or args.landmark_init):
+            raise ConfigError("lafs finetune needs --init (a pretrained checkpoint) and/or --landmark-init "
+                              "(a supervised Part fViT whose landmark CNN starts a ViT trained from scratch)")
+        if args.init:
+            overrides.append(f"finetune.init={args.init}")
         if args.landmark_init:
             overrides.append(f"finetune.landmark_init={args.landmark_init}")
     return load_config(config, overrides)
 
 
-def cmd_train(args: argparse.Namespace, finetune: bool = False) -> int:
+def cmd_train(args: argparse.Namespace, finetune: bool = False, pretrain: bool = False) -> int:
     from .train.loop import NonFiniteLossError
     from .train.run import train
 
     cfg = _train_config(args, finetune)
+    if pretrain and cfg.ssl.method == "none":
+        raise ConfigError("lafs pretrain needs ssl.method=dino or ssl.method=lafs (configs/micro/pretrain_*.yaml)")
+    if not pretrain and cfg.ssl.method != "none":
+        raise ConfigError(f"ssl.method={cfg.ssl.method} is self-supervised pretraining: run `lafs pretrain`")
     try:
         result = train(cfg, resume=args.resume, progress=not args.quiet)
     except NonFiniteLossError as err:
@@ -99,6 +107,10 @@ def cmd_train(args: argparse.Namespace, finetune: bool = False) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     return cmd_train(args, finetune=True)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    return cmd_train(args, pretrain=True)
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
@@ -218,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_demo)
 
-    for name, helptext in (("train", "supervised training from scratch (margin heads, Partial FC, augmentations)"),
-                           ("finetune", "supervised finetuning of a pretrained backbone (LAFS landmark options a/b/c)")):
+    commands = {"train": ("supervised training from scratch (margin heads, Partial FC, augmentations)", cmd_train),
+                "pretrain": ("self-supervised pretraining on unlabelled faces: DINO or LAFS (ssl.method)", cmd_pretrain),
+                "finetune": ("supervised finetuning of a pretrained backbone (LAFS landmark options a/b/c)",
+                             cmd_finetune)}
+    for name, (helptext, func) in commands.items():
         p = sub.add_parser(name, help=helptext, description=f"{helptext}. Multi-GPU / multi-node: "
                            f"torchrun --nproc_per_node N -m lafs.cli {name} ...")
         p.add_argument("config", nargs="?", default=None, help="YAML config (configs/*.yaml)")
@@ -229,9 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="resume from a checkpoint file, or (no value) the run folder's latest")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "finetune":
-            p.add_argument("--init", required=True, help="pretrained checkpoint (LAFS/DINO teacher or supervised)")
-            p.add_argument("--landmark-init", help="supervised Part fViT checkpoint for the landmark CNN")
-        p.set_defaults(func=cmd_finetune if name == "finetune" else cmd_train)
+            p.add_argument("--init", help="pretrained checkpoint (LAFS/DINO teacher or supervised)")
+            p.add_argument("--landmark-init", help="supervised Part fViT checkpoint for the landmark CNN; alone: "
+                           "the few-shot 'scratch' baseline (random ViT, trained CNN)")
+        p.set_defaults(func=func)
 
     data = sub.add_parser("data", help="pack, build, subset, align, synthesise and check face data").add_subparsers(
         dest="data_command", required=True

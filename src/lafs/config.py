@@ -52,6 +52,7 @@ class ModelConfig:
     attn_scale: Optional[str] = choice(None, (None, "dim", "head_dim"), "dim: reference code; head_dim: standard")
     pool: Optional[str] = choice(None, (None, "cls", "mean"))
     embedding_size: Optional[int] = None
+    token_init: Optional[str] = choice(None, (None, "normal", "trunc_normal"), "CLS/pos init: normal = reference N(0,1), trunc_normal = DINO std 0.02")
     patch_layout: Optional[str] = choice(None, (None, "centred", "reference"))
     landmark_width_mult: Optional[float] = None
     landmark_dropout: Optional[float] = None
@@ -89,7 +90,10 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # added to warmup_epochs (handy for step-budgeted runs)
     min_lr: float = 1e-6
-    clip_grad: Optional[float] = None  # max global grad norm; None = no clipping (reference)
+    clip_grad: Optional[float] = None  # max grad norm; None = no clipping (supervised reference)
+    clip_mode: str = choice("global", ("global", "per_param"), "per_param: DINO's clip_gradients, each tensor on its own")
+    weight_decay_end: Optional[float] = None  # cosine weight_decay -> weight_decay_end per step (DINO 0.04 -> 0.4)
+    lr_scale_batch: Optional[int] = None  # lr x global_batch / lr_scale_batch (DINO/LAFS: lr 5e-4 at 256)
 
 
 @dataclass
@@ -153,6 +157,41 @@ class FinetuneConfig:
 
 
 @dataclass
+class SSLConfig:
+    """Self-supervised pretraining, ``lafs pretrain`` (lafs_spec §4 DINO, §5 LAFS; Eq. 5-6, Algorithm 1).
+
+    Defaults are the paper's where it has one (perturb_alpha 2, shuffle) and the released code's otherwise
+    (out_dim 100000 in its presets, sampling with replacement); the presets in configs/ name each choice.
+    """
+
+    method: str = choice("none", ("none", "dino", "lafs"), "none: supervised (lafs train)")
+    landmark_init: Optional[str] = None  # supervised Part fViT checkpoint: its landmark CNN, frozen (§5.2)
+    out_dim: int = 65536  # DINO 65536; the LAFS code 100000
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = True
+    student_temp: float = 0.1
+    teacher_temp_schedule: str = choice("dino", ("dino", "lafs_code"), "dino: 0.04 -> 0.07; lafs_code: 0.07 -> 0.04")
+    warmup_teacher_temp: Optional[float] = None  # None = the schedule preset's
+    teacher_temp: Optional[float] = None
+    warmup_teacher_temp_epochs: Optional[int] = None
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # EMA momentum, cosine to momentum_teacher_end per step
+    momentum_teacher_end: float = 1.0
+    freeze_last_layer: int = 1  # epochs with the prototype layer's grads cancelled
+    teacher_mode: str = choice("eval", ("eval", "train"), "train: the reference code's teacher keeps dropout/drop-path")
+    num_local: int = 8  # student-only views per image (2 global views + num_local)
+    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # crop area fraction, every LAFS view
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])  # DINO local crops only
+    local_size: Optional[int] = None  # DINO local crop side; None = 48/112 of the model input
+    subset_size: Optional[int] = None  # LAFS student landmarks; None = 36/196 of num_landmarks
+    replacement: bool = True  # LAFS subset drawn with replacement (the released code's randint)
+    shuffle: str = choice("student", ("student", "both", "none"), "landmark shuffle scope; both = paper Eq. 4")
+    perturb_alpha: float = 2.0  # Eq. 6, pixels of a 112 x 112 face (paper best 2, code 5)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -161,6 +200,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     out_dir: str = "runs/demo"
 
 

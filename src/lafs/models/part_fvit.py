@@ -96,7 +96,8 @@ class PartFViT(nn.Module):
 
     ``forward(images in [-1, 1], landmarks=None) -> {"embedding": B x D, "landmarks": B x R x 2}``.
     Passing ``landmarks`` (any count R' <= R) skips the CNN: LAFS predicts them on a clean view and
-    samples patches from an augmented one, possibly a subset.
+    samples patches from an augmented one, possibly a subset. Self-supervised trunks set
+    ``landmark_cnn = None`` (the frozen CNN lives outside the student and the teacher).
     """
 
     def __init__(
@@ -129,6 +130,8 @@ class PartFViT(nn.Module):
         positions: Tensor | None = None,
     ) -> dict[str, Tensor]:
         if landmarks is None:
+            if self.landmark_cnn is None:
+                raise ValueError("this Part fViT has no landmark CNN (an SSL trunk): pass landmarks")
             landmarks = self.landmark_cnn(images)
         tokens = sample_patches(images, landmarks, self.patch_size, self.patch_layout)
         out = self.encoder(tokens, attn_bias, positions)

@@ -40,6 +40,7 @@ VIT_OPTIONS = (
     "attn_scale",
     "pool",
     "embedding_size",
+    "token_init",
 )
 PART_FVIT_OPTIONS = VIT_OPTIONS + ("num_landmarks", "patch_layout", "landmark_width_mult", "landmark_dropout")
 IRESNET_OPTIONS = ("img_size", "depth", "width", "embedding_size", "dropout")

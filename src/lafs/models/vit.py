@@ -8,7 +8,11 @@ This is the encoder of Part fViT (Sun & Tzimiropoulos, BMVC 2022, §3) as releas
 - ``attn_scale="dim"``: logits are scaled by ``dim ** -0.5`` instead of ``dim_head ** -0.5``;
 - ``dim_head=64`` independent of ``heads`` (11 heads give an inner width of 704 != dim);
 - ``embedding_size=None``: the face embedding is ``LayerNorm(CLS)`` of size ``dim``;
-- ``drop_path_schedule="constant"``: the same DropPath rate in every block.
+- ``drop_path_schedule="constant"``: the same DropPath rate in every block;
+- ``token_init="normal"``: CLS token and position embedding drawn from N(0, 1) (vit-pytorch); DINO's ViT
+  uses ``"trunc_normal"`` (std 0.02), which lets the image content, not the constant embeddings, dominate
+  the CLS output of a freshly initialised shallow model: self-distillation needs that diversity between
+  images to start from (with N(0, 1) a 2-layer micro model's outputs for different faces have cosine ~0.995).
 
 Attention goes through :func:`torch.nn.functional.scaled_dot_product_attention`, which accepts an
 optional additive per-head bias (B x H x N x N or broadcastable, added to the scaled logits before
@@ -26,6 +30,7 @@ from torch import Tensor, nn
 ATTN_SCALES = ("dim", "head_dim")
 DROP_PATH_SCHEDULES = ("constant", "linear")
 POOLS = ("cls", "mean")
+TOKEN_INITS = ("normal", "trunc_normal")
 
 
 class DropPath(nn.Module):
@@ -166,10 +171,13 @@ class ViTEncoder(nn.Module):
         attn_scale: str = "dim",
         pool: str = "cls",
         embedding_size: int | None = None,
+        token_init: str = "normal",
     ) -> None:
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if token_init not in TOKEN_INITS:
+            raise ValueError(f"token_init must be one of {TOKEN_INITS}, got {token_init!r}")
         self.num_tokens = num_tokens
         self.dim = dim
         self.depth = depth
@@ -179,6 +187,9 @@ class ViTEncoder(nn.Module):
         # std-1 normal init, as the reference (vit-pytorch style) does.
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.pos_embedding = nn.Parameter(torch.randn(1, num_tokens + 1, dim))
+        if token_init == "trunc_normal":
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            nn.init.trunc_normal_(self.pos_embedding, std=0.02)
         self.emb_drop = nn.Dropout(emb_dropout)
         rates = drop_path_rates(drop_path, depth, drop_path_schedule)
         self.blocks = nn.ModuleList(

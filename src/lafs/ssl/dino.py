@@ -266,17 +266,16 @@ def clip_gradients_per_param(module: nn.Module, clip: float = 3.0) -> list[float
 
     Unlike ``clip_grad_norm_`` (one global norm) this limits every tensor on its own. The ``+ 1e-6`` of the
     reference is kept, so a clipped grad ends with norm ``clip * n / (n + 1e-6)``. With AMP, unscale first.
+    All norms and scalings are computed by fused ``torch._foreach`` ops with one host sync, not one per tensor;
+    an unclipped gradient is multiplied by exactly 1 (unchanged).
     """
-    norms: list[float] = []
-    for p in module.parameters():
-        if p.grad is None:
-            continue
-        norm = p.grad.detach().norm(2)
-        norms.append(float(norm))
-        coef = clip / (float(norm) + 1e-6)
-        if coef < 1.0:
-            p.grad.mul_(coef)
-    return norms
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return []
+    norms = torch._foreach_norm(grads, 2)
+    coefs = [torch.clamp(clip / (n + 1e-6), max=1.0).to(g.dtype) for n, g in zip(norms, grads)]
+    torch._foreach_mul_(grads, coefs)
+    return torch.stack([n.float() for n in norms]).tolist()
 
 
 def cancel_last_layer_grads(module: nn.Module, epoch: int, freeze_last_layer: int = 1) -> None:

@@ -10,8 +10,10 @@ know which method runs. Per optimizer step the loop:
 3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective); after
    ``max_nonfinite`` consecutive skips it stops with :class:`NonFiniteLossError`, leaving the checkpoints
    of the last good steps untouched;
-4. clips the global gradient norm if asked, steps, logs (JSONL, TensorBoard, tqdm with images/s and ETA),
-   verifies on ``.bin`` pairs and checkpoints when due.
+4. clips the gradients if asked (one global norm, or DINO's per-parameter norms), calls the task's
+   ``after_backward(epoch)`` hook, steps, calls ``after_step(step, total_steps)`` (the EMA teacher of
+   DINO/LAFS), logs (JSONL, TensorBoard, tqdm with images/s and ETA), verifies on ``.bin`` pairs and
+   checkpoints when due. The weight decay follows a cosine schedule when ``optim.weight_decay_end`` is set.
 
 Exact resume: a checkpoint holds the model, optimizer, GradScaler, every rank's RNG states, the step and
 the data position (micro-batches consumed; ``data/sampler.py`` turns it into epoch + batch). The learning
@@ -40,6 +42,7 @@ from ..config import to_yaml
 from ..data.sampler import EpochBatchSampler
 from ..eval.verification import evaluate_pairs
 from ..heads.partial_fc import PartialFC
+from ..ssl.dino import clip_gradients_per_param, weight_decay_at
 from .checkpoint import atomic_save
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
 from .logging import RunLogger
@@ -117,6 +120,10 @@ class Trainer:
             param_groups(named, o.weight_decay, o.landmark_weight_decay), o.name, o.lr, o.momentum, tuple(o.betas)
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for g in self.optimizer.param_groups:
+            g["base_weight_decay"] = g["weight_decay"]
+        self.global_batch = t.batch_size * env.world_size * t.accumulation
+        self.base_lr = o.lr * (self.global_batch / o.lr_scale_batch if o.lr_scale_batch else 1.0)
         self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
         self.net: nn.Module = task
         if env.distributed:
@@ -168,6 +175,9 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps, "best": self.best, "config": to_yaml(self.cfg),
         }
         path = None
+        extras = getattr(self.task, "checkpoint_extras", None)
+        if extras is not None:
+            state.update(extras())
         if self.env.is_main:
             path = atomic_save(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
             if best:
@@ -231,6 +241,15 @@ class Trainer:
                 yield epoch, item
             epoch, batch = epoch + 1, 0
 
+    def _set_weight_decay(self) -> None:
+        """Cosine ``weight_decay -> weight_decay_end`` (DINO, per iteration) on every group that decays."""
+        o = self.cfg.optim
+        wd = weight_decay_at(self.step, self.total_steps, o.weight_decay, o.weight_decay_end)
+        for g in self.optimizer.param_groups:
+            base = g["base_weight_decay"]
+            # groups keep their ratio to the main decay (the landmark group's own value scales along)
+            g["weight_decay"] = base * wd / o.weight_decay if o.weight_decay else 0.0
+
     # ---------------------------------------------------------------- evaluation
     def validate(self) -> dict:
         results = {}
@@ -267,10 +286,13 @@ class Trainer:
         self.task.train()
         try:
             while self.step < self.total_steps:
-                lr = lr_at(self.step, self.total_steps, self.cfg.optim.lr, self.warmup_steps,
-                           self.cfg.optim.min_lr, self.cfg.optim.schedule)
+                o = self.cfg.optim
+                lr = lr_at(self.step, self.total_steps, self.base_lr, self.warmup_steps, o.min_lr, o.schedule)
                 set_lr(self.optimizer, lr)
-                self.task.set_epoch(self.micro_batches // self.batches_per_epoch)
+                if o.weight_decay_end is not None:
+                    self._set_weight_decay()
+                epoch = self.micro_batches // self.batches_per_epoch
+                self.task.set_epoch(epoch)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses, extras, images, finite = [], {}, 0, True
                 for micro in range(t.accumulation):
@@ -311,13 +333,19 @@ class Trainer:
                 record = {"lr": lr}
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
-                if self.cfg.optim.clip_grad:
-                    record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad))
+                if o.clip_grad and o.clip_mode == "per_param":
+                    record["grad_norm_max"] = max(clip_gradients_per_param(self.task, o.clip_grad), default=0.0)
+                elif o.clip_grad:
+                    record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.clip_grad))
+                if hasattr(self.task, "after_backward"):
+                    self.task.after_backward(epoch)
                 if self.scaler is not None:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                 else:
                     self.optimizer.step()
+                if hasattr(self.task, "after_step"):
+                    self.task.after_step(self.step, self.total_steps)
                 self.step += 1
                 # the loss and every logged scalar in one all-reduce (one host sync per step)
                 names = ["loss", *extras]

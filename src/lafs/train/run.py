@@ -1,4 +1,4 @@
-"""``lafs train`` / ``lafs finetune``: config -> data, task, trainer; the process set-up around the loop."""
+"""``lafs train`` / ``finetune`` / ``pretrain``: config -> data, task, trainer; the process set-up around the loop."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask
 
 
 def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
-    """Run (or resume) a supervised training / finetuning run described by ``cfg``."""
+    """Run (or resume) the run described by ``cfg``: supervised training / finetuning, or self-supervised
+    pretraining (DINO / LAFS, labels unused) when ``ssl.method`` is set."""
     env = setup(cfg.train.device)
     try:
         # identical initial weights on every rank (DDP also broadcasts them); then per-rank random streams
@@ -108,14 +109,22 @@ def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
         train_set = build_train_set(cfg)
         num_classes = int(train_set.num_identities)
         log = print if env.is_main else (lambda *_: None)
-        task = build_task(cfg, num_classes, env, log)
+        pretraining = cfg.ssl.method != "none"
+        if pretraining:
+            from .pretrain import build_pretrain_task
+
+            task = build_pretrain_task(cfg, log)
+        else:
+            task = build_task(cfg, num_classes, env, log)
         val_sets = build_val_sets(cfg) if env.is_main else {}
         torch.manual_seed(cfg.train.seed + env.rank)
         if env.is_main:
             Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, cfg.out_dir)
         trainer = Trainer(cfg, task, train_set, env, val_sets, progress=progress and env.is_main)
-        log(f"training {cfg.model.name}-{cfg.model.size} on {len(train_set)} images of {num_classes} identities; "
+        what = f"{cfg.ssl.method} pretraining" if pretraining else "training"
+        data = f"{len(train_set)} images (labels unused)" if pretraining else f"{len(train_set)} images of {num_classes} identities"
+        log(f"{what} {cfg.model.name}-{cfg.model.size} on {data}; "
             f"{trainer.total_steps} steps of {cfg.train.batch_size} x {env.world_size} x {cfg.train.accumulation} images "
             f"({trainer.steps_per_epoch} steps/epoch) on {env.device}")
         result = trainer.run(resume)

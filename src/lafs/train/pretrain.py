@@ -1,0 +1,245 @@
+"""Self-supervised pretraining as a task of the shared loop: DINO and LAFS (lafs_spec §4-§5, Eq. 5, Algorithm 1).
+
+One student and one teacher *branch* (backbone trunk + :class:`~lafs.ssl.dino.DINOHead`), the teacher an EMA copy
+of the student. Per iteration, on uint8 images straight from the loader:
+
+- **DINO** (§4): :class:`~lafs.augment.multicrop.MultiCropViews` gives 2 global crops at the model's input size
+  and ``num_local`` smaller local crops. The teacher sees the globals; the student sees every crop.
+- **LAFS** (§5): :class:`~lafs.augment.multicrop.LAFSViews` gives 2 + ``num_local`` full-size crops, each clean
+  and photometrically augmented. Landmarks come from the *clean* crops (the frozen landmark CNN of a supervised
+  Part fViT, or the fixed patch grid for fViT), patches from the augmented ones. The 2 teacher views keep all R
+  landmarks, the student views ``subset_size`` of them (:func:`~lafs.ssl.lafs.landmark_view`: perturbation
+  Eq. 6, subset sampling, landmark shuffle §3.3).
+
+The loss is Eq. 5 / DINO's multi-crop loss: each teacher view against every other student view. The student
+makes one pass per view shape (globals together, locals together), as the reference's ``MultiCropWrapper``.
+Around the optimizer step the loop calls :meth:`PretrainTask.after_backward` (prototype layer frozen for the
+first ``freeze_last_layer`` epochs) and :meth:`PretrainTask.after_step` (EMA teacher update with the cosine
+momentum of that iteration); the loop itself applies per-parameter clipping (``optim.clip_mode=per_param``),
+the cosine weight-decay schedule (``optim.weight_decay_end``) and the LR rule ``optim.lr_scale_batch``.
+
+The frozen landmark CNN runs in fp32 outside autocast, in eval mode and without gradient (§5.2). The teacher
+runs in eval mode (no dropout / drop-path) unless ``ssl.teacher_mode=train`` asks for the reference code's
+stochastic teacher (§9.12). Checkpoints carry, besides the loop's state, a ``teacher`` and a ``student`` entry:
+the backbone trunk (with the landmark CNN for Part fViT), which ``lafs finetune --init`` loads (teacher first).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..augment.multicrop import LAFSViews, MultiCropViews
+from ..models.fvit import FViT, grid_landmarks
+from ..ssl.dino import (
+    TEACHER_TEMP_PRESETS, DINOHead, DINOLoss, cancel_last_layer_grads, ema_update, momentum_at, teacher_entropy,
+    teacher_temp_at,
+)
+from ..ssl.lafs import landmark_view
+from .supervised import to_model_input
+
+METHODS = ("dino", "lafs")
+REFERENCE_SIZE = 112  # perturb_alpha and the DINO local-crop size are defined on a 112 x 112 face
+
+
+class Branch(nn.Module):
+    """Backbone trunk + projection head: one side of the self-distillation."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: Tensor, landmarks: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        if landmarks is None:
+            out = self.backbone(images)
+        else:
+            out = self.backbone(images, landmarks=landmarks, positions=positions)
+        return self.head(out["embedding"])
+
+
+def teacher_temperatures(ssl) -> tuple[float, float, int]:
+    """(warmup_teacher_temp, teacher_temp, warmup epochs): the named preset, each value overridable."""
+    w, t, e = TEACHER_TEMP_PRESETS[ssl.teacher_temp_schedule]
+    return (w if ssl.warmup_teacher_temp is None else ssl.warmup_teacher_temp,
+            t if ssl.teacher_temp is None else ssl.teacher_temp,
+            e if ssl.warmup_teacher_temp_epochs is None else ssl.warmup_teacher_temp_epochs)
+
+
+class PretrainTask(nn.Module):
+    """``forward(images uint8, labels ignored) -> {"loss", "teacher_temp", "teacher_entropy"}``.
+
+    ``backbone``: a Part fViT (its landmark CNN is taken out and frozen; load it first), an fViT, or (DINO only)
+    an IResNet. ``embed`` gives the teacher's embedding, so verification during pretraining tracks the model
+    that finetuning will start from.
+    """
+
+    def __init__(self, backbone: nn.Module, ssl) -> None:
+        super().__init__()
+        if ssl.method not in METHODS:
+            raise ValueError(f"ssl.method must be one of {METHODS}, got {ssl.method!r}")
+        self.method = ssl.method
+        self.img_size = backbone.img_size
+        self.patch_size = getattr(backbone, "patch_size", None)
+        self.landmark_cnn: nn.Module | None = None
+        if getattr(backbone, "landmark_cnn", None) is not None:
+            self.landmark_cnn = backbone.landmark_cnn.requires_grad_(False).eval()
+            backbone.landmark_cnn = None  # the trunks carry no CNN: nothing of it in the EMA or the optimizer
+            self.num_landmarks = backbone.num_landmarks
+        elif isinstance(backbone, FViT):
+            self.register_buffer("grid", grid_landmarks(backbone.img_size, backbone.patch_size), persistent=False)
+            self.num_landmarks = backbone.num_tokens
+        elif ssl.method == "lafs":
+            raise ValueError(f"LAFS needs a token model (part_fvit or fvit); {type(backbone).__name__} has no tokens")
+        else:
+            self.num_landmarks = 0
+        self.token_model = self.landmark_cnn is not None or isinstance(backbone, FViT)
+
+        head = DINOHead(backbone.embedding_size, ssl.out_dim, ssl.hidden_dim, ssl.bottleneck_dim, ssl.head_layers,
+                        ssl.norm_last_layer)
+        self.student = Branch(backbone, head)
+        # the teacher starts as a copy of the student and is only ever updated by EMA
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.loss_fn = DINOLoss(ssl.out_dim, 2, ssl.student_temp, ssl.center_momentum)
+        self.temps = teacher_temperatures(ssl)
+        self.momentum = (ssl.momentum_teacher, ssl.momentum_teacher_end)
+        self.freeze_last_layer = ssl.freeze_last_layer
+        self.teacher_mode = ssl.teacher_mode
+        self.num_local = ssl.num_local
+        scale = self.img_size / REFERENCE_SIZE
+        if self.method == "lafs":
+            self.views = LAFSViews(self.img_size, 2 + ssl.num_local, tuple(ssl.global_scale))
+            self.subset_size = ssl.subset_size or max(1, round(self.num_landmarks * 36 / 196))
+            if not ssl.replacement and self.subset_size > self.num_landmarks:
+                raise ValueError(f"ssl.subset_size {self.subset_size} > num_landmarks {self.num_landmarks} "
+                                 "without replacement")
+            self.replacement, self.shuffle = ssl.replacement, ssl.shuffle
+            self.perturb_alpha = ssl.perturb_alpha * scale
+        else:
+            local = ssl.local_size or round(48 * scale)
+            if self.patch_size:
+                local = max(self.patch_size, local // self.patch_size * self.patch_size)
+            if not self.token_model and local != self.img_size and ssl.num_local > 0:
+                raise ValueError(f"{type(backbone).__name__} takes only {self.img_size} px inputs: set "
+                                 f"ssl.local_size={self.img_size} (or ssl.num_local=0)")
+            self.views = MultiCropViews(self.img_size, local, ssl.num_local, tuple(ssl.global_scale),
+                                        tuple(ssl.local_scale))
+        self.epoch = 0
+        self.teacher_temp = self.temps[0]
+
+    # ------------------------------------------------------------------------------------------ loop hooks
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.landmark_cnn is not None:
+            self.landmark_cnn.eval()  # frozen: BatchNorm running statistics, no dropout
+        if self.teacher_mode == "eval":
+            self.teacher.eval()
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.teacher_temp = teacher_temp_at(epoch, *self.temps)
+
+    def after_backward(self, epoch: int) -> None:
+        cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """EMA update of the teacher with the momentum of iteration ``step`` (0-based)."""
+        ema_update(self.teacher, self.student, momentum_at(step, total_steps, *self.momentum))
+
+    def checkpoint_extras(self) -> dict:
+        """Backbone trunks for finetuning (``load_pretrained`` reads ``teacher`` first), with the frozen CNN."""
+        extras = {"ssl_method": self.method}
+        for name, branch in (("teacher", self.teacher), ("student", self.student)):
+            state = dict(branch.backbone.state_dict())
+            if self.landmark_cnn is not None:
+                state.update({f"landmark_cnn.{k}": v for k, v in self.landmark_cnn.state_dict().items()})
+            extras[name] = state
+        return extras
+
+    # ------------------------------------------------------------------------------------------ landmarks
+    @torch.no_grad()
+    def landmarks(self, images: Tensor) -> Tensor:
+        """R landmarks (pixels of ``images``) from the frozen CNN in fp32, or the fixed grid for fViT."""
+        n, _, h, w = images.shape
+        if self.landmark_cnn is None:
+            return (self.grid * (h / self.img_size)).expand(n, -1, -1)
+        with torch.autocast(images.device.type, enabled=False):
+            x = images.float()
+            if h != self.img_size or w != self.img_size:
+                x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
+                                  antialias=False)
+            lm = self.landmark_cnn(x)
+            if h != self.img_size:
+                lm = (lm + 0.5) * (h / self.img_size) - 0.5  # pixel-centre convention
+        return lm
+
+    def embed(self, x: Tensor) -> Tensor:
+        x = to_model_input(x, self.img_size)
+        if self.landmark_cnn is not None:
+            return self.teacher.backbone(x, landmarks=self.landmarks(x))["embedding"]
+        return self.teacher.backbone(x)["embedding"]
+
+    # ------------------------------------------------------------------------------------------ views
+    def view_groups(self, x: Tensor) -> list[dict]:
+        """Inputs per view shape: ``[globals (2B), locals (num_local B)]``, each images (+ landmarks, positions)."""
+        b = len(x)
+        if self.method == "lafs":
+            clean, aug = self.views(x)
+            lm = self.landmarks(torch.cat(clean))
+            g_lm, g_pos = landmark_view(lm[: 2 * b], student=False, shuffle=self.shuffle,
+                                        perturb_alpha=self.perturb_alpha)
+            groups = [{"images": torch.cat(aug[:2]), "landmarks": g_lm, "positions": g_pos}]
+            if len(aug) > 2:
+                l_lm, l_pos = landmark_view(lm[2 * b:], student=True, subset_size=self.subset_size,
+                                            replacement=self.replacement, shuffle=self.shuffle,
+                                            perturb_alpha=self.perturb_alpha)
+                groups.append({"images": torch.cat(aug[2:]), "landmarks": l_lm, "positions": l_pos})
+            return groups
+        views = self.views(x)
+        groups = [{"images": torch.cat(views[:2])}]
+        if len(views) > 2:
+            groups.append({"images": torch.cat(views[2:])})
+        if self.landmark_cnn is not None:  # DINO on Part fViT: the frozen CNN places the patches on every crop
+            for g in groups:
+                g["landmarks"] = self.landmarks(g["images"])
+        return groups
+
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        x = to_model_input(images, self.img_size)
+        b = len(x)
+        groups = self.view_groups(x)
+        with torch.no_grad():
+            teacher_out = self.teacher(**groups[0]).chunk(2)
+        student_out = [chunk for g in groups for chunk in self.student(**g).split(b)]
+        entropy = teacher_entropy(list(teacher_out), self.loss_fn.center, self.teacher_temp)  # before the update
+        loss = self.loss_fn(student_out, list(teacher_out), self.teacher_temp)
+        return {"loss": loss, "teacher_temp": torch.tensor(self.teacher_temp),
+                "teacher_entropy": torch.tensor(entropy)}
+
+
+def build_pretrain_task(cfg, log=print) -> PretrainTask:
+    """Backbone from ``model``, its landmark CNN from ``ssl.landmark_init`` (Part fViT), the task from ``ssl``."""
+    from ..config import ConfigError
+    from ..models import build_backbone
+    from .pretrained import load_pretrained
+
+    ssl = cfg.ssl
+    backbone = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides())
+    if hasattr(backbone, "landmark_cnn"):
+        if not ssl.landmark_init:
+            raise ConfigError("ssl.landmark_init: pretraining a Part fViT needs a trained landmark CNN (the checkpoint "
+                              "of a supervised Part fViT run, `lafs train`); it stays frozen (lafs_spec §5.2)")
+        report = load_pretrained(backbone, ssl.landmark_init, only_prefix="landmark_cnn.")
+        if not report.loaded:
+            raise ConfigError(f"ssl.landmark_init: {ssl.landmark_init} holds no landmark_cnn.* tensors of this shape")
+        log(report.summary())
+    elif ssl.landmark_init:
+        raise ConfigError(f"ssl.landmark_init is set but model.name={cfg.model.name} has no landmark CNN")
+    try:
+        return PretrainTask(backbone, ssl)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
