@@ -241,3 +241,214 @@ def test_lfw_bin_raw_pixel_baseline(shared_data):
     print(f"\nlfw.bin: loaded in {loaded:.1f}s; raw pixels, {len(keep)} pairs: accuracy {r['accuracy']:.4f} "
           f"± {r['accuracy_std']:.4f}, AUC {r['auc']:.4f}, VAL@FAR=1e-3 {r['val_at_far']:.4f}")
     assert 0.55 < r["accuracy"] < 0.85
+
+
+# --- extra metrics, threshold grids, flip modes -----------------------------------------------------------------------
+
+from lafs.eval.verification import pair_distances, reference_thresholds, verification_metrics  # noqa: E402
+
+
+def _overlapping(n, seed, dim=32, noise=1.3, rounding=None):
+    rng = np.random.default_rng(seed)
+    e1 = rng.normal(size=(n, dim))
+    same = rng.random(n) < 0.5
+    e2 = np.where(same[:, None], e1 + noise * rng.normal(size=e1.shape), rng.normal(size=e1.shape))
+    dist = pair_distances(e1, e2)
+    if rounding is not None:  # many exact ties, genuine and impostor alike
+        dist = np.round(dist, rounding)
+    return e1, e2, same, dist
+
+
+def _loop_metrics(dist, same, grid, far_targets):
+    """Plain loops: accuracy at every threshold of ``grid``; ROC at every distinct distance (plus accept-all)."""
+    gen, imp = dist[same], dist[~same]
+    accs = [np.mean((dist < t) == same) for t in grid]
+    best = int(np.argmax(accs))
+    points = []  # (FAR, FRR), threshold ascending
+    for t in list(np.unique(dist)) + [np.inf]:
+        points.append((np.mean(imp < t), np.mean(gen >= t)))
+    eer = None
+    for (f0, r0), (f1, r1) in zip(points[:-1], points[1:]):
+        if f0 - r0 < 0 <= f1 - r1:  # the polyline crosses FAR = FRR on this segment
+            a = (r0 - f0) / ((f1 - f0) - (r1 - r0))
+            eer = f0 + a * (f1 - f0)
+            break
+    tar = {}
+    for target in far_targets:
+        best_tar = 0.0
+        for t in list(np.unique(dist)) + [np.inf]:
+            if np.sum(imp < t) / len(imp) <= target:
+                best_tar = max(best_tar, np.mean(gen < t))
+        tar[target] = best_tar
+    return grid[best], accs[best], eer, tar
+
+
+def _exact_candidates(dist):
+    u = np.unique(dist)
+    return np.concatenate([[u[0]], (u[:-1] + u[1:]) / 2, [np.nextafter(u[-1], np.inf)]])
+
+
+@pytest.mark.parametrize("seed, rounding", [(0, None), (1, 2), (2, 1)])
+def test_verification_metrics_match_loops(seed, rounding):
+    _, _, same, dist = _overlapping(700, seed, rounding=rounding)
+    targets = (1e-3, 1e-2, 0.05, 0.5)
+    for grid_name, grid in (("exact", _exact_candidates(dist)), ("reference", reference_thresholds())):
+        m = verification_metrics(dist, same, thresholds=grid_name, far_targets=targets)
+        thr, acc, eer, tar = _loop_metrics(dist, same, grid, targets)
+        assert m["best_threshold"] == pytest.approx(thr, abs=1e-12)
+        assert abs(m["best_accuracy"] - acc) <= 1e-12
+        assert abs(m["eer"] - eer) <= 1e-12
+        for t in targets:
+            assert abs(m["tar_at_far"][t] - tar[t]) <= 1e-12
+            assert m["tar_far"][t] <= t
+            assert m["tar_far"][t] == np.mean(dist[~same] < m["tar_threshold"][t])
+    assert 0.6 < m["best_accuracy"] < 0.99 and 0.01 < m["eer"] < 0.4
+    assert m["auc"] == roc_auc(-dist, same)
+    # an explicit grid = the same loop over that grid
+    grid = np.linspace(0.5, 3.5, 37)
+    m = verification_metrics(dist, same, thresholds=grid[::-1])
+    thr, acc, _, _ = _loop_metrics(dist, same, grid, ())
+    assert m["best_threshold"] == thr and abs(m["best_accuracy"] - acc) <= 1e-12
+
+
+def test_verification_metrics_similarity_mirrors_distance():
+    _, _, same, dist = _overlapping(500, 3, rounding=2)
+    sim = 1.0 - dist / 2.0  # exactly representable flip of the order, ties kept
+    md = verification_metrics(dist, same)
+    ms = verification_metrics(sim, same, kind="similarity")
+    for key in ("best_accuracy", "eer", "auc"):
+        assert ms[key] == pytest.approx(md[key], abs=1e-12)
+    assert ms["tar_at_far"] == md["tar_at_far"] and ms["tar_far"] == md["tar_far"]
+    # similarity thresholds: accept sim > t, and t reproduces the reported accuracy and FAR
+    assert np.mean((sim > ms["best_threshold"]) == same) == ms["best_accuracy"]
+    for t, thr in ms["tar_threshold"].items():
+        assert np.mean(sim[~same] > thr) == ms["tar_far"][t] and np.mean(sim[same] > thr) == ms["tar_at_far"][t]
+
+
+def test_verification_metrics_by_hand():
+    # genuine 0.1 0.2 0.6, impostor 0.5 0.9 1.0 1.2 (distances)
+    dist = np.array([0.1, 0.2, 0.6, 0.5, 0.9, 1.0, 1.2])
+    same = np.array([True, True, True, False, False, False, False])
+    m = verification_metrics(dist, same, far_targets=(0.0, 0.25, 0.3, 1.0))
+    # best: accept 0.1, 0.2 (and reject the rest) or accept all of 0.1..0.6: 6/7 both; the smaller threshold wins
+    assert m["best_accuracy"] == 6 / 7 and m["best_threshold"] == pytest.approx(0.35)
+    # FAR 0: t = 0.5 (the smallest impostor), TAR 2/3; FAR 0.25 / 0.3 allow one impostor: t = 0.9, TAR 1
+    assert m["tar_at_far"] == {0.0: 2 / 3, 0.25: 1.0, 0.3: 1.0, 1.0: 1.0}
+    assert m["tar_threshold"][0.0] == 0.5 and m["tar_threshold"][0.25] == 0.9 and m["tar_threshold"][1.0] == np.inf
+    assert m["tar_far"] == {0.0: 0.0, 0.25: 0.25, 0.3: 0.25, 1.0: 1.0}
+    # ROC points (FAR, FRR): ... (0, 1/3) at t=0.5, (1/4, 1/3) at t=0.6, (1/4, 0) at t=0.9: FAR = FRR at 1/4.
+    assert m["eer"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="genuine and impostor"):
+        verification_metrics([0.1, 0.2], [True, True])
+    with pytest.raises(ValueError, match="NaN"):
+        verification_metrics([0.1, np.nan], [True, False])
+    with pytest.raises(ValueError, match="kind"):
+        verification_metrics(dist, same, kind="cosine")
+    with pytest.raises(ValueError, match="squared-distance grid"):
+        verification_metrics(dist, same, kind="similarity", thresholds="reference")
+    with pytest.raises(ValueError, match="'reference', 'exact'"):
+        verification_metrics(dist, same, thresholds="fine")
+    with pytest.raises(ValueError, match=r"FAR targets must be in \[0, 1\]"):
+        verification_metrics(dist, same, far_targets=(2.0,))
+    with pytest.raises(ValueError, match="7 scores for 6 labels"):
+        verification_metrics(dist, same[:6])
+
+
+def _reference_exact(dist, same, nfolds):
+    """Per fold, a loop over every midpoint of the training distances (insightface calculate_roc with a fine grid)."""
+    accs, thrs, train_accs = [], [], []
+    for test in np.array_split(np.arange(len(same)), nfolds):
+        train = np.setdiff1d(np.arange(len(same)), test) if nfolds > 1 else test
+        grid = _exact_candidates(dist[train])
+        acc_train = [np.mean((dist[train] < t) == same[train]) for t in grid]
+        b = int(np.argmax(acc_train))
+        thrs.append(grid[b])
+        train_accs.append(acc_train[b])
+        accs.append(np.mean((dist[test] < grid[b]) == same[test]))
+    return accs, thrs, train_accs
+
+
+@pytest.mark.parametrize("n, nfolds, rounding", [(600, 10, None), (437, 7, 2), (300, 1, None)])
+def test_ten_fold_exact_grid_matches_loop_and_beats_reference(n, nfolds, rounding):
+    e1, e2, same, dist = _overlapping(n, n, rounding=rounding)
+    if rounding is not None:  # feed the rounded distances back as exact unit-vector pairs
+        e1, e2 = _pairs_at(dist)
+        dist = pair_distances(e1, e2)
+    exact = ten_fold_accuracy(e1, e2, same, nfolds=nfolds, thresholds="exact")
+    ref = ten_fold_accuracy(e1, e2, same, nfolds=nfolds)
+    accs, thrs, train_accs = _reference_exact(dist, same, nfolds)
+    assert exact["thresholds"] == "exact" and ref["thresholds"] == "reference"
+    assert np.allclose(exact["fold_accuracies"], accs, rtol=0, atol=1e-12)
+    assert np.allclose(exact["fold_thresholds"], thrs, rtol=0, atol=1e-12)
+    assert np.allclose(exact["fold_train_accuracies"], train_accs, rtol=0, atol=1e-12)
+    # the exact grid is the optimum of the training accuracy: never below the reference grid's
+    assert all(a >= b for a, b in zip(exact["fold_train_accuracies"], ref["fold_train_accuracies"]))
+    assert exact["best_accuracy"] >= ref["best_accuracy"]
+    if nfolds == 1:
+        assert exact["accuracy"] >= ref["accuracy"]
+    # the reference grid's train accuracy and all-pairs best also match a loop
+    ref_accs, ref_thrs, ref_train = _reference_with_train(dist, same, nfolds)
+    assert np.allclose(ref["fold_accuracies"], ref_accs, rtol=0, atol=1e-12) and ref["fold_thresholds"] == ref_thrs
+    assert np.allclose(ref["fold_train_accuracies"], ref_train, rtol=0, atol=1e-12)
+    # threshold-free metrics do not depend on the grid
+    for key in ("eer", "tar_at_far", "auc", "val_at_far"):
+        assert exact[key] == ref[key]
+
+
+def _reference_with_train(dist, same, nfolds):
+    """The reference grid, per fold, with the training accuracy of the chosen threshold."""
+    grid = reference_thresholds()
+    accs, best, train_accs = [], [], []
+    for test in np.array_split(np.arange(len(same)), nfolds):
+        train = np.setdiff1d(np.arange(len(same)), test) if nfolds > 1 else test
+        acc_train = [np.mean((dist[train] < t) == same[train]) for t in grid]
+        b = int(np.argmax(acc_train))
+        best.append(grid[b])
+        train_accs.append(acc_train[b])
+        accs.append(np.mean((dist[test] < grid[b]) == same[test]))
+    return accs, best, train_accs
+
+
+def test_ten_fold_metrics_keys_and_errors():
+    e1, e2, same, dist = _overlapping(200, 5)
+    r = ten_fold_accuracy(e1, e2, same, far_targets=(1e-2,))
+    m = verification_metrics(dist, same, thresholds="reference", far_targets=(1e-2,))
+    for key in ("best_threshold", "best_accuracy", "eer", "tar_at_far", "tar_far", "tar_threshold", "auc"):
+        assert r[key] == m[key]
+    assert list(r["tar_at_far"]) == [1e-2]
+    with pytest.raises(ValueError, match="'reference', 'exact', None or an array"):
+        ten_fold_accuracy(e1, e2, same, thresholds="fine")
+    with pytest.raises(ValueError, match="empty threshold grid"):
+        ten_fold_accuracy(e1, e2, same, thresholds=[])
+    # NaN embeddings are rejected pairs (as insightface's dist < t), not a crash mid-training
+    bad = e2.copy()
+    bad[0] = np.nan
+    r = ten_fold_accuracy(e1, bad, same)
+    assert np.isfinite(r["accuracy"]) and np.isfinite(ten_fold_accuracy(e1, bad, same, thresholds="exact")["accuracy"])
+
+
+def test_embed_images_concat_flip_mode(tmp_path):
+    images = torch.randint(0, 256, (7, 3, 4, 5), dtype=torch.uint8)
+    fn, weight, _ = _linear()
+    x = images.double() / 127.5 - 1.0
+    plain = x.flatten(1) @ weight.T
+    flipped = x.flip(3).flatten(1) @ weight.T
+    out = embed_images(fn, images, batch_size=3, flip_mode="concat")
+    assert out.shape == (7, 6) and torch.allclose(out.double(), torch.cat([plain, flipped], 1), atol=1e-5)
+    assert torch.equal(embed_images(fn, images, batch_size=3, flip_mode="sum"), embed_images(fn, images, batch_size=3))
+    with pytest.raises(ValueError, match="flip_mode must be 'sum' or 'concat'"):
+        embed_images(fn, images, flip_mode="mean")
+    with pytest.raises(ValueError, match="needs flip=True"):
+        embed_images(fn, images, flip=False, flip_mode="concat")
+    # the wrappers pass flip_mode and thresholds through
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    issame = np.arange(20) % 2 == 0
+    rgb[1::2][issame] = rgb[0::2][issame]
+    path = write_bin(tmp_path / "pairs.bin", [_png(im) for im in rgb], issame)
+    r = evaluate_bin(lambda x: x.flatten(1)[:, :50], path, flip_mode="concat", thresholds="exact")
+    assert r["accuracy"] == 1.0 and r["thresholds"] == "exact"
+    images, _ = load_bin(path)
+    emb = embed_images(lambda x: x.flatten(1)[:, :50], images, flip_mode="concat").numpy()
+    direct = ten_fold_accuracy(emb[0::2], emb[1::2], issame, thresholds="exact")
+    assert r["fold_thresholds"] == direct["fold_thresholds"]

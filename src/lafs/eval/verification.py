@@ -1,10 +1,42 @@
-"""Pair verification: ROC AUC and the 10-fold protocol of LFW / CFP-FP / AgeDB-30 ``.bin`` files.
+"""Pair verification: ROC AUC, EER, TAR@FAR and the 10-fold protocol of LFW / CFP-FP / AgeDB-30 ``.bin`` files.
 
 Protocol (lafs_spec §8; insightface/face.evoLVe ``verification.evaluate``, which LAFS's ``perform_val`` calls):
 each image and its horizontal flip are embedded, the two embeddings summed, then L2-normalised; the score is the
 squared Euclidean distance (= 2 - 2 cos); 10 contiguous, unshuffled folds; per fold the threshold from
 ``arange(0, 4, 0.01)`` with the best accuracy on the other 9 folds is applied to the held-out fold, and the mean
 (± std) over folds is reported. A pair is accepted when ``dist < threshold`` (strict, as insightface).
+
+Options beyond the reference protocol (defaults reproduce it):
+
+- ``flip_mode`` (``embed_images`` / ``evaluate_pairs`` / ``evaluate_bin``): ``"sum"`` (reference: emb(x) + emb(flip x))
+  or ``"concat"`` ([emb(x), emb(flip x)], 2D-dimensional; the halves are not normalised separately, the whole
+  vector is L2-normalised by ``ten_fold_accuracy``).
+- ``thresholds`` (``ten_fold_accuracy`` and the wrappers): the threshold grid searched on the training folds.
+
+  * ``"reference"`` (default, also ``None``): ``np.arange(0, 4, 0.01)`` on the squared distance, the insightface /
+    LAFS grid. Keep it to compare with published numbers: the grid is coarse (0.01 in squared distance is 0.005 in
+    cosine), so the chosen threshold is the best *grid point*, not the best threshold.
+  * ``"exact"``: every midpoint between consecutive sorted distinct distances of the training folds, plus the smallest
+    training distance (accepts no training pair) and the next float above the largest (accepts all). Accuracy is a
+    step function of the threshold that only changes at the training distances, so this grid contains the exact
+    optimum of the 9-fold accuracy (``fold_train_accuracies`` >= the reference grid's). The *test*-fold accuracy is
+    not guaranteed to be higher: it is another, finer threshold estimate. Ties go to the smallest threshold.
+  * an array: that grid (sorted).
+
+Extra metrics (``verification_metrics``, computed once on all pairs, no folds; included in ``ten_fold_accuracy``):
+``best_threshold`` / ``best_accuracy`` (the threshold of the chosen grid with the highest accuracy over all pairs:
+an optimistic, in-sample figure), ``eer``, ``tar_at_far`` and ``auc``.
+
+- TAR@FAR convention: the most permissive operating point whose FAR does not exceed the target, i.e. for distances
+  the *largest* threshold t with FAR(t) = #{impostor d < t} / n_impostor <= target. With k = the largest integer with
+  k / n_impostor <= target, that threshold is the (k+1)-th smallest impostor distance, read from the sorted impostor
+  scores (no grid, no interpolation); TAR = #{genuine d < t} / n_genuine (``tar_far`` holds the FAR actually
+  reached, <= target). It equals max TAR over all ROC points with FAR <= target. InsightFace's IJB script instead
+  reads TAR at the ROC point whose FPR is *closest* to the target (possibly above it); with few impostors
+  (k = 0) ours is TAR at zero false accepts.
+- EER: the ROC is the polyline through (FAR, FRR) at every distinct score (plus accept-all); FAR rises and FRR falls,
+  and the EER is the value where the polyline crosses FAR = FRR (linear interpolation on the crossing segment;
+  the ``brentq(1 - x - interp1d(fpr, tpr)(x))`` definition of FaceNet-style evaluations).
 
 Scaling: pixels go to the model as ``x / 127.5 - 1`` in [-1, 1], the training range, for every batch. The reference
 ``perform_val`` feeds ``x/255 - 0.5`` and leaves the last partial batch unscaled (lafs_spec §9 item 11); we do not
@@ -65,6 +97,170 @@ def _accept_counts(dist, issame, folds, nfolds, thresholds):
     return out
 
 
+REFERENCE_THRESHOLDS = "reference"
+EXACT_THRESHOLDS = "exact"
+DEFAULT_FAR_TARGETS = (1e-4, 1e-3, 1e-2)
+
+
+def reference_thresholds() -> np.ndarray:
+    """The insightface / LAFS grid on squared distance: ``np.arange(0, 4, 0.01)`` (400 thresholds)."""
+    return np.arange(0, 4, 0.01)
+
+
+def _sorted_groups(dist_sorted: np.ndarray, same_sorted: np.ndarray):
+    """Distinct values of an ascending array and cumulative genuine / impostor counts below each.
+
+    Returns (u, cum_gen, cum_imp): ``u`` the m distinct distances; ``cum_gen[j]`` / ``cum_imp[j]`` (j = 0..m) the
+    genuine / impostor pairs with ``d < u[j]`` (``j = m``: all pairs), i.e. accepted once ``j`` groups are.
+    """
+    new = np.empty(len(dist_sorted), bool)
+    new[:1] = True
+    np.not_equal(dist_sorted[1:], dist_sorted[:-1], out=new[1:])
+    start = np.flatnonzero(new)
+    gen = np.add.reduceat(same_sorted.astype(np.int64), start) if len(start) else np.zeros(0, np.int64)
+    size = np.diff(np.append(start, len(dist_sorted)))
+    zero = np.zeros(1, np.int64)
+    return dist_sorted[start], np.concatenate([zero, np.cumsum(gen)]), np.concatenate([zero, np.cumsum(size - gen)])
+
+
+def _exact_grid(u: np.ndarray) -> np.ndarray:
+    """The m + 1 thresholds that realise every distinct decision on values ``u`` (ascending, distinct) with ``d < t``.
+
+    ``u[0]`` (accepts none), the midpoints (u[j-1] + u[j]) / 2 (accept the first j values), the next float above
+    ``u[-1]`` (accepts all). A midpoint that rounds down onto u[j-1] (values one ulp apart) is replaced by u[j].
+    """
+    mid = u[:-1] + (u[1:] - u[:-1]) / 2.0
+    mid = np.where(mid > u[:-1], mid, u[1:])
+    return np.concatenate([u[:1], mid, np.nextafter(u[-1:], np.inf)])
+
+
+def _exact_best(dist_sorted: np.ndarray, same_sorted: np.ndarray) -> tuple[float, int]:
+    """Exact best threshold (smallest on ties) and its number of correct decisions on ascending ``dist_sorted``."""
+    u, cum_gen, cum_imp = _sorted_groups(dist_sorted, same_sorted)
+    correct = cum_gen + (cum_imp[-1] - cum_imp)
+    j = int(np.argmax(correct))
+    return float(_exact_grid(u)[j]), int(correct[j])
+
+
+def _check_scores(scores, issame) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, np.float64).ravel()
+    issame = np.asarray(issame, bool).ravel()
+    if len(scores) != len(issame):
+        raise ValueError(f"{len(scores)} scores for {len(issame)} labels")
+    if np.isnan(scores).any():
+        raise ValueError(f"{int(np.isnan(scores).sum())} of {len(scores)} scores are NaN (NaN embeddings?)")
+    return scores, issame
+
+
+def _far_count(target: float, n: int) -> int:
+    """Largest integer k with k / n <= target (the false accepts a FAR target allows among n impostor pairs)."""
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"FAR targets must be in [0, 1], got {target}")
+    k = min(int(np.floor(target * n)), n)
+    while k < n and (k + 1) / n <= target:
+        k += 1
+    while k > 0 and k / n > target:
+        k -= 1
+    return k
+
+
+def verification_metrics(
+    scores,
+    issame,
+    *,
+    kind: str = "distance",
+    thresholds="exact",
+    far_targets=DEFAULT_FAR_TARGETS,
+) -> dict:
+    """Threshold-free and best-threshold metrics of pair scores over all pairs (no folds): see the module docstring.
+
+    ``kind="distance"``: genuine pairs score low and a pair is accepted when ``score < t``; ``"similarity"`` (e.g.
+    cosine): genuine pairs score high, accepted when ``score > t``. Both strict; thresholds are reported in the
+    units of ``scores``. ``thresholds``: ``"exact"`` (every distinct decision, default here), ``"reference"``
+    (``arange(0, 4, 0.01)``; squared distances only) or an array (in the units of ``scores``).
+
+    Returns ``best_threshold``, ``best_accuracy`` (first best in the accepting direction: the smallest distance /
+    largest similarity threshold), ``eer``, ``tar_at_far`` / ``tar_far`` / ``tar_threshold`` (dicts keyed by the FAR
+    targets: TAR, the FAR reached, the threshold; +-inf when the target allows every impostor), ``auc``,
+    ``n_genuine``, ``n_impostor``. Everything is computed from one sort, O(n log n).
+    """
+    if kind not in ("distance", "similarity"):
+        raise ValueError(f"kind must be 'distance' or 'similarity', got {kind!r}")
+    scores, issame = _check_scores(scores, issame)
+    n_gen, n_imp = int(issame.sum()), int((~issame).sum())
+    if n_gen == 0 or n_imp == 0:
+        raise ValueError(f"verification metrics need genuine and impostor pairs, got {n_gen} and {n_imp}")
+    sign = 1.0 if kind == "distance" else -1.0
+    dist = sign * scores  # accept dist < t throughout; similarity thresholds are -t
+    order = np.argsort(dist, kind="stable")
+    ds, ss = dist[order], issame[order]
+    u, cum_gen, cum_imp = _sorted_groups(ds, ss)
+
+    # best accuracy over all pairs on the chosen grid
+    if isinstance(thresholds, str) and thresholds == EXACT_THRESHOLDS:
+        correct = cum_gen + (n_imp - cum_imp)
+        j = int(np.argmax(correct))
+        best_t, best_correct = float(_exact_grid(u)[j]), int(correct[j])
+    else:
+        if isinstance(thresholds, str) and thresholds == REFERENCE_THRESHOLDS:
+            if kind != "distance":
+                raise ValueError("thresholds='reference' is a squared-distance grid: use kind='distance'")
+            grid = reference_thresholds()
+        elif isinstance(thresholds, str):
+            raise ValueError(f"thresholds must be 'reference', 'exact' or an array, got {thresholds!r}")
+        else:
+            grid = np.sort(sign * np.asarray(thresholds, np.float64).ravel())
+            if len(grid) == 0:
+                raise ValueError("empty threshold grid")
+        accepted = np.searchsorted(ds, grid, side="left")  # pairs with d < t
+        gen_acc = np.concatenate([[0], np.cumsum(ss)])[accepted]
+        correct = gen_acc + (n_imp - (accepted - gen_acc))
+        j = int(np.argmax(correct))
+        best_t, best_correct = float(grid[j]), int(correct[j])
+
+    # EER: first ROC point with FAR >= FRR, interpolated on the segment from the point before (FAR - FRR < 0 there).
+    far = cum_imp / n_imp
+    frr = 1.0 - cum_gen / n_gen
+    diff = far - frr  # -1 at j = 0 (accept none), +1 at j = m (accept all)
+    j = int(np.argmax(diff >= 0))
+    a = -diff[j - 1] / (diff[j] - diff[j - 1])
+    eer = float(far[j - 1] + a * (far[j] - far[j - 1]))
+
+    # TAR@FAR: the largest t with #{impostor d < t} <= k is the (k+1)-th smallest impostor distance.
+    imp_sorted = ds[~ss]
+    gen_sorted = ds[ss]
+    tar, far_at, thr = {}, {}, {}
+    for target in far_targets:
+        k = _far_count(float(target), n_imp)
+        t = imp_sorted[k] if k < n_imp else np.inf
+        tar[target] = float(np.searchsorted(gen_sorted, t, side="left") / n_gen)
+        far_at[target] = float(np.searchsorted(imp_sorted, t, side="left") / n_imp)
+        thr[target] = float(sign * t)
+
+    return {
+        "best_threshold": sign * best_t,
+        "best_accuracy": best_correct / len(dist),
+        "eer": eer,
+        "tar_at_far": tar,
+        "tar_far": far_at,
+        "tar_threshold": thr,
+        "auc": roc_auc(-dist, issame),
+        "n_genuine": n_gen,
+        "n_impostor": n_imp,
+    }
+
+
+def pair_distances(embeddings1, embeddings2) -> np.ndarray:
+    """Squared Euclidean distance of the L2-normalised rows (float64): 2 - 2 cos, in [0, 4]."""
+    e1 = np.asarray(embeddings1, np.float64)
+    e2 = np.asarray(embeddings2, np.float64)
+    if e1.ndim != 2 or e1.shape != e2.shape:
+        raise ValueError(f"embeddings {e1.shape} and {e2.shape}: expected two (pairs, D) arrays of one shape")
+    e1 = e1 / np.maximum(np.linalg.norm(e1, axis=1, keepdims=True), 1e-12)
+    e2 = e2 / np.maximum(np.linalg.norm(e2, axis=1, keepdims=True), 1e-12)
+    return np.sum((e1 - e2) ** 2, axis=1)
+
+
 def ten_fold_accuracy(
     embeddings1,
     embeddings2,
@@ -73,12 +269,16 @@ def ten_fold_accuracy(
     thresholds=None,
     far_target: float = 1e-3,
     val_thresholds=None,
+    far_targets=DEFAULT_FAR_TARGETS,
 ) -> dict:
     """insightface ``evaluate`` on pairs (embeddings1[k], embeddings2[k]); see the module docstring.
 
     Embeddings are L2-normalised here (a no-op for normalised input) because the threshold grid covers [0, 4].
-    ``nfolds=1`` trains and tests on all pairs (insightface ``LFold``). Thresholds are sorted; on a tie in train
-    accuracy the smallest threshold wins (``np.argmax``, as insightface on its ascending grid).
+    ``nfolds=1`` trains and tests on all pairs (insightface ``LFold``). ``thresholds``: ``None`` / ``"reference"``
+    (``arange(0, 4, 0.01)``, the default, comparable with published numbers), ``"exact"`` (per fold, every midpoint
+    between the training folds' sorted distinct distances: the exact 9-fold optimum) or an array (sorted here). On a
+    tie in train accuracy the smallest threshold wins (``np.argmax``, as insightface on its ascending grid). A pair with
+    a NaN embedding gets distance +inf: never accepted, as ``NaN < t`` is false in insightface (no error mid-training).
 
     VAL@FAR: per fold, the largest threshold of ``val_thresholds`` (default ``arange(0, 4, 0.001)``, insightface's grid)
     whose train-fold FAR is <= ``far_target`` is applied to the test fold; ``val_at_far`` / ``far`` are the means over
@@ -87,17 +287,27 @@ def ten_fold_accuracy(
     FAR crosses the target, but the values can differ slightly).
 
     Returns accuracy, accuracy_std, threshold (mean best threshold), fold_accuracies, fold_thresholds,
-    val_at_far, val_std, far and auc (``roc_auc(-dist, issame)``).
+    fold_train_accuracies (accuracy of the chosen threshold on the training folds), val_at_far, val_std, far,
+    auc (``roc_auc(-dist, issame)``), and from ``verification_metrics(dist, issame, thresholds=<same grid>)`` on all
+    pairs: best_threshold, best_accuracy, eer, tar_at_far, tar_far, tar_threshold (dicts keyed by ``far_targets``).
     """
-    e1 = np.asarray(embeddings1, np.float64)
-    e2 = np.asarray(embeddings2, np.float64)
     issame = np.asarray(issame, bool).ravel()
+    e1 = np.asarray(embeddings1)
+    e2 = np.asarray(embeddings2)
     if e1.ndim != 2 or e1.shape != e2.shape or len(e1) != len(issame):
         raise ValueError(f"embeddings {e1.shape} and {e2.shape} for {len(issame)} pairs: expected two (pairs, D)")
-    e1 = e1 / np.maximum(np.linalg.norm(e1, axis=1, keepdims=True), 1e-12)
-    e2 = e2 / np.maximum(np.linalg.norm(e2, axis=1, keepdims=True), 1e-12)
-    dist = np.sum((e1 - e2) ** 2, axis=1)
-    thresholds = np.sort(np.asarray(np.arange(0, 4, 0.01) if thresholds is None else thresholds, np.float64))
+    dist = pair_distances(e1, e2)
+    dist[np.isnan(dist)] = np.inf  # NaN embeddings: never accepted, as ``dist < t`` in insightface (no crash mid-run)
+    if thresholds is None or (isinstance(thresholds, str) and thresholds == REFERENCE_THRESHOLDS):
+        mode, grid = REFERENCE_THRESHOLDS, reference_thresholds()
+    elif isinstance(thresholds, str) and thresholds == EXACT_THRESHOLDS:
+        mode, grid = EXACT_THRESHOLDS, None
+    elif isinstance(thresholds, str):
+        raise ValueError(f"thresholds must be 'reference', 'exact', None or an array, got {thresholds!r}")
+    else:
+        mode, grid = "custom", np.sort(np.asarray(thresholds, np.float64).ravel())
+        if len(grid) == 0:
+            raise ValueError("empty threshold grid")
     val_thresholds = np.sort(
         np.asarray(np.arange(0, 4, 0.001) if val_thresholds is None else val_thresholds, np.float64)
     )
@@ -107,16 +317,31 @@ def ten_fold_accuracy(
     n_same = np.bincount(folds, weights=issame, minlength=nfolds).astype(np.int64)  # per test fold
     n_pairs = np.bincount(folds, minlength=nfolds)
     n_diff = n_pairs - n_same
+    n_train = np.full(nfolds, n) if nfolds == 1 else n - n_pairs
 
     def train(count):  # train fold = all pairs minus the test fold (or all of them for a single fold)
         return count if nfolds == 1 else count.sum(axis=0, keepdims=True) - count
 
-    # Accuracy: integer counts of correct decisions, so ties in argmax are exact.
-    tp, fp = _accept_counts(dist, issame, folds, nfolds, thresholds)
-    correct_train = train(tp) + (train(n_diff[:, None]) - train(fp))
-    best = np.argmax(correct_train, axis=1)
     rows = np.arange(nfolds)
-    fold_acc = (tp[rows, best] + n_diff - fp[rows, best]) / n_pairs
+    if grid is not None:
+        # Accuracy: integer counts of correct decisions, so ties in argmax are exact.
+        tp, fp = _accept_counts(dist, issame, folds, nfolds, grid)
+        correct_train = train(tp) + (train(n_diff[:, None]) - train(fp))
+        best = np.argmax(correct_train, axis=1)
+        fold_acc = (tp[rows, best] + n_diff - fp[rows, best]) / n_pairs
+        fold_thr = grid[best]
+        train_acc = correct_train[rows, best] / n_train
+    else:
+        # Exact grid: one global sort; each training set is the sorted order minus its test fold (O(n) per fold).
+        order = np.argsort(dist, kind="stable")
+        ds, ss, fs = dist[order], issame[order], folds[order]
+        fold_thr, train_acc = np.empty(nfolds), np.empty(nfolds)
+        for f in range(nfolds):
+            keep = slice(None) if nfolds == 1 else fs != f
+            fold_thr[f], correct = _exact_best(ds[keep], ss[keep])
+            train_acc[f] = correct / n_train[f]
+        right = ((dist < fold_thr[folds]) == issame).astype(np.float64)
+        fold_acc = np.bincount(folds, weights=right, minlength=nfolds) / n_pairs
 
     # VAL@FAR: train FAR is non-decreasing in the threshold, so the last index with FAR <= target is a count - 1.
     tp_v, fp_v = _accept_counts(dist, issame, folds, nfolds, val_thresholds)
@@ -127,17 +352,25 @@ def ten_fold_accuracy(
         far = fp_v[rows, pick] / n_diff
     val, far = val[n_same > 0], far[n_diff > 0]
 
-    return {
+    metrics = verification_metrics(
+        dist, issame, thresholds=EXACT_THRESHOLDS if grid is None else grid, far_targets=far_targets
+    )
+    result = {
         "accuracy": float(fold_acc.mean()),
         "accuracy_std": float(fold_acc.std()),
-        "threshold": float(thresholds[best].mean()),
+        "threshold": float(fold_thr.mean()),
         "fold_accuracies": fold_acc.tolist(),
-        "fold_thresholds": thresholds[best].tolist(),
+        "fold_thresholds": fold_thr.tolist(),
+        "fold_train_accuracies": train_acc.tolist(),
+        "thresholds": mode,
         "val_at_far": float(val.mean()) if len(val) else float("nan"),
         "val_std": float(val.std()) if len(val) else float("nan"),
         "far": float(far.mean()) if len(far) else float("nan"),
-        "auc": roc_auc(-dist, issame),
+        "auc": metrics["auc"],  # roc_auc(-dist, issame)
     }
+    for key in ("best_threshold", "best_accuracy", "eer", "tar_at_far", "tar_far", "tar_threshold"):
+        result[key] = metrics[key]
+    return result
 
 
 def load_bin(path: str | Path, color: str = "rgb", image_size: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
@@ -168,14 +401,21 @@ def embed_images(
     batch_size: int = 256,
     device="cpu",
     flip: bool = True,
+    flip_mode: str = "sum",
 ) -> torch.Tensor:
     """uint8 N x 3 x H x W RGB -> float32 CPU N x D embeddings (not normalised), under ``torch.no_grad()``.
 
     ``embed_fn`` maps float B x 3 x H x W in [-1, 1] (on ``device``) to B x D, e.g. ``lambda x: model(x)["embedding"]``.
     Every batch, the last partial one included, is scaled ``x / 127.5 - 1``. ``flip`` adds the embedding of the
-    horizontally flipped batch (flip test). The model's train/eval mode is left alone: call ``model.eval()`` first,
-    or dropout and batch-norm statistics change the embeddings.
+    horizontally flipped batch (flip test): ``flip_mode="sum"`` returns emb(x) + emb(flip x) (N x D, the reference),
+    ``"concat"`` returns [emb(x), emb(flip x)] (N x 2D, halves not normalised). ``flip_mode`` needs ``flip=True``
+    to mean anything; ``"concat"`` with ``flip=False`` is an error. The model's train/eval mode is left alone: call
+    ``model.eval()`` first, or dropout and batch-norm statistics change the embeddings.
     """
+    if flip_mode not in ("sum", "concat"):
+        raise ValueError(f"flip_mode must be 'sum' or 'concat', got {flip_mode!r}")
+    if flip_mode == "concat" and not flip:
+        raise ValueError("flip_mode='concat' needs flip=True (there is no flipped embedding to concatenate)")
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a uint8 N x 3 x H x W tensor, got {got}")
@@ -185,25 +425,36 @@ def embed_images(
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             x = to_model_range(images[start : start + batch_size].to(device))
-            emb = embed_fn(x)
-            if flip:
-                emb = emb + embed_fn(x.flip(3))
-            if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or len(emb) != len(x):
-                shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-                raise ValueError(f"embed_fn must return a {len(x)} x D tensor for {len(x)} images, got {shape}")
+            embs = [embed_fn(x)] + ([embed_fn(x.flip(3))] if flip else [])
+            for emb in embs:
+                if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or len(emb) != len(x):
+                    shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+                    raise ValueError(f"embed_fn must return a {len(x)} x D tensor for {len(x)} images, got {shape}")
+            emb = embs[0] if not flip else (embs[0] + embs[1] if flip_mode == "sum" else torch.cat(embs, dim=1))
             chunks.append(emb.float().cpu())
     if not chunks:
         raise ValueError("no images to embed")
     return torch.cat(chunks)
 
 
-def evaluate_pairs(embed_fn, images, issame, batch_size=256, device="cpu", flip=True, nfolds=10) -> dict:
-    """Embed (pair k = images 2k, 2k+1; flip summed), then ``ten_fold_accuracy`` (which L2-normalises)."""
+def evaluate_pairs(
+    embed_fn,
+    images,
+    issame,
+    batch_size=256,
+    device="cpu",
+    flip=True,
+    nfolds=10,
+    *,
+    flip_mode: str = "sum",
+    thresholds=None,
+) -> dict:
+    """Embed (pair k = images 2k, 2k+1; flip summed or concatenated), then ``ten_fold_accuracy`` (L2-normalises)."""
     issame = np.asarray(issame, bool).ravel()
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
-    emb = embed_images(embed_fn, images, batch_size=batch_size, device=device, flip=flip).numpy()
-    return ten_fold_accuracy(emb[0::2], emb[1::2], issame, nfolds=nfolds)
+    emb = embed_images(embed_fn, images, batch_size=batch_size, device=device, flip=flip, flip_mode=flip_mode).numpy()
+    return ten_fold_accuracy(emb[0::2], emb[1::2], issame, nfolds=nfolds, thresholds=thresholds)
 
 
 def evaluate_bin(
@@ -216,8 +467,11 @@ def evaluate_bin(
     device="cpu",
     flip: bool = True,
     nfolds: int = 10,
+    flip_mode: str = "sum",
+    thresholds=None,
 ) -> dict:
     """``load_bin`` + ``evaluate_pairs``; the result also has ``name`` (file stem) and ``pairs``."""
     images, issame = load_bin(path, color=color, image_size=image_size)
-    result = evaluate_pairs(embed_fn, images, issame, batch_size=batch_size, device=device, flip=flip, nfolds=nfolds)
+    result = evaluate_pairs(embed_fn, images, issame, batch_size=batch_size, device=device, flip=flip, nfolds=nfolds,
+                            flip_mode=flip_mode, thresholds=thresholds)
     return {"name": Path(path).stem, "pairs": len(issame), **result}
