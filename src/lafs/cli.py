@@ -1,7 +1,7 @@
 """``lafs <command>``: the one entry point.
 
 Commands so far: ``models`` (the model zoo table), ``demo`` (the smallest end-to-end step), ``train``,
-``pretrain`` (DINO / LAFS), ``finetune`` and ``data`` (pack / bin / subset / align / synth / check). Every
+``pretrain`` (DINO / LAFS), ``finetune``, ``eval`` and ``data`` (pack / bin / subset / align / synth / check). Every
 command that runs something takes ``--config FILE`` and dotted ``key=value`` overrides, validated against
 ``lafs.config``; a bad key or value stops with a message naming it (exit code 2).
 """
@@ -111,6 +111,52 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     return cmd_train(args, pretrain=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a model file, or precomputed embeddings, on verification sets; table + eval.json + roc.png."""
+    import time
+
+    import numpy as np
+
+    from .eval.report import format_table, score_pairs, set_embeddings, write_report
+
+    thresholds = None if args.thresholds == "reference" else args.thresholds
+    results, meta = [], {"thresholds": args.thresholds, "flip": not args.no_flip, "flip_mode": args.flip_mode}
+    if args.embeddings:
+        if args.model or not args.pairs:
+            raise ConfigError("--embeddings EMB.npy goes with --pairs SET.bin (one embedding row per image, in order), "
+                              "without a model file")
+        from .data.pairs import read_bin
+
+        emb = np.load(args.embeddings)
+        _, issame = read_bin(args.pairs)
+        results.append(score_pairs(emb, issame, Path(args.pairs).stem, thresholds))
+        meta.update(model=f"embeddings {args.embeddings}", flip="as given", flip_mode="as given")
+    else:
+        if not args.model or not args.sets:
+            raise ConfigError("lafs eval MODEL --sets a.bin,b.bin (or --embeddings EMB.npy --pairs SET.bin)")
+        from .embedder import load_embedder
+
+        embedder = load_embedder(args.model, args.device)
+        meta.update(model=embedder.description, model_hash=embedder.file_hash)
+        cache = None if args.no_cache else (args.cache or str(Path.home() / ".cache" / "lafs" / "embeddings"))
+        for path in args.sets.split(","):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--sets: {path} not found")
+            start = time.perf_counter()
+            emb, issame, cached = set_embeddings(
+                embedder, path, embedder.file_hash, color=args.color, batch_size=args.batch_size, device=args.device,
+                flip=not args.no_flip, flip_mode=args.flip_mode, cache_dir=cache)
+            r = score_pairs(emb, issame, Path(path).stem, thresholds)
+            r["seconds"], r["cached"] = time.perf_counter() - start, cached
+            results.append(r)
+    print(f"model: {meta['model']}; flip test: {meta['flip']} ({meta['flip_mode']}); thresholds: {args.thresholds}")
+    print(format_table(results))
+    if args.out:
+        for path in write_report(results, args.out, meta):
+            print(f"wrote {path}")
+    return 0
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
@@ -248,6 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--landmark-init", help="supervised Part fViT checkpoint for the landmark CNN; alone: "
                            "the few-shot 'scratch' baseline (random ViT, trained CNN)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("eval", help="verification accuracy, AUC, EER, TAR@FAR of a model file on .bin sets",
+                       description="Score a lafs checkpoint (train/finetune/pretrain), a TorchScript or an ONNX "
+                       "embedding model on .bin pair sets, or precomputed embeddings of another framework.")
+    p.add_argument("model", nargs="?", help="checkpoint (.pt), TorchScript or .onnx file")
+    p.add_argument("--sets", help="comma-separated .bin files (LFW, CFP-FP, AgeDB-30, ...)")
+    p.add_argument("--embeddings", help="N x D .npy, one row per image of --pairs, in its order")
+    p.add_argument("--pairs", help="the .bin whose pairs --embeddings belong to")
+    p.add_argument("--out", help="folder for eval.json and roc.png")
+    p.add_argument("--thresholds", choices=("reference", "exact"), default="reference",
+                   help="reference: insightface arange(0, 4, 0.01) (comparable with papers); exact: every midpoint")
+    p.add_argument("--flip-mode", choices=("sum", "concat"), default="sum")
+    p.add_argument("--no-flip", action="store_true", help="no flip test")
+    p.add_argument("--color", choices=("rgb", "bgr"), default="rgb", help="channel order the .bin stores")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache", help="embedding cache folder (default ~/.cache/lafs/embeddings)")
+    p.add_argument("--no-cache", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="pack, build, subset, align, synthesise and check face data").add_subparsers(
         dest="data_command", required=True

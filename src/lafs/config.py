@@ -255,22 +255,30 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), schema: type = Config) -> Any:
-    """Schema defaults <- YAML file <- dotted overrides, validated; returns a ``schema`` instance."""
+def _parse_yaml(text: str, source: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), schema: type = Config,
+                text: str | None = None, source: str = "config text") -> Any:
+    """Schema defaults <- YAML file (or ``text``, e.g. the config stored in a checkpoint) <- dotted overrides,
+    validated; returns a ``schema`` instance."""
     cfg = OmegaConf.structured(schema)
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-        cfg = _merge(cfg, data, f"file {path}", schema)
+        cfg = _merge(cfg, _parse_yaml(path.read_text(), f"config file {path}"), f"file {path}", schema)
+    if text is not None:
+        cfg = _merge(cfg, _parse_yaml(text, source), source, schema)
     for item in overrides:
         key, value = parse_override(item)
         nested: Any = value

@@ -1,0 +1,113 @@
+"""Any trained model file -> an embedding function, for ``lafs eval`` (and embed / verify / export).
+
+Accepted files:
+
+- a lafs training or finetuning checkpoint (``lafs train`` / ``lafs finetune``): the backbone is rebuilt from the
+  config stored in the checkpoint and loaded from its ``model`` entry (``backbone.*``);
+- a lafs pretraining checkpoint (``lafs pretrain``): the *teacher* trunk (with the landmark CNN for Part fViT),
+  the model finetuning starts from;
+- a TorchScript module (``torch.jit.save``), called on float B x 3 x H x W in [-1, 1] and returning B x D (or a
+  dict with ``embedding``);
+- an ONNX model (``.onnx``, needs onnxruntime), same input and output.
+
+The embedding function maps float images in [-1, 1] (any size; resized to the model's input) to B x D. A
+content hash of the file keys the embedding cache of ``lafs eval``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Embedder:
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    img_size: int | None
+    description: str
+    file_hash: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.img_size and (x.shape[-1] != self.img_size or x.shape[-2] != self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        return self.fn(x)
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of the file's bytes (first 16 hex digits): the same weights give the same cache key."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, str]:
+    from .config import Config, load_config
+    from .models import build_backbone
+
+    text = state.get("config")
+    if not isinstance(text, str):
+        raise ValueError(f"{path}: a lafs checkpoint without its config; cannot rebuild the model")
+    cfg: Config = load_config(text=text, source=f"the config stored in {path}")
+    backbone = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides())
+    if isinstance(state.get("teacher"), dict):
+        weights, source = state["teacher"], "teacher"
+    else:
+        prefix = "backbone."
+        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        source = "model"
+    missing, unexpected = backbone.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} [{source}]: weights do not fit {cfg.model.name}-{cfg.model.size}; missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    backbone.eval().to(device)
+    desc = f"{cfg.model.name}-{cfg.model.size} ({source} of {path.name}, step {state.get('step')})"
+    return (lambda x: backbone(x)["embedding"]), backbone.img_size, desc
+
+
+def load_embedder(path: str | Path, device: str | torch.device = "cpu") -> Embedder:
+    """Open a model file (see the module docstring) as an :class:`Embedder`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    digest = file_hash(path)
+    if path.suffix == ".onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ValueError(f"{path}: ONNX models need onnxruntime (pip install onnxruntime)") from None
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        size = inp.shape[-1] if isinstance(inp.shape[-1], int) else None
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {inp.name: x.detach().cpu().float().numpy()})[0])
+
+        return Embedder(run, size, f"ONNX {path.name}", digest)
+    try:
+        module = torch.jit.load(str(path), map_location=device)
+    except RuntimeError:
+        module = None
+    if module is not None:
+        module.eval()
+
+        def run_script(x: torch.Tensor) -> torch.Tensor:
+            out = module(x)
+            return out["embedding"] if isinstance(out, dict) else out
+
+        return Embedder(run_script, getattr(module, "img_size", None), f"TorchScript {path.name}", digest)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path}: not a lafs checkpoint, TorchScript or ONNX model ({err})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path}: not a lafs checkpoint (no 'model' entry), TorchScript or ONNX model")
+    fn, size, desc = _from_checkpoint(path, state, device)
+    return Embedder(fn, size, desc, digest)
