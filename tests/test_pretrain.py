@@ -222,6 +222,12 @@ def test_checkpoint_teacher_is_what_finetuning_loads(tmp_path, landmark_ckpt):
     x = torch.randint(0, 256, (3, 3, 56, 56), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x.float() / 127.5 - 1)["embedding"], task.embed(x))
+        # `lafs eval` opens the same file as the teacher too
+        from lafs.embedder import load_embedder
+
+        embedder = load_embedder(path)
+        assert "teacher" in embedder.description
+        torch.testing.assert_close(embedder(x.float() / 127.5 - 1), task.embed(x))
 
 
 def test_pretrain_resumes_exactly(tmp_path, landmark_ckpt):
