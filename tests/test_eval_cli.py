@@ -2,7 +2,6 @@
 the same numbers; the cache is keyed by model and set; errors name what is missing."""
 
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from .data.datasets import to_model_input
 
 
 @dataclass
@@ -33,10 +34,7 @@ class Embedder:
     file_hash: str
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.img_size and (x.shape[-1] != self.img_size or x.shape[-2] != self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                              antialias=True)
-        return self.fn(x)
+        return self.fn(to_model_input(x, self.img_size))
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:

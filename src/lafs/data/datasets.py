@@ -48,6 +48,16 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(127.5).sub_(1.0)
 
 
+def to_model_input(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """uint8 (scaled by ``to_model_range``) or float [-1, 1] B x 3 x H x W -> float at ``size`` x ``size``
+    (antialiased bilinear; ``size=None`` keeps the size). What every model entry point feeds its backbone."""
+    x = to_model_range(images) if images.dtype == torch.uint8 else images
+    if size and (x.shape[-1] != size or x.shape[-2] != size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+    return x
+
+
 def encode_image(rgb: np.ndarray, quality: int = 95, color: str = "rgb") -> bytes:
     """H x W x 3 uint8 RGB -> JPEG bytes stored in ``color`` order (see module docstring)."""
     arr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if color == "rgb" else rgb

@@ -9,6 +9,7 @@ re-scoring (another threshold grid, another metric) is instant and a changed mod
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -39,8 +40,6 @@ def set_embeddings(embed_fn, bin_path: str | Path, model_hash: str, *, color: st
     images, issame = load_bin(bin_path, color=color)
     emb = embed_images(embed_fn, images, batch_size=batch_size, device=device, flip=flip, flip_mode=flip_mode).numpy()
     if cache is not None:
-        import io
-
         buf = io.BytesIO()
         np.savez(buf, embeddings=emb, issame=issame)
         atomic_write_bytes(cache, buf.getvalue())
@@ -113,8 +112,6 @@ def write_report(results: list[dict], out_dir: str | Path, meta: dict) -> list[P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)

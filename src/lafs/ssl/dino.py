@@ -33,7 +33,8 @@ from torch.nn.utils.parametrizations import weight_norm
 
 __all__ = [
     "TEACHER_TEMP_PRESETS", "DINOHead", "DINOLoss", "teacher_temp_at", "momentum_at", "weight_decay_at",
-    "ema_update", "clip_gradients_per_param", "cancel_last_layer_grads", "teacher_entropy", "mean_entropy",
+    "ema_update", "clip_gradients_per_param", "cancel_last_layer_grads", "teacher_entropy", "teacher_entropy_tensor",
+    "mean_entropy",
     "teacher_student_kl",
 ]
 
@@ -172,13 +173,24 @@ class DINOLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # collapse diagnostics
 
+def _mean_entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    p = probs.float()
+    return (-(p * torch.log(p.clamp_min(eps))).sum(dim=-1)).mean()
+
+
 def mean_entropy(probs: torch.Tensor, eps: float = 1e-12) -> float:
     """Mean over rows of the entropy (nats) of row-stochastic ``probs`` (B x K)."""
-    p = probs.float()
-    return float((-(p * torch.log(p.clamp_min(eps))).sum(dim=-1)).mean())
+    return float(_mean_entropy(probs, eps))
 
 
 @torch.no_grad()
+def teacher_entropy_tensor(teacher_out: torch.Tensor | Sequence[torch.Tensor], center: torch.Tensor,
+                           teacher_temp: float) -> torch.Tensor:
+    """:func:`teacher_entropy` as a 0-d tensor on the outputs' device (no host sync: per-step logging)."""
+    t = torch.cat([x.float() for x in _views(teacher_out, 1)], dim=0)  # a tensor is one "view" here
+    return _mean_entropy(F.softmax((t - center.float()) / teacher_temp, dim=-1))
+
+
 def teacher_entropy(teacher_out: torch.Tensor | Sequence[torch.Tensor], center: torch.Tensor,
                     teacher_temp: float) -> float:
     """Mean entropy of softmax((t - c) / tau_t) over all teacher rows.
@@ -186,8 +198,7 @@ def teacher_entropy(teacher_out: torch.Tensor | Sequence[torch.Tensor], center: 
     ~0: every sample maps to one prototype (one-hot collapse: centring too weak / sharpening too strong);
     ~log(out_dim): uniform output (uniform collapse: centring dominates). DINO monitors this with the KL below.
     """
-    t = torch.cat([x.float() for x in _views(teacher_out, 1)], dim=0)  # a tensor is one "view" here
-    return mean_entropy(F.softmax((t - center.float()) / teacher_temp, dim=-1))
+    return float(teacher_entropy_tensor(teacher_out, center, teacher_temp))
 
 
 @torch.no_grad()

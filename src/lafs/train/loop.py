@@ -122,8 +122,8 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for g in self.optimizer.param_groups:
             g["base_weight_decay"] = g["weight_decay"]
-        self.global_batch = t.batch_size * env.world_size * t.accumulation
-        self.base_lr = o.lr * (self.global_batch / o.lr_scale_batch if o.lr_scale_batch else 1.0)
+        global_batch = t.batch_size * env.world_size * t.accumulation
+        self.base_lr = o.lr * (global_batch / o.lr_scale_batch if o.lr_scale_batch else 1.0)
         self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
         self.net: nn.Module = task
         if env.distributed:

@@ -34,12 +34,12 @@ from torch import Tensor, nn
 
 from ..augment.multicrop import LAFSViews, MultiCropViews
 from ..models.fvit import FViT, grid_landmarks
+from ..data.datasets import to_model_input
 from ..ssl.dino import (
-    TEACHER_TEMP_PRESETS, DINOHead, DINOLoss, cancel_last_layer_grads, ema_update, momentum_at, teacher_entropy,
-    teacher_temp_at,
+    TEACHER_TEMP_PRESETS, DINOHead, DINOLoss, cancel_last_layer_grads, ema_update, momentum_at,
+    teacher_entropy_tensor, teacher_temp_at,
 )
 from ..ssl.lafs import landmark_view
-from .supervised import to_model_input
 
 METHODS = ("dino", "lafs")
 REFERENCE_SIZE = 112  # perturb_alpha and the DINO local-crop size are defined on a 112 x 112 face
@@ -83,7 +83,7 @@ class PretrainTask(nn.Module):
             raise ValueError(f"ssl.method must be one of {METHODS}, got {ssl.method!r}")
         self.method = ssl.method
         self.img_size = backbone.img_size
-        self.patch_size = getattr(backbone, "patch_size", None)
+        patch_size = getattr(backbone, "patch_size", None)
         self.landmark_cnn: nn.Module | None = None
         if getattr(backbone, "landmark_cnn", None) is not None:
             self.landmark_cnn = backbone.landmark_cnn.requires_grad_(False).eval()
@@ -96,7 +96,7 @@ class PretrainTask(nn.Module):
             raise ValueError(f"LAFS needs a token model (part_fvit or fvit); {type(backbone).__name__} has no tokens")
         else:
             self.num_landmarks = 0
-        self.token_model = self.landmark_cnn is not None or isinstance(backbone, FViT)
+        token_model = self.landmark_cnn is not None or isinstance(backbone, FViT)
 
         head = DINOHead(backbone.embedding_size, ssl.out_dim, ssl.hidden_dim, ssl.bottleneck_dim, ssl.head_layers,
                         ssl.norm_last_layer)
@@ -108,7 +108,6 @@ class PretrainTask(nn.Module):
         self.momentum = (ssl.momentum_teacher, ssl.momentum_teacher_end)
         self.freeze_last_layer = ssl.freeze_last_layer
         self.teacher_mode = ssl.teacher_mode
-        self.num_local = ssl.num_local
         scale = self.img_size / REFERENCE_SIZE
         if self.method == "lafs":
             self.views = LAFSViews(self.img_size, 2 + ssl.num_local, tuple(ssl.global_scale))
@@ -120,14 +119,13 @@ class PretrainTask(nn.Module):
             self.perturb_alpha = ssl.perturb_alpha * scale
         else:
             local = ssl.local_size or round(48 * scale)
-            if self.patch_size:
-                local = max(self.patch_size, local // self.patch_size * self.patch_size)
-            if not self.token_model and local != self.img_size and ssl.num_local > 0:
+            if patch_size:
+                local = max(patch_size, local // patch_size * patch_size)
+            if not token_model and local != self.img_size and ssl.num_local > 0:
                 raise ValueError(f"{type(backbone).__name__} takes only {self.img_size} px inputs: set "
                                  f"ssl.local_size={self.img_size} (or ssl.num_local=0)")
             self.views = MultiCropViews(self.img_size, local, ssl.num_local, tuple(ssl.global_scale),
                                         tuple(ssl.local_scale))
-        self.epoch = 0
         self.teacher_temp = self.temps[0]
 
     # ------------------------------------------------------------------------------------------ loop hooks
@@ -140,7 +138,6 @@ class PretrainTask(nn.Module):
         return self
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         self.teacher_temp = teacher_temp_at(epoch, *self.temps)
 
     def after_backward(self, epoch: int) -> None:
@@ -166,15 +163,16 @@ class PretrainTask(nn.Module):
         """R landmarks (pixels of ``images``) from the frozen CNN in fp32, or the fixed grid for fViT."""
         n, _, h, w = images.shape
         if self.landmark_cnn is None:
-            return (self.grid * (h / self.img_size)).expand(n, -1, -1)
-        with torch.autocast(images.device.type, enabled=False):
-            x = images.float()
-            if h != self.img_size or w != self.img_size:
-                x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                                  antialias=False)
-            lm = self.landmark_cnn(x)
-            if h != self.img_size:
-                lm = (lm + 0.5) * (h / self.img_size) - 0.5  # pixel-centre convention
+            lm = self.grid.expand(n, -1, -1)
+        else:
+            with torch.autocast(images.device.type, enabled=False):
+                x = images.float()
+                if h != self.img_size or w != self.img_size:
+                    x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
+                                      antialias=False)
+                lm = self.landmark_cnn(x)
+        if h != self.img_size:
+            lm = (lm + 0.5) * (h / self.img_size) - 0.5  # pixel-centre convention
         return lm
 
     def embed(self, x: Tensor) -> Tensor:
@@ -215,10 +213,10 @@ class PretrainTask(nn.Module):
         with torch.no_grad():
             teacher_out = self.teacher(**groups[0]).chunk(2)
         student_out = [chunk for g in groups for chunk in self.student(**g).split(b)]
-        entropy = teacher_entropy(list(teacher_out), self.loss_fn.center, self.teacher_temp)  # before the update
+        # before the centre update; a tensor, so the loop's one all-reduce per step is the only host sync
+        entropy = teacher_entropy_tensor(list(teacher_out), self.loss_fn.center, self.teacher_temp)
         loss = self.loss_fn(student_out, list(teacher_out), self.teacher_temp)
-        return {"loss": loss, "teacher_temp": torch.tensor(self.teacher_temp),
-                "teacher_entropy": torch.tensor(entropy)}
+        return {"loss": loss, "teacher_temp": torch.tensor(self.teacher_temp), "teacher_entropy": entropy}
 
 
 def build_pretrain_task(cfg, log=print) -> PretrainTask:

@@ -23,19 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..augment.supervised import MIXUP_PRESETS, Mixup, SupervisedAugment
-from ..data.datasets import to_model_range
+from ..data.datasets import to_model_input
 from ..heads import build_head
 from .optim import step_schedule
 
 LANDMARK_OPTIONS = ("a", "b", "c")
-
-
-def to_model_input(images: Tensor, size: int) -> Tensor:
-    """uint8 B x 3 x H x W -> float in [-1, 1] (x / 127.5 - 1, the one scaling everywhere, §9.11) at ``size``."""
-    x = to_model_range(images) if images.dtype == torch.uint8 else images
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x
 
 
 class SupervisedTask(nn.Module):
