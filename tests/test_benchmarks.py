@@ -37,3 +37,21 @@ def test_bench_augment_runs_and_reports_every_pipeline():
     assert proc.returncode == 0, proc.stderr
     rates = [float(line.split()[-5]) for line in proc.stdout.splitlines() if "source images/s" in line]
     assert len(rates) == 4 and all(r > 0 for r in rates), proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_eval_small_run_agrees_with_its_loops(tmp_path):
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_eval.py"), "--pairs", "600", "--repeats", "1",
+         "--probes", "200", "--candidates", "2000", "--identities", "100", "--loop-probes", "10",
+         "--ijb-scale", "0.002", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["verification"]["end_to_end"]["identical"] and r["verification"]["protocol_only"]["identical"]
+    assert r["identification"]["subsample_agree"]
+    assert r["ijb"]["max_abs_diff"]["pooling"] < 1e-9 and r["ijb"]["max_abs_diff"]["pairs_loop"] < 1e-9
+    assert all(v > 0 for v in r["ijb"]["ratios"].values())
+    assert "summary (ratios measured side by side above)" in proc.stdout

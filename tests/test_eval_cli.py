@@ -127,3 +127,70 @@ def test_lfw_bin_end_to_end(setup, tmp_path, capsys, shared_data):
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert [r["pairs"] for r in results] == [6000, 6000]
     assert all(0.4 < r["accuracy"] < 1.0 for r in results)
+
+
+def _pool_model(path):
+    """A TorchScript embedder (8 x 8 average colours): fast, deterministic, any input size."""
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(8), torch.nn.Flatten())), str(path))
+    return path
+
+
+def test_ijb_from_the_cli_matches_the_library_and_caches(tmp_path, capsys):
+    from test_ijb import write_ijb
+
+    from lafs.eval.ijb import evaluate_ijb
+
+    root = tmp_path / "IJBC"  # the folder name gives the protocol name
+    write_ijb(root)
+    model = _pool_model(tmp_path / "pool.pt")
+    cache = tmp_path / "cache"
+    for out in ("a", "b"):
+        code, res = run_eval([str(model), "--ijb", str(root), "--out", str(tmp_path / out), "--cache", str(cache),
+                              "--ijb-mode", "N0D1F1"], capsys)
+        assert code == 0, res.err
+        assert "IJBC N0D1F1" in res.out and "1:N G1" in res.out
+    assert len(list(cache.glob("ijbc-*.npy"))) == 1
+    a, b = (json.loads((tmp_path / o / "eval.json").read_text())["results"][0] for o in ("a", "b"))
+    ref = evaluate_ijb(load_embedder(model), root, "ijbc", use_norm_score=False)
+    assert a == b
+    assert a["tar_at_far"] == pytest.approx(ref["tar_at_far"]) and a["auc"] == pytest.approx(ref["auc"])
+    assert a["identification"]["G1"]["rank"] == pytest.approx(
+        {str(k): v for k, v in ref["identification"]["G1"]["rank"].items()})
+    code, res = run_eval([str(model), "--ijb", str(root), "--ijb-mode", "N1F1"], capsys)
+    assert code == 2 and "N1D1F1" in res.err
+
+
+def test_identification_folder_from_the_cli(tmp_path, capsys):
+    from lafs.eval.identification import rank_k
+    from lafs.eval.verification import embed_images
+
+    faces = SyntheticFaces(6, seed=5)
+    layout = {"gallery": [(i, 0) for i in range(6)], "probe": [(i, j) for i in range(5) for j in (1, 2)]}
+    images = {}
+    for sub, items in layout.items():
+        for i, j in items:
+            img = faces.render(i, j)[0]
+            d = tmp_path / "tiny" / sub / f"id{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(d / f"{j}.png"), img[:, :, ::-1])
+            images.setdefault(sub, []).append((f"id{i}", img))
+    (tmp_path / "tiny" / "distractors").mkdir()
+    for j in range(4):
+        cv2.imwrite(str(tmp_path / "tiny" / "distractors" / f"d{j}.png"), faces.render(5, 10 + j)[0][:, :, ::-1])
+    model = _pool_model(tmp_path / "pool.pt")
+    code, res = run_eval([str(model), "--identification", str(tmp_path / "tiny"), "--out", str(tmp_path / "o")],
+                         capsys)
+    assert code == 0, res.err
+    r = json.loads((tmp_path / "o" / "eval.json").read_text())["results"][0]
+    assert (r["probes"], r["gallery"], r["distractors"]) == (10, 6, 4)
+    emb = load_embedder(model)
+
+    def embed(sub):
+        x = torch.from_numpy(np.stack([im for _, im in images[sub]])).permute(0, 3, 1, 2).contiguous()
+        return embed_images(emb, x), [name for name, _ in images[sub]]
+
+    (p, pid), (g, gid) = embed("probe"), embed("gallery")
+    d = embed_images(emb, torch.from_numpy(np.stack([faces.render(5, 10 + j)[0] for j in range(4)]))
+                     .permute(0, 3, 1, 2).contiguous())
+    assert r["rank"] == pytest.approx({str(k): v for k, v in rank_k(p, pid, g, gid, (1, 5, 20), d).items()})
+    assert f"rank-1 {100 * r['rank']['1']:.2f} %" in res.out

@@ -200,3 +200,25 @@ def test_megaface_errors():
         megaface_evaluation(probes, [0, 0, 1, 1], distract, num_distractors=11)
     with pytest.raises(ValueError, match="distractor_feats are 4-d"):
         megaface_evaluation(probes, [0, 0, 1, 1], distract[:, :4])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rank_rule_agrees_with_ijb_1n_for_single_template_subjects(seed):
+    """identification.rank_k and ijb.identification_1n (insightface's rule) give the same CMC when each subject has
+    one gallery template, ties included (features rounded to a coarse grid so exact ties occur)."""
+    from lafs.eval.ijb import identification_1n
+
+    rng = np.random.default_rng(seed)
+    # entries +-0.25 in 16-d: unit norm exactly, so normalising is exact and scores are exact multiples of 1/8
+    gallery = rng.choice([-0.25, 0.25], (60, 16))
+    gallery_ids = rng.permutation(1000)[:60]
+    rows = rng.integers(0, 60, 150)
+    probe_ids = gallery_ids[rows]
+    probes = gallery[rows] * np.where(rng.random((150, 16)) < 0.3, -1, 1)  # the mate with ~30 % signs flipped
+    sims = probes @ gallery.T
+    assert ((sims == sims[np.arange(150), rows][:, None]).sum(1) > 1).sum() > 10  # ties with the mate occur
+    ks = (1, 5, 10)
+    ours = rank_k(probes, probe_ids, gallery, gallery_ids, ks=ks)
+    ijb = identification_1n(torch.from_numpy(probes), probe_ids, torch.from_numpy(gallery), gallery_ids, ranks=ks)
+    assert ijb["mated"] == 150 and ours == ijb["rank"]
+    assert 0 < ours[1] < 1

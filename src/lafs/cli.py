@@ -114,15 +114,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Score a model file, or precomputed embeddings, on verification sets; table + eval.json + roc.png."""
+    """Score a model file, or precomputed embeddings, on verification sets, the affine-sensitivity curve, IJB-B/C and
+    rank-k identification; tables + eval.json + roc.png / sensitivity.png."""
     import time
 
     import numpy as np
 
-    from .eval.report import format_table, score_pairs, set_embeddings, write_report
+    from .eval import report
 
     thresholds = None if args.thresholds == "reference" else args.thresholds
-    results, meta = [], {"thresholds": args.thresholds, "flip": not args.no_flip, "flip_mode": args.flip_mode}
+    flip = not args.no_flip
+    results, extra, meta = [], [], {"thresholds": args.thresholds, "flip": flip, "flip_mode": args.flip_mode}
     if args.embeddings:
         if args.model or not args.pairs:
             raise ConfigError("--embeddings EMB.npy goes with --pairs SET.bin (one embedding row per image, in order), "
@@ -131,30 +133,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         emb = np.load(args.embeddings)
         _, issame = read_bin(args.pairs)
-        results.append(score_pairs(emb, issame, Path(args.pairs).stem, thresholds))
+        results.append(report.score_pairs(emb, issame, Path(args.pairs).stem, thresholds))
         meta.update(model=f"embeddings {args.embeddings}", flip="as given", flip_mode="as given")
     else:
-        if not args.model or not args.sets:
-            raise ConfigError("lafs eval MODEL --sets a.bin,b.bin (or --embeddings EMB.npy --pairs SET.bin)")
+        if not args.model or not (args.sets or args.affine_curve or args.ijb or args.identification):
+            raise ConfigError("lafs eval MODEL --sets a.bin,b.bin [--affine-curve crops.bin] [--ijb ROOT] "
+                              "[--identification DIR] (or --embeddings EMB.npy --pairs SET.bin)")
         from .embedder import load_embedder
 
         embedder = load_embedder(args.model, args.device)
         meta.update(model=embedder.description, model_hash=embedder.file_hash)
         cache = None if args.no_cache else (args.cache or str(Path.home() / ".cache" / "lafs" / "embeddings"))
-        for path in args.sets.split(","):
+        common = dict(batch_size=args.batch_size, device=args.device, flip=flip, flip_mode=args.flip_mode)
+        for path in args.sets.split(",") if args.sets else []:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--sets: {path} not found")
             start = time.perf_counter()
-            emb, issame, cached = set_embeddings(
-                embedder, path, embedder.file_hash, color=args.color, batch_size=args.batch_size, device=args.device,
-                flip=not args.no_flip, flip_mode=args.flip_mode, cache_dir=cache)
-            r = score_pairs(emb, issame, Path(path).stem, thresholds)
+            emb, issame, cached = report.set_embeddings(embedder, path, embedder.file_hash, color=args.color,
+                                                        cache_dir=cache, keypoints_path=args.keypoints, **common)
+            r = report.score_pairs(emb, issame, Path(path).stem, thresholds)
             r["seconds"], r["cached"] = time.perf_counter() - start, cached
             results.append(r)
+        if args.affine_curve:
+            if not Path(args.affine_curve).is_file():
+                raise FileNotFoundError(f"--affine-curve: {args.affine_curve} not found")
+            r = report.sensitivity_report(embedder, args.affine_curve, args.keypoints, steps=args.steps,
+                                          interpolation=args.interpolation, border=args.border, color=args.color,
+                                          thresholds=thresholds,
+                                          **common)
+            from .eval.robustness import format_sensitivity
+
+            extra.append(format_sensitivity(r))
+            results.append(r)
+        for root in args.ijb.split(",") if args.ijb else []:
+            from .eval.ijb import format_ijb_result
+
+            r = report.ijb_report(embedder, root, args.ijb_name, mode=args.ijb_mode, model_hash=embedder.file_hash,
+                                  cache_dir=cache, batch_size=args.batch_size, device=args.device)
+            extra.append(format_ijb_result(r))
+            results.append(r)
+        if args.identification:
+            r = report.identification_report(embedder, args.identification, **common)
+            extra.append(f"{r['name']}: {r['probes']} probes, {r['gallery']} gallery, {r['distractors']} distractors: "
+                         + ", ".join(f"rank-{k} {100 * v:.2f} %" for k, v in r["rank"].items()))
+            results.append(r)
     print(f"model: {meta['model']}; flip test: {meta['flip']} ({meta['flip_mode']}); thresholds: {args.thresholds}")
-    print(format_table(results))
+    pair_results = [r for r in results if "_dist" in r]
+    if pair_results:
+        print(report.format_table(pair_results))
+    for text in extra:
+        print(text)
     if args.out:
-        for path in write_report(results, args.out, meta):
+        for path in report.write_report(results, args.out, meta):
             print(f"wrote {path}")
     return 0
 
@@ -302,7 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sets", help="comma-separated .bin files (LFW, CFP-FP, AgeDB-30, ...)")
     p.add_argument("--embeddings", help="N x D .npy, one row per image of --pairs, in its order")
     p.add_argument("--pairs", help="the .bin whose pairs --embeddings belong to")
-    p.add_argument("--out", help="folder for eval.json and roc.png")
+    p.add_argument("--out", help="folder for eval.json, roc.png and sensitivity.png")
+    p.add_argument("--affine-curve", metavar="CROPS.bin",
+                   help="detector crops (.bin) + keypoints: accuracy from the crop (t=0) to the aligned face (t=1), "
+                   "the KP-RPE paper's affine-sensitivity curve")
+    p.add_argument("--keypoints", help="(images, 5, 2) .npy for --affine-curve or keypoint models "
+                   "(default: <set>_kps.npy beside the .bin)")
+    p.add_argument("--steps", type=int, default=6, help="evenly spaced t in [0, 1] for --affine-curve")
+    p.add_argument("--interpolation", choices=("similarity", "linear"), default="similarity",
+                   help="similarity: scale^t, t*angle, centre on a line (every step a similarity); "
+                   "linear: (1-t) I + t M entry-wise")
+    p.add_argument("--border", choices=("constant", "replicate", "reflect"), default="constant",
+                   help="fill where a warped crop has no pixels (constant = black, as align_face / insightface)")
+    p.add_argument("--ijb", metavar="ROOT", help="IJB-B/C folder(s) with loose_crop/ and meta/ (comma-separated)")
+    p.add_argument("--ijb-name", help="ijbb or ijbc (default: the folder name)")
+    p.add_argument("--ijb-mode", default="N1D1F1",
+                   help="N1/N0 keep/normalise image feature norms, D1/D0 detector-score weighting, F1/F0 flip test")
+    p.add_argument("--identification", metavar="DIR",
+                   help="rank-1/5/20 from DIR/probe/<id>/*, DIR/gallery/<id>/*, optional DIR/distractors/")
     p.add_argument("--thresholds", choices=("reference", "exact"), default="reference",
                    help="reference: insightface arange(0, 4, 0.01) (comparable with papers); exact: every midpoint")
     p.add_argument("--flip-mode", choices=("sum", "concat"), default="sum")

@@ -28,13 +28,27 @@ from .data.datasets import to_model_input
 
 @dataclass
 class Embedder:
-    fn: Callable[[torch.Tensor], torch.Tensor]
+    """``embedder(x)`` or, when ``uses_keypoints`` (KP-RPE models), ``embedder(x, keypoints=k)`` -> B x D.
+
+    ``k``: B x K x 2 pixels of ``x``; rescaled with the image when the model's input size differs (pixel centres:
+    p' = (p + 0.5) * size / W - 0.5). Keypoints given to a model that does not use them are ignored.
+    """
+
+    fn: Callable[..., torch.Tensor]
     img_size: int | None
     description: str
     file_hash: str
+    uses_keypoints: bool = False
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(to_model_input(x, self.img_size))
+    def __call__(self, x: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
+        width = x.shape[-1]
+        x = to_model_input(x, self.img_size)
+        if not self.uses_keypoints:
+            return self.fn(x)
+        if keypoints is None:
+            raise ValueError(f"{self.description} needs keypoints (B x K x 2 pixels) with the images")
+        scale = x.shape[-1] / width
+        return self.fn(x, (keypoints.float() + 0.5) * scale - 0.5)
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -46,7 +60,7 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, str]:
+def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, str, bool]:
     from .config import Config, load_config
     from .models import build_backbone
 
@@ -67,7 +81,9 @@ def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, st
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
     backbone.eval().to(device)
     desc = f"{cfg.model.name}-{cfg.model.size} ({source} of {path.name}, step {state.get('step')})"
-    return (lambda x: backbone(x)["embedding"]), backbone.img_size, desc
+    if getattr(backbone, "uses_keypoints", False):
+        return (lambda x, k: backbone(x, keypoints=k)["embedding"]), backbone.img_size, desc, True
+    return (lambda x: backbone(x)["embedding"]), backbone.img_size, desc, False
 
 
 def load_embedder(path: str | Path, device: str | torch.device = "cpu") -> Embedder:
@@ -107,5 +123,5 @@ def load_embedder(path: str | Path, device: str | torch.device = "cpu") -> Embed
         raise ValueError(f"{path}: not a lafs checkpoint, TorchScript or ONNX model ({err})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a lafs checkpoint (no 'model' entry), TorchScript or ONNX model")
-    fn, size, desc = _from_checkpoint(path, state, device)
-    return Embedder(fn, size, desc, digest)
+    fn, size, desc, uses_keypoints = _from_checkpoint(path, state, device)
+    return Embedder(fn, size, desc, digest, uses_keypoints)

@@ -22,6 +22,7 @@ __all__ = [
     "align_keypoints",
     "estimate_similarity",
     "estimate_similarity_batch",
+    "flip_keypoints",
     "inverse_warp",
     "invert_affine",
     "template",
@@ -42,6 +43,22 @@ ARCFACE_TEMPLATE = np.array(
 ARCFACE_TEMPLATE.flags.writeable = False  # a shared constant: an in-place edit would silently move every crop
 
 BORDERS = ("constant", "replicate", "reflect")
+
+# A mirrored face's left eye is the original right eye: the 5 points swap eyes and mouth corners.
+FLIP_ORDER = (1, 0, 2, 4, 3)
+
+
+def flip_keypoints(keypoints, width: int):
+    """5-point keypoints ``(..., 5, 2)`` of images ``width`` px wide -> those of the horizontally flipped images.
+
+    x -> width - 1 - x (pixel centres at integers, as ``torch.flip``) and the left/right points swap labels
+    (:data:`FLIP_ORDER`), so point 0 stays the image-left eye. numpy or torch in, the same type out.
+    """
+    if keypoints.shape[-2:] != (5, 2):
+        raise ValueError(f"keypoints of shape {tuple(keypoints.shape)}: expected (..., 5, 2)")
+    out = keypoints[..., list(FLIP_ORDER), :]  # advanced indexing: a copy, for numpy and torch alike
+    out[..., 0] = (width - 1) - out[..., 0]
+    return out
 
 
 def template(size: int = 112) -> np.ndarray:

@@ -13,6 +13,11 @@ FaceX-Zoo's MegaFace reimplementation counts a pair correct when ``score >= k-th
 With continuous features exact ties do not occur; duplicates (the same image as probe and distractor) do, which is
 why the cleaned MegaFace lists matter.
 
+IJB 1:N (``ijb.identification_1n``) follows insightface instead: the mate is the subject's *first* gallery template
+and the subject's other templates compete against it. Both count ties against the probe, so the two agree exactly
+whenever every subject has one gallery item (the IJB-B/C galleries; a test checks it); with several, the rule here
+(best item of the identity, the others never in the way) is the closed-set CMC of TinyFace and MegaFace.
+
 ``rank_k_loop`` is a brute-force, per-probe reference (sort every candidate) for tests and benchmarks.
 """
 

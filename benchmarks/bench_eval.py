@@ -1,4 +1,4 @@
-"""Evaluation-metric speed: vectorised 10-fold verification and rank-k identification vs straightforward loops.
+"""Evaluation speed: vectorised 10-fold verification, rank-k identification and IJB-C-scale scoring vs loops.
 
 1. **10-fold verification** on ``--pairs`` (6,000, LFW's size) pairs of random 512-d unit embeddings with a
    realistic separation: genuine cosine ~ N(0.5, 0.15), impostor cosine ~ N(0.05, 0.07), each pair built with
@@ -17,7 +17,12 @@
    full sort, first match) on ``--loop-probes`` of them; the loop's time for all probes is extrapolated linearly
    (stated in the output) and its rates are compared with the vectorised ranks of the same probes.
 
-Everything printed is measured in this run. Run: ``python benchmarks/bench_verification.py [--json out.json]``.
+3. **IJB-C-scale 1:1 scoring** (``bench_ijb.py``, also runnable alone): template pooling and 15.6M pair scores on
+   random features against a per-template / per-pair Python loop and insightface's numpy scoring, with the peak
+   memory of each phase (``--ijb-scale`` shrinks it, ``--skip-ijb`` leaves it out).
+
+Everything printed is measured in this run; the closing summary repeats the headline ratios. Run:
+``python benchmarks/bench_eval.py [--ijb-scale 0.1] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -159,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--identities", type=int, default=5_000, help="gallery size (one image per identity)")
     ap.add_argument("--loop-probes", type=int, default=100)
     ap.add_argument("--skip-identification", action="store_true")
+    ap.add_argument("--ijb-scale", type=float, default=1.0, help="IJB-C counts x this (bench_ijb --scale)")
+    ap.add_argument("--ijb-threads", type=int, default=1, help="torch threads for the IJB part (bench_ijb --threads)")
+    ap.add_argument("--skip-ijb", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, numpy {np.__version__}, torch threads {torch.get_num_threads()}")
@@ -187,6 +195,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  loop / vectorised (extrapolated): {i['ratio_extrapolated']:.0f}x; subsample rates vectorised "
               f"{i['subsample_rank_vectorised']} vs loop {i['subsample_rank_loop']}: agree {i['subsample_agree']}")
         result["identification"] = i
+    if not args.skip_ijb:
+        import bench_ijb  # the sibling script (benchmarks/ is on sys.path when this file runs)
+
+        print()
+        threads = torch.get_num_threads()
+        result["ijb"] = bench_ijb.main(["--scale", str(args.ijb_scale), "--threads", str(args.ijb_threads)])
+        torch.set_num_threads(threads)
+    print("\nsummary (ratios measured side by side above):")
+    print(f"  10-fold verification, {v['pairs']} pairs: {v['end_to_end']['ratio']:.1f}x end to end from embeddings, "
+          f"{v['protocol_only']['ratio']:.1f}x protocol only, vs the per-threshold loop; same accuracy: "
+          f"{v['end_to_end']['identical'] and v['protocol_only']['identical']}")
+    if "identification" in result:
+        print(f"  rank-k identification: {result['identification']['ratio_extrapolated']:.0f}x vs the per-probe loop "
+              "(extrapolated)")
+    if "ijb" in result:
+        j = result["ijb"]
+        print(f"  IJB-C x {j['scale']:g} scoring ({j['pairs']:,} pairs, {j['templates']:,} templates): pooling "
+              f"{j['ratios']['pooling']:.1f}x, pair scores {j['ratios']['pairs']:.1f}x vs per-template / per-pair "
+              f"loops (extrapolated), {j['ratios']['pairs_vs_insightface']:.1f}x vs insightface numpy; vectorised "
+              f"{j['vectorised']['pooling_s'] + j['vectorised']['pairs_s']:.2f} s, peak "
+              f"{max(j['vectorised']['pooling_peak_mib'], j['vectorised']['pairs_peak_mib']):.0f} MiB above start")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0 if v["end_to_end"]["identical"] and v["protocol_only"]["identical"] else 1
