@@ -10,7 +10,10 @@
    must give the same fold accuracies and thresholds (checked). Timed side by side, alternating, median of
    ``--repeats``, twice: end to end from the 512-d embeddings (both sides normalise in float64 and compute the
    distances, which dominates the vectorised time) and protocol only (the same distances carried by 2-d unit
-   pairs). The exact grid (``thresholds="exact"``) is timed too.
+   pairs). The exact grid (``thresholds="exact"``) is timed too. Then the like-for-like comparison: all metrics on
+   both sides, ``ten_fold_accuracy`` against insightface's whole ``evaluate`` written as loops (``evaluate_loop``:
+   ``calculate_roc`` with its test-fold TPR/FPR per threshold, and ``calculate_val`` over 4,000 thresholds), with
+   fold accuracies, thresholds and VAL@FAR=1e-3 checked equal.
 2. **Rank-k identification**: ``--probes`` probes against ``--candidates`` gallery + distractors (one gallery image
    per identity for ``--identities`` identities, the rest distractors), 512-d float32, rank 1/5/20.
    ``lafs.eval.identification.rank_k`` (chunked torch matmul) on all probes vs ``rank_k_loop`` (per probe: scores,
@@ -85,6 +88,56 @@ def calculate_roc_loop(embeddings1, embeddings2, actual_issame, nfolds: int = 10
     return accs, best
 
 
+def evaluate_loop(embeddings1, embeddings2, actual_issame, nfolds: int = 10, far_target: float = 1e-3):
+    """insightface ``evaluate`` as written, loop for loop: ``calculate_roc`` (per fold, per threshold: train accuracy,
+    and the test fold's TPR / FPR / accuracy for the ROC) plus ``calculate_val`` (per fold, per threshold of
+    ``arange(0, 4, 0.001)``: train FAR; then VAL / FAR on the test fold). The VAL threshold is picked by lafs's rule
+    (largest threshold with train FAR <= target) instead of insightface's ``interp1d``, so the two can be compared
+    exactly (see ``ten_fold_accuracy``). Returns fold accuracies, best thresholds, mean VAL."""
+    e1 = unit_rows(np.asarray(embeddings1, np.float64))
+    e2 = unit_rows(np.asarray(embeddings2, np.float64))
+    dist = np.sum(np.square(e1 - e2), 1)
+    thresholds = np.arange(0, 4, 0.01)
+    indices = np.arange(len(actual_issame))
+
+    def accuracy(threshold, d, same):  # insightface calculate_accuracy
+        predict = np.less(d, threshold)
+        tp = np.sum(np.logical_and(predict, same))
+        fp = np.sum(np.logical_and(predict, np.logical_not(same)))
+        tn = np.sum(np.logical_and(np.logical_not(predict), np.logical_not(same)))
+        fn = np.sum(np.logical_and(np.logical_not(predict), same))
+        tpr = 0 if tp + fn == 0 else float(tp) / float(tp + fn)
+        fpr = 0 if fp + tn == 0 else float(fp) / float(fp + tn)
+        return tpr, fpr, float(tp + tn) / d.size
+
+    def val_far(threshold, d, same):  # insightface calculate_val_far
+        predict = np.less(d, threshold)
+        ta = np.sum(np.logical_and(predict, same))
+        fa = np.sum(np.logical_and(predict, np.logical_not(same)))
+        return float(ta) / np.sum(same), float(fa) / np.sum(np.logical_not(same))
+
+    accs, best, vals = [], [], []
+    tprs = np.zeros((nfolds, len(thresholds)))
+    fprs = np.zeros((nfolds, len(thresholds)))
+    val_thresholds = np.arange(0, 4, 0.001)
+    for f, test_set in enumerate(np.array_split(indices, nfolds)):
+        train_set = np.setdiff1d(indices, test_set)
+        acc_train = np.zeros(len(thresholds))
+        for i, threshold in enumerate(thresholds):
+            _, _, acc_train[i] = accuracy(threshold, dist[train_set], actual_issame[train_set])
+        b = int(np.argmax(acc_train))
+        for i, threshold in enumerate(thresholds):
+            tprs[f, i], fprs[f, i], _ = accuracy(threshold, dist[test_set], actual_issame[test_set])
+        best.append(thresholds[b])
+        accs.append(accuracy(thresholds[b], dist[test_set], actual_issame[test_set])[2])
+        far_train = np.zeros(len(val_thresholds))
+        for i, threshold in enumerate(val_thresholds):
+            _, far_train[i] = val_far(threshold, dist[train_set], actual_issame[train_set])
+        pick = max(int(np.sum(far_train <= far_target)) - 1, 0)
+        vals.append(val_far(val_thresholds[pick], dist[test_set], actual_issame[test_set])[0])
+    return accs, best, float(np.mean(vals))
+
+
 def _time_side_by_side(e1, e2, issame, repeats):
     t_vec, t_exact, t_loop = [], [], []
     for _ in range(repeats):  # alternate, so both see the same machine load
@@ -104,8 +157,25 @@ def _time_side_by_side(e1, e2, issame, repeats):
     return times, r, r_exact, accs
 
 
+def _time_full_evaluate(e1, e2, issame, repeats):
+    """All metrics on both sides: ten_fold_accuracy vs insightface's evaluate loops (accuracy + ROC + VAL@FAR)."""
+    t_vec, t_loop = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = ten_fold_accuracy(e1, e2, issame)
+        t_vec.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        accs, best, val = evaluate_loop(e1, e2, issame)
+        t_loop.append(time.perf_counter() - t0)
+    same = (r["fold_accuracies"] == accs and r["fold_thresholds"] == [float(b) for b in best]
+            and r["val_at_far"] == val)
+    return {"vectorised_s": float(np.median(t_vec)), "loop_s": float(np.median(t_loop)),
+            "ratio": float(np.median(t_loop) / np.median(t_vec)), "identical": bool(same), "val_at_far_loop": val}
+
+
 def bench_verification(n: int, dim: int, repeats: int) -> dict:
     e1, e2, issame = verification_data(n, dim)
+    evaluate = _time_full_evaluate(e1, e2, issame, max(1, repeats // 2))
     full, r, r_exact, accs = _time_side_by_side(e1, e2, issame, repeats)
     # Protocol only: the same distances carried by 2-d unit pairs, so computing them costs nothing on either side.
     dist = pair_distances(e1, e2)
@@ -115,6 +185,7 @@ def bench_verification(n: int, dim: int, repeats: int) -> dict:
     protocol, _, _, _ = _time_side_by_side(p1, p2, issame, repeats)
     return {
         "pairs": n, "dim": dim, "repeats": repeats, "end_to_end": full, "protocol_only": protocol,
+        "insightface_evaluate": evaluate,
         "accuracy": r["accuracy"], "accuracy_loop": float(np.mean(accs)),
         "accuracy_exact_grid": r_exact["accuracy"], "eer": r["eer"], "auc": r["auc"],
         "tar_at_far": {str(k): v for k, v in r["tar_at_far"].items()}, "val_at_far": r["val_at_far"],
@@ -181,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    vectorised, exact threshold grid          : {1e3 * t['exact_grid_s']:9.2f} ms")
         print(f"    insightface-style loop (accuracy only)    : {1e3 * t['loop_s']:9.2f} ms")
         print(f"    loop / vectorised: {t['ratio']:.1f}x; same fold accuracies and thresholds: {t['identical']}")
+    t = v["insightface_evaluate"]
+    print(f"  all metrics on both sides, from {v['dim']}-d embeddings (median of {max(1, v['repeats'] // 2)}):")
+    print(f"    vectorised ten_fold_accuracy (all metrics) : {1e3 * t['vectorised_s']:9.2f} ms")
+    print(f"    insightface evaluate loops (ROC + VAL@FAR) : {1e3 * t['loop_s']:9.2f} ms")
+    print(f"    loop / vectorised: {t['ratio']:.1f}x; same fold accuracies, thresholds and VAL@FAR=1e-3: "
+          f"{t['identical']}")
     print(f"  accuracy {v['accuracy']:.4f} (loop {v['accuracy_loop']:.4f}, exact grid "
           f"{v['accuracy_exact_grid']:.4f}), EER {v['eer']:.4f}, AUC {v['auc']:.5f}, "
           f"TAR@FAR {v['tar_at_far']}, VAL@FAR=1e-3 {v['val_at_far']:.4f}")
@@ -203,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         result["ijb"] = bench_ijb.main(["--scale", str(args.ijb_scale), "--threads", str(args.ijb_threads)])
         torch.set_num_threads(threads)
     print("\nsummary (ratios measured side by side above):")
-    print(f"  10-fold verification, {v['pairs']} pairs: {v['end_to_end']['ratio']:.1f}x end to end from embeddings, "
-          f"{v['protocol_only']['ratio']:.1f}x protocol only, vs the per-threshold loop; same accuracy: "
-          f"{v['end_to_end']['identical'] and v['protocol_only']['identical']}")
+    ok = all(v[k]["identical"] for k in ("end_to_end", "protocol_only", "insightface_evaluate"))
+    print(f"  10-fold verification, {v['pairs']} pairs, vs per-threshold loops: accuracy-only loop "
+          f"{v['end_to_end']['ratio']:.1f}x end to end from embeddings, {v['protocol_only']['ratio']:.1f}x protocol "
+          f"only; insightface evaluate (accuracy + ROC + VAL) {v['insightface_evaluate']['ratio']:.1f}x; "
+          f"same results: {ok}")
     if "identification" in result:
         print(f"  rank-k identification: {result['identification']['ratio_extrapolated']:.0f}x vs the per-probe loop "
               "(extrapolated)")
@@ -218,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{max(j['vectorised']['pooling_peak_mib'], j['vectorised']['pairs_peak_mib']):.0f} MiB above start")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-    return 0 if v["end_to_end"]["identical"] and v["protocol_only"]["identical"] else 1
+    return 0 if all(v[k]["identical"] for k in ("end_to_end", "protocol_only", "insightface_evaluate")) else 1
 
 
 if __name__ == "__main__":

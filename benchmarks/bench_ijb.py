@@ -43,10 +43,9 @@ from lafs.eval.ijb import (
     image2template_feature_loop,
     pair_scores,
     pair_scores_loop,
-    tar_at_far,
+    roc_1to1,
     template_rows,
 )
-from lafs.eval.verification import roc_auc
 
 IJBC = {"images": 469_375, "templates": 23_124, "gallery": 3_531, "medias": 227_000, "pairs": 15_658_489,
         "genuine": 19_557}
@@ -164,8 +163,8 @@ def main(argv=None) -> dict:
         scores_g = pair_scores(tf, rows1, rows2, method="gather")
     with Phase("roc") as p_roc:
         scores_np = scores.numpy()
-        tar = tar_at_far(scores_np, meta["labels"])
-        auc = roc_auc(scores_np, meta["labels"])
+        roc = roc_1to1(scores_np, meta["labels"])  # what score_ijb computes: TAR@FAR at 6 FARs + AUC, one sort
+        tar, auc = {float(k): v for k, v in roc["tar_at_far"].items()}, roc["auc"]
     gather_diff = float((scores - scores_g).abs().max())
 
     # --- loops (sampled, extrapolated) ------------------------------------------------------------------------------

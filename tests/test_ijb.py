@@ -242,16 +242,18 @@ def test_pooling_by_hand_and_zero_feature():
 
 @pytest.mark.parametrize("method", ["auto", "gemm", "gather"])
 @pytest.mark.parametrize("dense", [True, False])
-def test_pair_scores_match_loop(method, dense):
+@pytest.mark.parametrize("block_elements", [1 << 23, 100])
+def test_pair_scores_match_loop(method, dense, block_elements):
     rng = np.random.default_rng(2)
-    f = torch.nn.functional.normalize(torch.randn(60, 16, dtype=torch.float64), dim=1)
+    n = 60 if dense else 4000  # 4000 x 4000 templates for 3000 pairs: too sparse for a product, the gather path
+    f = torch.nn.functional.normalize(torch.randn(n, 16, dtype=torch.float64), dim=1)
     if dense:  # gallery x probe structure, like IJB
         r1, r2 = rng.integers(0, 8, 3000), rng.integers(8, 60, 3000)
     else:
-        r1, r2 = rng.integers(0, 60, 3000), rng.integers(0, 60, 3000)
-    got = pair_scores(f, r1, r2, chunk_size=700, method=method)
+        r1, r2 = rng.integers(0, n, 3000), rng.integers(0, n, 3000)
+    got = pair_scores(f, r1, r2, chunk_size=700, method=method, block_elements=block_elements)
     np.testing.assert_allclose(got.numpy(), pair_scores_loop(f.numpy(), r1, r2), rtol=0, atol=1e-13)
-    got32 = pair_scores(f.float(), r1, r2, chunk_size=700, method=method)
+    got32 = pair_scores(f.float(), r1, r2, chunk_size=700, method=method, block_elements=block_elements)
     np.testing.assert_allclose(got32.numpy(), pair_scores_loop(f.numpy(), r1, r2), rtol=0, atol=1e-6)
 
 

@@ -32,9 +32,16 @@ def test_roc_auc_matches_pairwise_count():
     scores = np.round(rng.normal(size=300), 1)  # many ties
     same = rng.random(300) < 0.4
     diff = scores[same][:, None] - scores[~same][None, :]
-    assert roc_auc(scores, same) == pytest.approx((diff > 0).mean() + 0.5 * (diff == 0).mean())
+    assert roc_auc(scores, same) == pytest.approx((diff > 0).mean() + 0.5 * (diff == 0).mean(), abs=1e-15)
+    scores[:7] = -np.inf  # NaN-embedding pairs reach it as -inf: ordinary (tied) lowest values
+    with np.errstate(invalid="ignore"):  # -inf - -inf
+        diff = scores[same][:, None] - scores[~same][None, :]
+    ties = scores[same][:, None] == scores[~same][None, :]
+    assert roc_auc(scores, same) == pytest.approx((diff > 0).mean() + 0.5 * ties.mean(), abs=1e-15)
     with pytest.raises(ValueError, match="genuine and impostor"):
         roc_auc([0.1, 0.2], [True, True])
+    with pytest.raises(ValueError, match="1 scores are NaN"):
+        roc_auc([0.1, np.nan], [True, False])
 
 
 # --- 10-fold protocol -------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ Pipeline (insightface ``recognition/arcface_torch/eval_ijbc.py``):
 3. Template feature: the image features of each (template, media) are averaged, the media features summed, and the
    sum L2-normalised (``image2template_feature``).
 4. 1:1: cosine of the two template features of each pair; ROC as sklearn ``roc_curve``; TAR read at the ROC point
-   whose FPR is nearest each target FAR (``FAR_RULES``); AUC by ``verification.roc_auc``.
+   whose FPR is nearest each target FAR (``FAR_RULES``); AUC as ``verification.roc_auc``
+   (``roc_1to1``: one sort of the scores for both).
 5. 1:N (``evaluation/IJB/IJB_evals.py``, ``evaluation_1N``): probe_mixed templates against each gallery separately;
    rank-1/5/10 (CMC) and TPIR at FPIR 0.01 / 0.1; see :func:`identification_1n`.
 
@@ -45,7 +46,7 @@ import torch
 
 from ..data.align import align_face
 from ..data.datasets import decode_image
-from .verification import embed_images, roc_auc
+from .verification import auc_from_counts, embed_images, roc_counts
 
 __all__ = [
     "FARS",
@@ -66,6 +67,7 @@ __all__ = [
     "mode_string",
     "pair_scores",
     "pair_scores_loop",
+    "roc_1to1",
     "roc_curve",
     "score_ijb",
     "tar_at_far",
@@ -504,13 +506,18 @@ def pair_scores(
     chunk_size: int = 1 << 20,
     method: str = "auto",
     dense_factor: float = 16.0,
+    block_elements: int = 1 << 27,
 ) -> torch.Tensor:
     """Cosine score of each pair (``template_features`` rows ``rows1[k]``, ``rows2[k]``, unit rows), 1-D on its device.
 
-    Pairs are sorted by their first template and processed ``chunk_size`` at a time. Per chunk, with R distinct first
-    and C distinct second templates: if R x C <= ``dense_factor`` x pairs (IJB's gallery x probe pairs are dense),
-    one R x C matrix product and a gather (compute-bound, fast); otherwise a row-wise dot of the gathered rows in
-    slices of ~1 MB (memory-bound, several times slower per pair). ``method`` "gemm" / "gather" forces one path.
+    With R distinct first and C distinct second templates over all pairs: if R x C <= ``dense_factor`` x pairs
+    (IJB's gallery x probe pairs are dense), the pairs are read from the R x C score matrix (compute-bound: IJB-C's
+    15.6M pairs are one 3.5k x 19.6k product). Up to ``block_elements`` scores (1 GiB in float64 by default; IJB-C
+    needs 69M) it is one product and one gather, with no sorting; beyond, the pairs are sorted by first template and
+    the matrix is made in row blocks of that size. Otherwise the pairs,
+    sorted by first template, go ``chunk_size`` at a time, each chunk dense the same way if it is dense on its own, else
+    a row-wise dot of the gathered rows in slices of ~1 MB (memory-bound, several times slower per pair).
+    ``method`` "gemm" / "gather" forces one path.
     """
     if method not in ("auto", "gemm", "gather"):
         raise ValueError(f"method must be auto, gemm or gather, got {method!r}")
@@ -526,30 +533,50 @@ def pair_scores(
         return out
     if int(min(r1.min(), r2.min())) < 0 or int(max(r1.max(), r2.max())) >= t:
         raise IndexError(f"pair rows must be in [0, {t})")
+    present = torch.zeros(t, dtype=torch.bool, device=dev)
+
+    def columns(b):
+        present.zero_()
+        present[b] = True
+        return present.nonzero().squeeze(1), torch.cumsum(present, 0) - 1  # distinct rows, row of F -> position
+
+    rows, row_of = columns(r1)
+    cols, col_of = columns(r2)
+    dense = method == "gemm" or (method == "auto" and len(rows) * len(cols) <= dense_factor * n)
+    if dense and len(rows) * len(cols) <= block_elements:
+        return (f[rows] @ f[cols].T).view(-1)[row_of[r1] * len(cols) + col_of[r2]]
     order = torch.sort(r1, stable=True).indices
+    a_all, b_all = r1[order], r2[order]
+    if dense:
+        row_inv = row_of[a_all]
+        g = f[cols]  # C x D, gathered once
+        step = max(1, block_elements // len(cols))
+        bounds = torch.searchsorted(row_inv, torch.arange(0, len(rows) + step, step, device=dev)).tolist()
+        for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if s == e:
+                continue
+            r0 = i * step
+            prod = f[rows[r0 : r0 + step]] @ g.T
+            out[order[s:e]] = prod.view(-1)[(row_inv[s:e] - r0) * len(cols) + col_of[b_all[s:e]]]
+        return out
     # gather path: slices of ~1 MB per operand, reused, so the temporaries stay in cache
     slice_rows = max(64, (1 << 20) // (f.shape[1] * f.element_size()))
     buf_a = torch.empty(slice_rows, f.shape[1], dtype=f.dtype, device=dev)
     buf_b = torch.empty_like(buf_a)
-    present = torch.zeros(t, dtype=torch.bool, device=dev)
     for s in range(0, n, chunk_size):
         idx = order[s : s + chunk_size]
-        a, b = r1[idx], r2[idx]
-        rows, row_inv = torch.unique_consecutive(a, return_inverse=True)
-        present.zero_()
-        present[b] = True
-        cols = present.nonzero().squeeze(1)
-        dense = len(rows) * len(cols) <= dense_factor * len(idx)
-        if method == "gemm" or (method == "auto" and dense):
-            col_of = torch.cumsum(present, 0) - 1  # row of F -> column of the product
-            prod = f[rows] @ f[cols].T
-            out[idx] = prod.view(-1)[row_inv * len(cols) + col_of[b]]
-        else:
-            for u in range(0, len(idx), slice_rows):
-                k = min(slice_rows, len(idx) - u)
-                x = torch.index_select(f, 0, a[u : u + k], out=buf_a[:k])
-                y = torch.index_select(f, 0, b[u : u + k], out=buf_b[:k])
-                out[idx[u : u + k]] = x.mul_(y).sum(1)
+        a, b = a_all[s : s + chunk_size], b_all[s : s + chunk_size]
+        c_rows, c_inv = torch.unique_consecutive(a, return_inverse=True)
+        c_cols, c_col_of = columns(b)
+        if method == "auto" and len(c_rows) * len(c_cols) <= dense_factor * len(idx):
+            prod = f[c_rows] @ f[c_cols].T
+            out[idx] = prod.view(-1)[c_inv * len(c_cols) + c_col_of[b]]
+            continue
+        for u in range(0, len(idx), slice_rows):
+            k = min(slice_rows, len(idx) - u)
+            x = torch.index_select(f, 0, a[u : u + k], out=buf_a[:k])
+            y = torch.index_select(f, 0, b[u : u + k], out=buf_b[:k])
+            out[idx[u : u + k]] = x.mul_(y).sum(1)
     return out
 
 
@@ -575,20 +602,15 @@ def _check_scores_labels(scores, labels):
     return s, y
 
 
-def roc_curve(scores, labels, drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(scores, labels, drop_intermediate: bool = True, counts=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) exactly as ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=...)``.
 
     One point per distinct score (accept ``score >= threshold``), in decreasing threshold order, after a first point
     (0, 0) at threshold inf. ``drop_intermediate`` removes the points where neither the FP nor the TP count changes
     slope (sklearn's second-difference test); it never changes the AUC but it can change the "nearest" TAR.
+    ``counts``: ``verification.roc_counts(scores, labels)`` already computed (the scores are then not read).
     """
-    s, y = _check_scores_labels(scores, labels)
-    order = np.argsort(s, kind="mergesort")[::-1]
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last position of each distinct score
-    tps = np.cumsum(y, dtype=np.int64)[last]
-    fps = 1 + last - tps
-    thresholds = s[last]
+    fps, tps, thresholds = counts if counts is not None else roc_counts(*_check_scores_labels(scores, labels))
     if drop_intermediate and len(fps) > 2:
         keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
         fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
@@ -596,14 +618,14 @@ def roc_curve(scores, labels, drop_intermediate: bool = True) -> tuple[np.ndarra
     return fps / fps[-1], tps / tps[-1], np.r_[np.inf, thresholds]
 
 
-def _roc_points(scores, labels, fars, rule) -> list[tuple[float, float, float]]:
+def _roc_points(scores, labels, fars, rule, counts=None) -> list[tuple[float, float, float]]:
     """(TAR, FPR, threshold) for each target FAR under ``rule`` (``FAR_RULES``)."""
     if rule not in FAR_RULES:
         raise ValueError(f"rule must be one of {FAR_RULES}, got {rule!r}")
     fars = [float(x) for x in fars]
     if any(not 0.0 <= x <= 1.0 for x in fars):
         raise ValueError(f"target FARs must be in [0, 1], got {fars}")
-    fpr, tpr, thr = roc_curve(scores, labels, drop_intermediate=(rule == "nearest"))
+    fpr, tpr, thr = roc_curve(scores, labels, drop_intermediate=(rule == "nearest"), counts=counts)
     out = []
     for far in fars:
         if rule == "nearest":
@@ -614,6 +636,18 @@ def _roc_points(scores, labels, fars, rule) -> list[tuple[float, float, float]]:
             i = int(np.searchsorted(fpr, far, side="right")) - 1  # fpr[0] = 0 <= far
         out.append((float(tpr[i]), float(fpr[i]), float(thr[i])))
     return out
+
+
+def roc_1to1(scores, labels, fars=FARS, rule: str = "nearest") -> dict:
+    """TAR, FPR and threshold at each target FAR (keys ``f"{far:g}"``) and the AUC, from one sort of the scores."""
+    counts = roc_counts(*_check_scores_labels(scores, labels))
+    points = _roc_points(scores, labels, fars, rule, counts)
+    return {
+        "tar_at_far": {_key(f): tar for f, (tar, _, _) in zip(fars, points)},
+        "fpr_at_far": {_key(f): fpr for f, (_, fpr, _) in zip(fars, points)},
+        "threshold_at_far": {_key(f): thr for f, (_, _, thr) in zip(fars, points)},
+        "auc": auc_from_counts(counts[0], counts[1]),
+    }
 
 
 def tar_at_far(scores, labels, fars=FARS, rule: str = "nearest") -> dict[float, float]:
@@ -777,15 +811,11 @@ def score_ijb(
     rows1 = template_rows(unique_templates, meta.pairs[:, 0], "pair template 1")
     rows2 = template_rows(unique_templates, meta.pairs[:, 1], "pair template 2")
     scores = pair_scores(template_feats, rows1, rows2).cpu().numpy()
-    points = _roc_points(scores, meta.labels, fars, far_rule)
     result = {
         "name": meta.name, "mode": mode_string(use_norm_score, use_detector_score, use_flip_test),
         "images": len(meta), "templates": len(unique_templates), "pairs": len(scores),
         "genuine": int(meta.labels.sum()), "impostor": int(len(scores) - meta.labels.sum()), "far_rule": far_rule,
-        "tar_at_far": {_key(f): tar for f, (tar, _, _) in zip(fars, points)},
-        "fpr_at_far": {_key(f): fpr for f, (_, fpr, _) in zip(fars, points)},
-        "threshold_at_far": {_key(f): thr for f, (_, _, thr) in zip(fars, points)},
-        "auc": roc_auc(scores, meta.labels),
+        **roc_1to1(scores, meta.labels, fars, far_rule),
     }
     if identification and meta.galleries is not None and meta.probes is not None:
         probe = template_feats[torch.from_numpy(template_rows(unique_templates, meta.probes.templates)).to(device)]

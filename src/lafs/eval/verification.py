@@ -56,23 +56,42 @@ from ..data.datasets import decode_image, to_model_range
 from ..data.pairs import read_bin
 
 
+def roc_counts(scores, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fps, tps, thresholds): at each distinct score t, in decreasing order, the impostor and genuine pairs with
+    score >= t (the counts behind sklearn's ``roc_curve``). One sort of the score values (no argsort, no permuted
+    labels) and a binary search of the genuine scores, so IJB-C's 15.6M pairs take about a second. NaN is an error;
+    +-inf are ordinary values."""
+    s = np.asarray(scores, np.float64).ravel()
+    y = np.asarray(issame, bool).ravel()
+    if len(s) != len(y):
+        raise ValueError(f"{len(s)} scores for {len(y)} labels")
+    if np.isnan(s).any():
+        raise ValueError(f"{int(np.isnan(s).sum())} scores are NaN")
+    desc = np.sort(s)[::-1]
+    last = np.r_[np.flatnonzero(desc[1:] != desc[:-1]), len(desc) - 1]  # last position of each distinct score
+    thresholds = desc[last]
+    genuine = np.sort(s[y])
+    tps = len(genuine) - np.searchsorted(genuine, thresholds, side="left")
+    return 1 + last - tps, tps, thresholds
+
+
 def roc_auc(scores, issame) -> float:
     """Area under the ROC curve = P(genuine score > impostor score), ties counted half.
 
-    Computed from average ranks (Mann-Whitney U / (n_pos n_neg)) in O(n log n), so it scales to the
-    millions of pairs of IJB-C.
+    The trapezoid over :func:`roc_counts` in exact integer arithmetic (a tie group's diagonal step counts half), so
+    it scales to the millions of pairs of IJB-C.
     """
-    scores = np.asarray(scores, np.float64).ravel()
-    issame = np.asarray(issame, bool).ravel()
-    n_pos, n_neg = int(issame.sum()), int((~issame).sum())
+    return auc_from_counts(*roc_counts(scores, issame)[:2])
+
+
+def auc_from_counts(fps: np.ndarray, tps: np.ndarray) -> float:
+    """:func:`roc_auc` from :func:`roc_counts`' cumulative impostor / genuine counts."""
+    n_neg, n_pos = int(fps[-1]), int(tps[-1])
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"AUC needs genuine and impostor pairs, got {n_pos} and {n_neg}")
-    order = np.argsort(scores, kind="mergesort")
-    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = np.empty(len(scores))
-    ranks[order] = ((ends - counts + 1 + ends) / 2.0)[inverse]  # tied scores share their mean rank
-    return float((ranks[issame].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    fps, tps = np.r_[0, fps].astype(np.int64), np.r_[0, tps].astype(np.int64)
+    twice_area = int(np.sum(np.diff(fps) * (tps[1:] + tps[:-1])))
+    return twice_area / (2.0 * n_pos * n_neg)
 
 
 def fold_ids(n: int, nfolds: int) -> np.ndarray:
