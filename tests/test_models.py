@@ -63,7 +63,10 @@ def test_every_registered_model_builds_and_runs():
                 continue
             model = entry.build(size).eval()
             x = torch.rand(2, 3, model.img_size, model.img_size) * 2 - 1
-            out = model(x)
+            if getattr(model, "uses_keypoints", False):
+                out = model(x, keypoints=torch.rand(2, 5, 2) * model.img_size)
+            else:
+                out = model(x)
             assert out["embedding"].shape == (2, model.embedding_size)
             assert torch.isfinite(out["embedding"]).all()
             assert ("landmarks" in out) == entry.has_landmarks

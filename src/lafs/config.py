@@ -34,7 +34,7 @@ def choice(default: Any, choices: tuple, help: str = "") -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = choice("part_fvit", ("part_fvit", "fvit", "iresnet"), "backbone")
+    name: str = choice("part_fvit", ("part_fvit", "fvit", "iresnet", "vit", "vit_irpe", "vit_kprpe"), "backbone")
     size: str = "micro"
     img_size: Optional[int] = None
     patch_size: Optional[int] = None
@@ -50,13 +50,22 @@ class ModelConfig:
     drop_path: Optional[float] = None
     drop_path_schedule: Optional[str] = choice(None, (None, "constant", "linear"))
     attn_scale: Optional[str] = choice(None, (None, "dim", "head_dim"), "dim: reference code; head_dim: standard")
-    pool: Optional[str] = choice(None, (None, "cls", "mean"))
+    pool: Optional[str] = choice(None, (None, "cls", "mean", "flatten"), "flatten: insightface face ViT head")
     embedding_size: Optional[int] = None
     token_init: Optional[str] = choice(None, (None, "normal", "trunc_normal"), "CLS/pos init: normal = reference N(0,1), trunc_normal = DINO std 0.02")
     patch_layout: Optional[str] = choice(None, (None, "centred", "reference"))
     landmark_width_mult: Optional[float] = None
     landmark_dropout: Optional[float] = None
     width: Optional[int] = None
+    mlp_act: Optional[str] = choice(None, (None, "gelu", "relu6"))
+    weight_init: Optional[str] = choice(None, (None, "torch", "trunc_normal"))
+    rpe: Optional[str] = choice(None, (None, "none", "irpe", "kprpe"), "relative position encoding (models/rpe.py)")
+    rpe_mode: Optional[str] = choice(None, (None, "bias", "ctx"), "iRPE mode")
+    rpe_on: Optional[str] = None  # iRPE contextual terms: any of "qkv"
+    rpe_shared_head: Optional[bool] = None
+    rpe_ratio: Optional[float] = None
+    kprpe_variant: Optional[str] = choice(None, (None, "absolute", "relative", "multihead"), "KP-RPE f(P)")
+    num_keypoints: Optional[int] = None
 
     def overrides(self) -> dict[str, Any]:
         """The options set explicitly (not None), as keyword arguments for ``build_backbone``."""

@@ -68,20 +68,30 @@ class FViT(nn.Module):
         self.patch_size = patch_size
         self.num_tokens = (img_size // patch_size) ** 2
         self.encoder = ViTEncoder(
-            token_dim=patch_size * patch_size * in_chans, num_tokens=self.num_tokens, **encoder_kwargs
+            token_dim=patch_size * patch_size * in_chans, num_tokens=self.num_tokens, img_size=img_size,
+            patch_size=patch_size, **encoder_kwargs
         )
         self.embedding_size = self.encoder.embedding_size
 
+    @property
+    def uses_keypoints(self) -> bool:
+        """KP-RPE models take ``keypoints`` (B x 5 x 2 pixels of the input) in ``forward``."""
+        return self.encoder.uses_keypoints
+
     def forward(self, images: Tensor, attn_bias: Tensor | None = None, landmarks: Tensor | None = None,
-                positions: Tensor | None = None) -> dict[str, Tensor]:
+                positions: Tensor | None = None, keypoints: Tensor | None = None) -> dict[str, Tensor]:
+        token_xy = None
         if landmarks is not None:
             tokens = sample_patches(images, landmarks, self.patch_size)
+            token_xy = landmarks
         else:
             tokens = grid_tokens(images, self.patch_size)
             h, w = images.shape[-2:]
-            if positions is None and (h != self.img_size or w != self.img_size):
-                grid = self.img_size // self.patch_size
-                pos = grid_positions(h // self.patch_size, w // self.patch_size, grid, images.device)
-                positions = pos.expand(len(images), -1)
-        out = self.encoder(tokens, attn_bias, positions)
+            if h != self.img_size or w != self.img_size:
+                token_xy = grid_landmarks(h, self.patch_size, images.device) if h == w else None
+                if positions is None:
+                    grid = self.img_size // self.patch_size
+                    pos = grid_positions(h // self.patch_size, w // self.patch_size, grid, images.device)
+                    positions = pos.expand(len(images), -1)
+        out = self.encoder(tokens, attn_bias, positions, token_xy=token_xy, keypoints=keypoints)
         return {"embedding": out["embedding"]}

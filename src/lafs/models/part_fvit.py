@@ -121,18 +121,25 @@ class PartFViT(nn.Module):
         self.patch_layout = patch_layout
         self.landmark_cnn = LandmarkCNN(num_landmarks, img_size, landmark_width_mult, landmark_dropout)
         self.encoder = ViTEncoder(
-            token_dim=patch_size * patch_size * in_chans, num_tokens=num_landmarks, **encoder_kwargs
+            token_dim=patch_size * patch_size * in_chans, num_tokens=num_landmarks, img_size=img_size,
+            patch_size=patch_size, **encoder_kwargs
         )
         self.embedding_size = self.encoder.embedding_size
 
+    @property
+    def uses_keypoints(self) -> bool:
+        """With KP-RPE the token positions are the landmarks and ``keypoints`` (B x 5 x 2 pixels) are required."""
+        return self.encoder.uses_keypoints
+
     def forward(
         self, images: Tensor, landmarks: Tensor | None = None, attn_bias: Tensor | None = None,
-        positions: Tensor | None = None,
+        positions: Tensor | None = None, keypoints: Tensor | None = None,
     ) -> dict[str, Tensor]:
         if landmarks is None:
             if self.landmark_cnn is None:
                 raise ValueError("this Part fViT has no landmark CNN (an SSL trunk): pass landmarks")
             landmarks = self.landmark_cnn(images)
         tokens = sample_patches(images, landmarks, self.patch_size, self.patch_layout)
-        out = self.encoder(tokens, attn_bias, positions)
+        # relative encodings see the tokens where they were sampled; detached: the RPE does not move landmarks
+        out = self.encoder(tokens, attn_bias, positions, token_xy=landmarks.detach(), keypoints=keypoints)
         return {"embedding": out["embedding"], "landmarks": landmarks}

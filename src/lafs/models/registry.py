@@ -41,6 +41,15 @@ VIT_OPTIONS = (
     "pool",
     "embedding_size",
     "token_init",
+    "mlp_act",
+    "weight_init",
+    "rpe",
+    "rpe_mode",
+    "rpe_on",
+    "rpe_shared_head",
+    "rpe_ratio",
+    "kprpe_variant",
+    "num_keypoints",
 )
 PART_FVIT_OPTIONS = VIT_OPTIONS + ("num_landmarks", "patch_layout", "landmark_width_mult", "landmark_dropout")
 IRESNET_OPTIONS = ("img_size", "depth", "width", "embedding_size", "dropout")
@@ -68,6 +77,21 @@ PART_FVIT_SIZES = {
     for name, cfg in VIT_SIZES.items()
 }
 PART_FVIT_SIZES["micro"]["landmark_width_mult"] = 0.5
+# The KP-RPE paper's face ViT (insightface's; kprpe_spec §3.1): patch 8, 196 tokens, dim 512, no CLS token, a
+# flattened-token head to 512, ReLU6 MLP, head-dim scaling, trunc-normal init, DropPath 0.1 (linear).
+_FACE_VIT = dict(img_size=112, patch_size=8, dim=512, dim_head=64, dropout=0.0, emb_dropout=0.0, drop_path=0.1,
+                 drop_path_schedule="linear", attn_scale="head_dim", pool="flatten", embedding_size=512,
+                 token_init="trunc_normal", weight_init="trunc_normal", mlp_act="relu6")
+FACE_VIT_SIZES: dict[str, dict[str, Any]] = {
+    "micro": {**_FACE_VIT, "img_size": 56, "dim": 96, "depth": 2, "heads": 3, "dim_head": 32, "mlp_dim": 384,
+              "embedding_size": 128},
+    "small": {**_FACE_VIT, "depth": 12, "heads": 8, "mlp_dim": 2560},
+    "base": {**_FACE_VIT, "depth": 24, "heads": 16, "dim_head": 32, "mlp_dim": 1536},
+}
+# "ViT + iRPE" (contextual product on q, k, v, heads shared, kprpe_spec §1.6) and "ViT + KP-RPE" (multi-head
+# relative f(P), §2.3): the same ViT, one option apart.
+IRPE_DEFAULTS = dict(rpe="irpe", rpe_mode="ctx", rpe_on="qkv", rpe_shared_head=True, rpe_ratio=1.9)
+KPRPE_DEFAULTS = dict(rpe="kprpe", kprpe_variant="multihead", num_keypoints=5, rpe_ratio=1.9)
 IRESNET_SIZES: dict[str, dict[str, Any]] = {
     "micro": dict(depth=18, width=16, img_size=56, embedding_size=128),
     "r18": dict(depth=18, img_size=112),
@@ -128,4 +152,10 @@ register_backbone(
                   PART_FVIT_OPTIONS, has_landmarks=True)
 )
 register_backbone(BackboneEntry("fvit", "fViT: ViT on an 8x8 patch grid", FViT, VIT_SIZES, VIT_OPTIONS))
+register_backbone(BackboneEntry("vit", "face ViT of the KP-RPE paper (flattened-token head)", FViT, FACE_VIT_SIZES,
+                                VIT_OPTIONS))
+register_backbone(BackboneEntry("vit_irpe", "face ViT + iRPE (contextual product, q/k/v)", FViT, FACE_VIT_SIZES,
+                                VIT_OPTIONS, defaults=IRPE_DEFAULTS))
+register_backbone(BackboneEntry("vit_kprpe", "face ViT + KP-RPE (multi-head relative f(P)); forward takes keypoints",
+                                FViT, FACE_VIT_SIZES, VIT_OPTIONS, defaults=KPRPE_DEFAULTS))
 register_backbone(BackboneEntry("iresnet", "IResNet (insightface layout)", IResNet, IRESNET_SIZES, IRESNET_OPTIONS))

@@ -21,16 +21,22 @@ the softmax, kprpe_spec §2.7). iRPE / KP-RPE supply that bias.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .rpe import IRPE, KPRPE, gather_bias, num_buckets, position_buckets, product_buckets
+
 ATTN_SCALES = ("dim", "head_dim")
 DROP_PATH_SCHEDULES = ("constant", "linear")
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "flatten")
 TOKEN_INITS = ("normal", "trunc_normal")
+MLP_ACTS = ("gelu", "relu6")
+WEIGHT_INITS = ("torch", "trunc_normal")
+RPES = ("none", "irpe", "kprpe")
 
 
 class DropPath(nn.Module):
@@ -63,6 +69,7 @@ class Attention(nn.Module):
         attn_dropout: float = 0.0,
         attn_scale: str = "dim",
         qkv_bias: bool = False,
+        irpe: dict | None = None,
     ) -> None:
         super().__init__()
         if attn_scale not in ATTN_SCALES:
@@ -76,13 +83,28 @@ class Attention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim)
         self.out_drop = nn.Dropout(dropout)
+        self.rpe = IRPE(heads, dim_head, **irpe) if irpe else None
 
-    def forward(self, x: Tensor, attn_bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_bias: Tensor | None = None, buckets: Tensor | None = None) -> Tensor:
+        """``buckets``: the iRPE bucket id of every (query, key) token pair (N x N or B x N x N), when iRPE is on."""
         b, n, _ = x.shape
         qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if self.rpe is not None:
+            if buckets is None:
+                raise ValueError("iRPE attention needs the token buckets")
+            rpe_bias = self.rpe.logit_bias(q, k, self.scale, buckets)
+            attn_bias = rpe_bias if attn_bias is None else attn_bias + rpe_bias
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
+        if self.rpe is not None and self.rpe.has_value_term:
+            # the value term needs the attention probabilities: explicit attention (iRPE's cost, kprpe_spec §1.6)
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+            attn = (logits if attn_bias is None else logits + attn_bias).softmax(dim=-1)
+            attn = F.dropout(attn, self.attn_dropout, self.training)
+            out = attn @ v + self.rpe.value_term(attn, buckets)
+            out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+            return self.out_drop(self.to_out(out))
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -96,13 +118,15 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: Linear -> GELU -> Dropout -> Linear -> Dropout."""
+    """Position-wise MLP: Linear -> GELU (ReLU6 in insightface's face ViT) -> Dropout -> Linear -> Dropout."""
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, act: str = "gelu") -> None:
         super().__init__()
+        if act not in MLP_ACTS:
+            raise ValueError(f"mlp_act must be one of {MLP_ACTS}, got {act!r}")
         self.net = nn.Sequential(
             nn.Linear(dim, hidden),
-            nn.GELU(),
+            nn.GELU() if act == "gelu" else nn.ReLU6(),
             nn.Dropout(dropout),
             nn.Linear(hidden, dim),
             nn.Dropout(dropout),
@@ -125,16 +149,18 @@ class Block(nn.Module):
         attn_dropout: float,
         drop_path: float,
         attn_scale: str,
+        mlp_act: str = "gelu",
+        irpe: dict | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dim_head, dropout, attn_dropout, attn_scale)
+        self.attn = Attention(dim, heads, dim_head, dropout, attn_dropout, attn_scale, irpe=irpe)
         self.norm2 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim, mlp_dim, dropout)
+        self.ff = FeedForward(dim, mlp_dim, dropout, mlp_act)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, attn_bias: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_bias))
+    def forward(self, x: Tensor, attn_bias: Tensor | None = None, buckets: Tensor | None = None) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_bias, buckets))
         return x + self.drop_path(self.ff(self.norm2(x)))
 
 
@@ -152,6 +178,18 @@ class ViTEncoder(nn.Module):
 
     ``num_tokens`` is the maximum sequence length; a shorter sequence (for example the 36-landmark
     student views of LAFS) uses the first ``N + 1`` position embeddings, as the reference does.
+
+    ``pool="flatten"`` is insightface's face ViT, used by the KP-RPE paper (kprpe_spec §3.1): no CLS token, and the
+    head is LayerNorm -> flatten all N tokens -> Linear(N·dim, E, no bias) -> BN -> Linear(E, E, no bias) -> BN
+    (E = ``embedding_size``, default 512).
+
+    Relative position encodings (``rpe``, ``models/rpe.py``): ``"irpe"`` puts an :class:`~lafs.models.rpe.IRPE` in
+    every attention layer (``rpe_mode``, ``rpe_on``, ``rpe_shared_head``, ``rpe_ratio``); ``"kprpe"`` adds the
+    keypoint table f(P) of :class:`~lafs.models.rpe.KPRPE` (``kprpe_variant``, ``num_keypoints``), gathered into each
+    layer's bias. Both need the token geometry: ``img_size`` / ``patch_size`` (set by the backbone) and, per forward,
+    ``token_xy`` (the tokens' pixel centres, default a full row-major grid) and, for KP-RPE, ``keypoints`` in pixels.
+    With a CLS token, its pairs get an extra iRPE bucket (iRPE's ``skip``) and a zero KP-RPE bias (the KP-RPE paper's
+    ViT has no CLS token; that case is unspecified there).
     """
 
     def __init__(
@@ -172,60 +210,133 @@ class ViTEncoder(nn.Module):
         pool: str = "cls",
         embedding_size: int | None = None,
         token_init: str = "normal",
+        mlp_act: str = "gelu",
+        weight_init: str = "torch",
+        rpe: str = "none",
+        rpe_mode: str = "ctx",
+        rpe_on: str = "qkv",
+        rpe_shared_head: bool = True,
+        rpe_ratio: float = 1.9,
+        kprpe_variant: str = "multihead",
+        num_keypoints: int = 5,
+        img_size: int | None = None,
+        patch_size: int | None = None,
     ) -> None:
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if token_init not in TOKEN_INITS:
             raise ValueError(f"token_init must be one of {TOKEN_INITS}, got {token_init!r}")
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
+        if rpe not in RPES:
+            raise ValueError(f"rpe must be one of {RPES}, got {rpe!r}")
+        if rpe != "none" and not (img_size and patch_size):
+            raise ValueError("relative position encodings need the token geometry (img_size, patch_size)")
         self.num_tokens = num_tokens
         self.dim = dim
         self.depth = depth
         self.heads = heads
         self.pool = pool
+        self.has_cls = pool != "flatten"
+        self.rpe, self.rpe_ratio = rpe, rpe_ratio
+        self.img_size, self.patch_size = img_size, patch_size
         self.to_embedding = nn.Linear(token_dim, dim)
         # std-1 normal init, as the reference (vit-pytorch style) does.
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.pos_embedding = nn.Parameter(torch.randn(1, num_tokens + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim)) if self.has_cls else None
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_tokens + int(self.has_cls), dim))
         if token_init == "trunc_normal":
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            if self.has_cls:
+                nn.init.trunc_normal_(self.cls_token, std=0.02)
             nn.init.trunc_normal_(self.pos_embedding, std=0.02)
         self.emb_drop = nn.Dropout(emb_dropout)
         rates = drop_path_rates(drop_path, depth, drop_path_schedule)
+        irpe = None
+        if rpe == "irpe":
+            irpe = dict(mode=rpe_mode, on=rpe_on, shared_head=rpe_shared_head, ratio=rpe_ratio,
+                        extra_buckets=int(self.has_cls))
         self.blocks = nn.ModuleList(
-            Block(dim, heads, dim_head, mlp_dim or 4 * dim, dropout, attn_dropout, r, attn_scale)
+            Block(dim, heads, dim_head, mlp_dim or 4 * dim, dropout, attn_dropout, r, attn_scale, mlp_act, irpe)
             for r in rates
         )
         self.norm = nn.LayerNorm(dim)
-        if embedding_size is None:
-            self.proj: nn.Module = nn.Identity()
+        if pool == "flatten":
+            emb = embedding_size or 512
+            self.proj: nn.Module = nn.Sequential(
+                nn.Linear(num_tokens * dim, emb, bias=False), nn.BatchNorm1d(emb, eps=2e-5),
+                nn.Linear(emb, emb, bias=False), nn.BatchNorm1d(emb, eps=2e-5),
+            )
+            self.embedding_size = emb
+        elif embedding_size is None:
+            self.proj = nn.Identity()
             self.embedding_size = dim
         else:
             self.proj = nn.Sequential(
                 nn.Linear(dim, embedding_size, bias=False), nn.BatchNorm1d(embedding_size)
             )
             self.embedding_size = embedding_size
+        if weight_init == "trunc_normal":  # insightface / timm ViT: Linear N(0, 0.02) truncated, zero bias
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+        # created after the init above, so W_L stays zero and the model starts as the plain ViT (kprpe_spec §2.4)
+        self.kprpe = KPRPE(kprpe_variant, depth, heads, num_keypoints, rpe_ratio) if rpe == "kprpe" else None
+
+    @property
+    def uses_keypoints(self) -> bool:
+        return self.kprpe is not None
+
+    def _buckets(self, n: int, token_xy: Tensor | None, device) -> Tensor:
+        """iRPE product bucket of every token pair (with the CLS token's extra bucket when there is one)."""
+        if token_xy is None:
+            side = math.isqrt(n)
+            if side * side != n:
+                raise ValueError(f"{n} tokens are not a square grid: pass token_xy (their pixel centres)")
+            buckets = product_buckets(side, side, self.rpe_ratio, device)
+        else:
+            buckets = position_buckets(token_xy.flip(-1).float() / self.patch_size, self.rpe_ratio)  # (row, col)
+        if self.has_cls:
+            buckets = F.pad(buckets, (1, 0, 1, 0), value=num_buckets(self.rpe_ratio))
+        return buckets
+
+    def _token_positions(self, n: int, token_xy: Tensor | None, device) -> Tensor:
+        """Token centres in [0, 1] of the image, (x, y): grid cells ``(k + 0.5) / s`` (kprpe_spec §2.2)."""
+        if token_xy is not None:
+            return (token_xy.float() + 0.5) / self.img_size
+        side = math.isqrt(n)
+        c = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side
+        ys, xs = torch.meshgrid(c, c, indexing="ij")
+        return torch.stack((xs.reshape(-1), ys.reshape(-1)), dim=-1)
 
     def forward(
         self, tokens: Tensor, attn_bias: Tensor | Sequence[Tensor | None] | None = None,
-        positions: Tensor | None = None,
+        positions: Tensor | None = None, token_xy: Tensor | None = None, keypoints: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """``attn_bias``: one tensor for every layer, or one (or None) per layer.
 
         ``positions`` (B x n, in 0..num_tokens-1): the position embedding of each token (LAFS views without
         landmark shuffle keep their landmark's); default: token j takes position j, as the reference does.
+        ``token_xy`` (n x 2 or B x n x 2 pixels) and ``keypoints`` (B x L x 2 pixels): relative position encodings.
         """
         b, n, _ = tokens.shape
         if n > self.num_tokens and positions is None:
             raise ValueError(f"got {n} tokens but the position embedding holds {self.num_tokens}")
+        if self.pool == "flatten" and n != self.num_tokens:
+            raise ValueError(f"the flatten head takes exactly {self.num_tokens} tokens, got {n}")
         x = self.to_embedding(tokens)
-        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        c = int(self.has_cls)
+        if self.has_cls:
+            x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
         if positions is None:
-            pos = self.pos_embedding[:, : n + 1]
+            pos = self.pos_embedding[:, : n + c]
         else:
             if positions.shape != (b, n) or int(positions.min()) < 0 or int(positions.max()) >= self.num_tokens:
                 raise ValueError(f"positions must be {b} x {n} indices in 0..{self.num_tokens - 1}")
-            pos = torch.cat([self.pos_embedding[:, :1].expand(b, -1, -1), self.pos_embedding[0, 1:][positions]], 1)
+            pos = self.pos_embedding[0, c:][positions]
+            if self.has_cls:
+                pos = torch.cat([self.pos_embedding[:, :1].expand(b, -1, -1), pos], 1)
         x = self.emb_drop(x + pos.to(x.dtype))
         if attn_bias is None or isinstance(attn_bias, Tensor):
             biases: Sequence[Tensor | None] = [attn_bias] * self.depth
@@ -233,7 +344,25 @@ class ViTEncoder(nn.Module):
             biases = attn_bias
             if len(biases) != self.depth:
                 raise ValueError(f"got {len(biases)} per-layer attention biases for depth {self.depth}")
-        for block, bias in zip(self.blocks, biases):
-            x = block(x, bias)
+        buckets = self._buckets(n, token_xy, x.device) if self.rpe != "none" else None
+        tables = None
+        if self.kprpe is not None:
+            if keypoints is None:
+                raise ValueError("a KP-RPE model needs keypoints (B x 5 x 2 pixels of the input image)")
+            kp = (keypoints.float() + 0.5) / self.img_size
+            tables = self.kprpe(kp, self._token_positions(n, token_xy, x.device))
+        grid_buckets = buckets[..., c:, c:] if buckets is not None else None
+        last_table, last_bias = None, None
+        for layer, (block, bias) in enumerate(zip(self.blocks, biases)):
+            if tables is not None:
+                if tables[layer] is not last_table:  # absolute / relative: one table for every layer, gathered once
+                    last_table = tables[layer]
+                    last_bias = gather_bias(last_table, grid_buckets)
+                    if self.has_cls:
+                        last_bias = F.pad(last_bias, (1, 0, 1, 0))
+                bias = last_bias if bias is None else bias + last_bias
+            x = block(x, bias, buckets)
+        if self.pool == "flatten":
+            return {"embedding": self.proj(self.norm(x).flatten(1)), "tokens": x}
         pooled = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
         return {"embedding": self.proj(self.norm(pooled)), "tokens": x}

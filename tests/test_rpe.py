@@ -1,0 +1,189 @@
+"""iRPE buckets and KP-RPE f(P): the spec's bucket table, shapes and parameter counts, zero-init equivalence, the
+gathered bias and the contextual terms against naive loops, and where gradients go."""
+
+import pytest
+import torch
+
+from lafs.models import build_backbone
+from lafs.models.rpe import (
+    IRPE,
+    KPRPE,
+    gather_bias,
+    num_buckets,
+    piecewise_index,
+    position_buckets,
+    product_buckets,
+)
+
+
+def test_piecewise_index_matches_the_spec_table():
+    d = torch.arange(14)
+    expected = [0, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]  # kprpe_spec §1.2 for ratio 1.9
+    assert piecewise_index(d).tolist() == expected
+    assert piecewise_index(-d).tolist() == [-e for e in expected]
+    assert num_buckets(1.9) == 49
+
+
+def test_product_buckets_by_hand_cached_and_complete():
+    b = product_buckets(14, 14)
+    assert b.shape == (196, 196) and b.dtype == torch.long
+    assert product_buckets(14, 14) is b  # cached: every layer and step reuses it
+    assert sorted(b.unique().tolist()) == list(range(49))  # all 49 buckets occur on 14 x 14
+    # token (row 0, col 0) vs (row 0, col 3): Δrow 0 -> 3 + 3 = 3 (offset β=3), Δcol -3 -> g=-2 -> 1: 3 * 7 + 1
+    assert int(b[0, 3]) == 3 * 7 + 1
+    # (row 5, col 2) vs (row 0, col 2): Δrow 5 -> 3 -> 6; Δcol 0 -> 3: 6 * 7 + 3
+    assert int(b[5 * 14 + 2, 2]) == 6 * 7 + 3
+    assert (b.diagonal() == 24).all()  # zero offset is the centre bucket
+    # tokens at grid-centre pixels (Part fViT landmarks on the grid) get the same buckets
+    c = torch.arange(14) * 8 + 3.5
+    ys, xs = torch.meshgrid(c, c, indexing="ij")
+    rc = torch.stack([ys.reshape(-1), xs.reshape(-1)], -1) / 8
+    assert torch.equal(position_buckets(rc), b)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_gather_bias_equals_a_double_loop(per_image):
+    g = torch.Generator().manual_seed(0)
+    bsz, heads, n, k = 2, 3, 9, 49
+    table = torch.randn(bsz, heads, n, k, generator=g)
+    buckets = torch.randint(0, k, (bsz, n, n) if per_image else (n, n), generator=g)
+    bias = gather_bias(table, buckets)
+    assert bias.shape == (bsz, heads, n, n)
+    for b in range(bsz):
+        for h in range(heads):
+            for i in range(n):
+                for j in range(n):
+                    bk = buckets[b, i, j] if per_image else buckets[i, j]
+                    assert bias[b, h, i, j] == table[b, h, i, bk]
+
+
+@pytest.mark.parametrize("variant,size,count", [("multihead", "small", 51_744), ("multihead", "base", 206_976),
+                                                ("relative", "small", 539), ("absolute", "base", 539)])
+def test_kprpe_shapes_and_parameter_counts(variant, size, count):
+    cfg = {"small": (12, 8), "base": (24, 16)}[size]
+    m = KPRPE(variant, depth=cfg[0], heads=cfg[1])
+    assert sum(p.numel() for p in m.parameters()) == count
+    kp = torch.rand(2, 5, 2)
+    grid = torch.rand(196, 2)
+    tables = m(kp, grid)
+    assert len(tables) == cfg[0]
+    heads = cfg[1] if variant == "multihead" else 1
+    assert all(t.shape == (2, heads, 196, 49) for t in tables)
+
+
+def test_model_parameter_counts_match_table_3():
+    """kprpe_spec §3.1 / §6: ViT-S 95.95M, +iRPE 96.07M, +KP-RPE 96.00M; ViT-B 114.87M, 114.98M, 115.08M."""
+    counts = {(n, s): sum(p.numel() for p in build_backbone(n, s).parameters())
+              for n in ("vit", "vit_irpe", "vit_kprpe") for s in ("small", "base")}
+    assert counts[("vit", "small")] == 95_952_384 and counts[("vit", "base")] == 114_869_760
+    assert counts[("vit_kprpe", "small")] - counts[("vit", "small")] == 51_744
+    assert counts[("vit_kprpe", "base")] - counts[("vit", "base")] == 206_976
+    assert counts[("vit_irpe", "small")] - counts[("vit", "small")] == 3 * 64 * 49 * 12  # 112,896
+    assert counts[("vit_irpe", "base")] - counts[("vit", "base")] == 3 * 32 * 49 * 24
+
+
+def test_absolute_variant_broadcasts_over_queries():
+    m = KPRPE("absolute", depth=2, heads=4)
+    torch.nn.init.normal_(m.linear.weight)
+    tables = m(torch.rand(3, 5, 2), torch.rand(16, 2))
+    t = tables[0]
+    assert t.shape == (3, 1, 16, 49) and torch.equal(t, t[:, :, :1].expand_as(t)) and tables[1] is t
+    assert not torch.equal(t[0], t[1])  # but differs between images
+
+
+def test_multihead_layout_is_layer_major_then_head():
+    m = KPRPE("multihead", depth=2, heads=3)
+    with torch.no_grad():
+        m.linear.bias.copy_(torch.arange(2 * 3 * 49, dtype=torch.float32))
+    tables = m(torch.rand(1, 5, 2), torch.rand(4, 2))
+    # output feature (l·H + h)·K + k goes to layer l, head h, bucket k (kprpe_spec §2.3)
+    assert tables[1][0, 2, 0, 5] == (1 * 3 + 2) * 49 + 5
+
+
+def _pair(name, size="micro", **kw):
+    torch.manual_seed(0)
+    plain = build_backbone("vit", size, **kw).eval()
+    other = build_backbone(name, size, **kw).eval()
+    missing, unexpected = other.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all("rpe" in k for k in missing), missing
+    return plain, other
+
+
+@pytest.mark.parametrize("name", ["vit_kprpe", "vit_irpe"])
+def test_at_initialisation_the_model_is_the_plain_vit(name):
+    plain, other = _pair(name)
+    x = torch.rand(2, 3, 56, 56) * 2 - 1
+    kp = torch.rand(2, 5, 2) * 55
+    with torch.no_grad():
+        ref = plain(x)["embedding"]
+        out = other(x, keypoints=kp)["embedding"] if name == "vit_kprpe" else other(x)["embedding"]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kprpe_depends_on_keypoints_once_trained_and_gradients_reach_w_l_only():
+    model = build_backbone("vit_kprpe", "micro").train()
+    x = torch.rand(2, 3, 56, 56) * 2 - 1
+    kp = (torch.rand(2, 5, 2) * 55).requires_grad_(True)
+    model(x, keypoints=kp)["embedding"].square().sum().backward()
+    w = model.encoder.kprpe.linear.weight
+    assert w.grad is not None and w.grad.abs().sum() > 0  # through the gathered bias and SDPA's additive mask
+    assert kp.grad is None  # the offsets are computed without gradient
+    with torch.no_grad():
+        torch.nn.init.normal_(w, std=0.5)
+    model.eval()
+    with torch.no_grad():
+        a = model(x, keypoints=kp.detach())["embedding"]
+        b = model(x, keypoints=kp.detach() + 10)["embedding"]
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="needs keypoints"):
+        model(x)
+
+
+def test_irpe_contextual_terms_equal_naive_sums():
+    torch.manual_seed(0)
+    heads, d, n = 2, 4, 9
+    rpe = IRPE(heads, d, mode="ctx", on="qkv", shared_head=False)
+    for p in rpe.parameters():
+        torch.nn.init.normal_(p)
+    q, k = torch.randn(1, heads, n, d), torch.randn(1, heads, n, d)
+    attn = torch.rand(1, heads, n, n).softmax(-1)
+    buckets = product_buckets(3, 3)
+    scale = 0.5
+    bias = rpe.logit_bias(q, k, scale, buckets)
+    value = rpe.value_term(attn, buckets)
+    for h in range(heads):
+        for i in range(n):
+            for j in range(n):
+                want = (q[0, h, i] * scale) @ rpe.table_k[h, :, buckets[i, j]] + \
+                    (k[0, h, j] * scale) @ rpe.table_q[h, :, buckets[j, i]]
+                torch.testing.assert_close(bias[0, h, i, j], want, rtol=1e-5, atol=1e-5)
+            want_v = sum(attn[0, h, i, j] * rpe.table_v[h, buckets[i, j]] for j in range(n))
+            torch.testing.assert_close(value[0, h, i], want_v, rtol=1e-5, atol=1e-5)
+    bias_mode = IRPE(heads, d, mode="bias", on="k", shared_head=False)
+    torch.nn.init.normal_(bias_mode.table)
+    b = bias_mode.logit_bias(q, k, scale, buckets)
+    assert b.shape == (1, heads, n, n) and b[0, 1, 2, 7] == bias_mode.table[1, buckets[2, 7]]
+
+
+def test_rpe_option_errors():
+    with pytest.raises(ValueError, match="KP-RPE variant"):
+        KPRPE("both", 2, 2)
+    with pytest.raises(ValueError, match="iRPE mode"):
+        IRPE(2, 4, mode="ctx2")
+    with pytest.raises(ValueError, match="subset of 'qkv'"):
+        IRPE(2, 4, on="kx")
+    with pytest.raises(KeyError, match="does not take option"):
+        build_backbone("vit_kprpe", "micro", kprpe_varient="absolute")
+
+
+def test_cls_token_models_take_rpe_too():
+    """fViT (CLS token) with KP-RPE / iRPE: CLS pairs get a zero bias / an extra bucket; it runs and starts plain."""
+    torch.manual_seed(0)
+    plain = build_backbone("fvit", "micro", dropout=0.0, emb_dropout=0.0, drop_path=0.0).eval()
+    for extra in ({"rpe": "kprpe"}, {"rpe": "irpe", "rpe_on": "qkv"}):
+        m = build_backbone("fvit", "micro", dropout=0.0, emb_dropout=0.0, drop_path=0.0, **extra).eval()
+        m.load_state_dict(plain.state_dict(), strict=False)
+        x = torch.rand(2, 3, 56, 56) * 2 - 1
+        with torch.no_grad():
+            out = m(x, keypoints=torch.rand(2, 5, 2) * 55)["embedding"]
+            torch.testing.assert_close(out, plain(x)["embedding"], rtol=1e-5, atol=1e-5)
