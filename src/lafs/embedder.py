@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .data.datasets import to_model_input
+from .data.datasets import resize_keypoints, to_model_input
 
 
 @dataclass
@@ -47,8 +47,7 @@ class Embedder:
             return self.fn(x)
         if keypoints is None:
             raise ValueError(f"{self.description} needs keypoints (B x K x 2 pixels) with the images")
-        scale = x.shape[-1] / width
-        return self.fn(x, (keypoints.float() + 0.5) * scale - 0.5)
+        return self.fn(x, resize_keypoints(keypoints, width, x.shape[-1]))
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.align import flip_keypoints
+
 RANDAUGMENT_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Color", "Contrast", "Brightness", "Sharpness",
     "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
@@ -124,6 +126,17 @@ def _geometric_theta(name: str, level: Tensor, h: int, w: int) -> Tensor:
     return torch.stack(rows, -1).view(-1, 2, 3)
 
 
+def move_points(points: Tensor, theta: Tensor) -> Tensor:
+    """Keypoints (N x K x 2, pixel centres at integers) through a warp whose ``theta`` maps output to input (the
+    :func:`_warp` convention, pixel p spanning [p, p + 1]): p_out = theta^-1 (p_in + 0.5) - 0.5."""
+    a, t = theta[:, :, :2].to(points.dtype), theta[:, :, 2].to(points.dtype)
+    return torch.linalg.solve(a, ((points + 0.5) - t[:, None, :]).transpose(1, 2)).transpose(1, 2) - 0.5
+
+
+def _op_theta(name: str, magnitude: Tensor, sign: Tensor, h: int, w: int) -> Tensor:
+    return _geometric_theta(name, sign * (magnitude / 10) * _GEOMETRIC_MAX[name], h, w)
+
+
 def rand_augment_op(images: Tensor, name: str, magnitude: Tensor, sign: Tensor) -> Tensor:
     """Apply one RandAugment op of :data:`RANDAUGMENT_OPS` to every image, timm "increasing" level semantics.
 
@@ -143,7 +156,7 @@ def rand_augment_op(images: Tensor, name: str, magnitude: Tensor, sign: Tensor) 
     if name in _ENHANCE:  # factor 1 is "no change"; it moves towards 0.1 or 1.9
         return _ENHANCE[name](images, (1 + sign * 0.9 * frac).clamp_min(0.1)).clamp(0, 1)
     if name in _GEOMETRIC_MAX:
-        theta = _geometric_theta(name, sign * frac * _GEOMETRIC_MAX[name], *images.shape[-2:])
+        theta = _op_theta(name, magnitude.to(images.dtype), sign, *images.shape[-2:])
         return (_warp(images - 0.5, theta, "zeros") + 0.5).clamp(0, 1)  # zero padding fills with grey 128
     raise ValueError(f"unknown RandAugment op {name!r}; expected one of {RANDAUGMENT_OPS}")
 
@@ -193,25 +206,32 @@ class SupervisedAugment(nn.Module):
         return ", ".join(f"{k}={getattr(self, k)}" for k in keys)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, keypoints: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Augmented images; with ``keypoints`` (B x 5 x 2 pixels), ``(images, keypoints)`` with the keypoints moved
+        by every geometric step (flip with left/right labels swapped, RandAugment's rotate / shear / translate, the
+        resized crop), as the KP-RPE training pipeline does (kprpe_spec §3.3)."""
+        kp = None if keypoints is None else keypoints.float().clone()
         if self.flip:  # in the input space, so that a flip-only pipeline is an exact mirror
             flipped = torch.rand(len(images), device=images.device) < 0.5
             images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
+            if kp is not None:
+                kp = torch.where(flipped.view(-1, 1, 1), flip_keypoints(kp, images.shape[-1]), kp)
         ra = self.randaugment_ops > 0 and self.randaugment_prob > 0
         if not (ra or self.resized_crop_scale or self.color_jitter > 0 or self.erasing_prob > 0):
-            return images
+            return images if kp is None else (images, kp)
         x = ((images.float() + 1) / 2).clamp(0, 1)  # kornia's equalize rejects values outside [0, 1]
         if ra:
-            x = self._rand_augment(x)
+            x = self._rand_augment(x, kp)
         if self.resized_crop_scale:
-            x = self._resized_crop(x)
+            x = self._resized_crop(x, kp)
         if self.color_jitter > 0:
             x = self._color_jitter(x)
         if self.erasing_prob > 0:
             x = self._erase(x)
-        return (x * 2 - 1).to(images.dtype)
+        x = (x * 2 - 1).to(images.dtype)
+        return x if kp is None else (x, kp)
 
-    def _rand_augment(self, x: Tensor) -> Tensor:
+    def _rand_augment(self, x: Tensor, kp: Tensor | None = None) -> Tensor:
         b, dev = len(x), x.device
         for _ in range(self.randaugment_ops):
             op = torch.randint(len(RANDAUGMENT_OPS), (b,), device=dev)
@@ -220,10 +240,13 @@ class SupervisedAugment(nn.Module):
             magnitude = magnitude.clamp(0, 10)
             sign = torch.randint(0, 2, (b,), device=dev) * 2.0 - 1
             for k, idx in _groups(torch.where(applied, op, -1), len(RANDAUGMENT_OPS)):
-                x[idx] = rand_augment_op(x[idx], RANDAUGMENT_OPS[k], magnitude[idx], sign[idx])
+                name = RANDAUGMENT_OPS[k]
+                x[idx] = rand_augment_op(x[idx], name, magnitude[idx], sign[idx])
+                if kp is not None and name in _GEOMETRIC_MAX:
+                    kp[idx] = move_points(kp[idx], _op_theta(name, magnitude[idx], sign[idx], *x.shape[-2:]))
         return x
 
-    def _resized_crop(self, x: Tensor) -> Tensor:
+    def _resized_crop(self, x: Tensor, kp: Tensor | None = None) -> Tensor:
         """torchvision RandomResizedCrop: 10 tries at a box of random area and log-uniform aspect ratio inside the
         image, else the whole image clipped to the ratio range; the box is resized back to H x W."""
         (b, _, h, w), dev = x.shape, x.device
@@ -242,6 +265,8 @@ class SupervisedAugment(nn.Module):
         left = torch.where(found, torch.floor(torch.rand(b, device=dev) * (w - cw + 1)), (w - cw) // 2)
         zero = torch.zeros_like(cw)
         theta = torch.stack([cw / w, zero, left, zero, ch / h, top], -1).view(-1, 2, 3)
+        if kp is not None:
+            kp.copy_(move_points(kp, theta))
         return _warp(x, theta, "border").clamp(0, 1)
 
     def _color_jitter(self, x: Tensor) -> Tensor:

@@ -58,6 +58,14 @@ def to_model_input(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return x
 
 
+def resize_keypoints(keypoints: torch.Tensor, from_size: int, to_size: int | None) -> torch.Tensor:
+    """Keypoints (pixels, centres at integers) of a ``from_size`` image -> of the image ``to_model_input`` makes:
+    p' = (p + 0.5) * to / from - 0.5, the geometry of the resize (``align_corners=False``)."""
+    if not to_size or to_size == from_size:
+        return keypoints.float()
+    return (keypoints.float() + 0.5) * (to_size / from_size) - 0.5
+
+
 def encode_image(rgb: np.ndarray, quality: int = 95, color: str = "rgb") -> bytes:
     """H x W x 3 uint8 RGB -> JPEG bytes stored in ``color`` order (see module docstring)."""
     arr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if color == "rgb" else rgb

@@ -491,12 +491,15 @@ def evaluate_pairs(
     *,
     flip_mode: str = "sum",
     thresholds=None,
+    keypoints=None,
 ) -> dict:
-    """Embed (pair k = images 2k, 2k+1; flip summed or concatenated), then ``ten_fold_accuracy`` (L2-normalises)."""
+    """Embed (pair k = images 2k, 2k+1; flip summed or concatenated; ``keypoints`` for keypoint models, see
+    ``embed_images``), then ``ten_fold_accuracy`` (L2-normalises)."""
     issame = np.asarray(issame, bool).ravel()
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
-    emb = embed_images(embed_fn, images, batch_size=batch_size, device=device, flip=flip, flip_mode=flip_mode).numpy()
+    emb = embed_images(embed_fn, images, batch_size=batch_size, device=device, flip=flip, flip_mode=flip_mode,
+                       keypoints=keypoints).numpy()
     return ten_fold_accuracy(emb[0::2], emb[1::2], issame, nfolds=nfolds, thresholds=thresholds)
 
 

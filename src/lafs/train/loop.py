@@ -57,10 +57,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def collate(items: list[dict]) -> dict:
-    return {
+    batch = {
         "image": torch.stack([it["image"] for it in items]),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
     }
+    if all("keypoints" in it for it in items):  # KP-RPE: the keypoints ride with their images
+        batch["keypoints"] = torch.stack([it["keypoints"] for it in items])
+    return batch
 
 
 def rng_state() -> dict:
@@ -98,6 +101,7 @@ class Trainer:
                  progress: bool = True) -> None:
         self.cfg, self.task, self.env = cfg, task.to(env.device), env
         self.train_set, self.val_sets = train_set, val_sets or {}
+        self.uses_keypoints = bool(getattr(task, "uses_keypoints", False))
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.progress = progress
@@ -258,9 +262,14 @@ class Trainer:
             self.task.eval()
             amp = self.cfg.train.amp
             with torch.autocast(self.env.device.type, AMP_DTYPES.get(amp, torch.float32), enabled=amp != "none"):
-                for name, (images, issame) in self.val_sets.items():
-                    r = evaluate_pairs(lambda x: self.task.embed(x).float(), images, issame,
-                                       batch_size=256, device=self.env.device)
+                for name, (images, issame, *kps) in self.val_sets.items():
+                    kp = kps[0] if kps and self.uses_keypoints else None
+                    if kp is None:
+                        r = evaluate_pairs(lambda x: self.task.embed(x).float(), images, issame,
+                                           batch_size=256, device=self.env.device)
+                    else:
+                        r = evaluate_pairs(lambda x, keypoints: self.task.embed(x, keypoints).float(), images,
+                                           issame, batch_size=256, device=self.env.device, keypoints=kp)
                     results[name] = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"]}
             self.task.train(was_training)
         return broadcast_object(results)
@@ -300,11 +309,13 @@ class Trainer:
                     self.micro_batches += 1
                     x = batch["image"].to(env.device, non_blocking=True)
                     y = batch["label"].to(env.device, non_blocking=True)
+                    kp = batch.get("keypoints") if self.uses_keypoints else None
+                    inputs = (x, y) if kp is None else (x, y, kp.to(env.device, non_blocking=True))
                     images += len(y) * env.world_size
                     sync = self.net.no_sync() if env.distributed and micro < t.accumulation - 1 else contextlib.nullcontext()
                     with sync:
                         with torch.autocast(env.device.type, amp_dtype, enabled=t.amp != "none"):
-                            out = self.net(x, y)
+                            out = self.net(*inputs)
                         loss = out["loss"].float()
                         if any_rank(not bool(torch.isfinite(loss)), env.device):
                             finite = False

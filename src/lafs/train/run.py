@@ -18,11 +18,20 @@ from .pretrained import load_pretrained
 from .supervised import SupervisedTask, build_augment, build_classifier
 
 
+def model_uses_keypoints(cfg) -> bool:
+    """Whether the configured backbone takes keypoints (KP-RPE), from its resolved options, without building it."""
+    from ..models.registry import get_backbone
+
+    return get_backbone(cfg.model.name).kwargs(cfg.model.size, **cfg.model.overrides()).get("rpe") == "kprpe"
+
+
 def build_train_set(cfg):
-    """The ``data`` section -> a face dataset (items: uint8 image, label)."""
+    """The ``data`` section -> a face dataset (items: uint8 image, label, and keypoints when the model uses them:
+    records then need their ``<stem>_kps.npy`` sidecar)."""
     from ..data.datasets import ArrayFaceDataset, ConcatFaceDataset, ImageFolderDataset, RecordDataset
 
     d = cfg.data
+    needs_kps = model_uses_keypoints(cfg)
     if d.source == "synthetic":
         from ..data.synthetic import SyntheticFaces
 
@@ -39,8 +48,17 @@ def build_train_set(cfg):
             if not Path(path).exists():
                 raise ConfigError(f"data.train: {path} not found")
             if d.source == "records":
-                parts.append(RecordDataset(path, color=d.color, keypoints=False, max_bad_records=d.max_bad_records))
+                kps: str | bool = False
+                if needs_kps:
+                    kps = str(Path(path).with_name(Path(path).stem + "_kps.npy"))
+                    if not Path(kps).is_file():
+                        raise ConfigError(f"model {cfg.model.name} uses keypoints (KP-RPE) but {path} has no "
+                                          f"keypoint sidecar {kps} ((images, 5, 2) pixels, row i = image i)")
+                parts.append(RecordDataset(path, color=d.color, keypoints=kps, max_bad_records=d.max_bad_records))
             else:
+                if needs_kps:
+                    raise ConfigError(f"model {cfg.model.name} uses keypoints (KP-RPE): image folders carry none; "
+                                      "pack them with `lafs data pack --keypoints` first")
                 parts.append(ImageFolderDataset(path, max_bad_records=d.max_bad_records))
         dataset = parts[0] if len(parts) == 1 else ConcatFaceDataset(parts)
     if d.index:
@@ -58,22 +76,26 @@ def build_train_set(cfg):
 
 
 def build_val_sets(cfg) -> dict:
-    """name -> (uint8 images N x 3 x H x W, issame): the ``.bin`` files, or held-out synthetic identities."""
+    """name -> (uint8 images N x 3 x H x W, issame, keypoints or None): the ``.bin`` files (keypoints from their
+    ``<stem>_kps.npy`` sidecar when the model uses them), or held-out synthetic identities."""
+    from ..eval.report import load_set_keypoints
     from ..eval.verification import load_bin
 
     d = cfg.data
     sets = {}
+    needs_kps = model_uses_keypoints(cfg)
     for path in d.val:
         if not Path(path).is_file():
             raise ConfigError(f"data.val: {path} not found")
-        sets[Path(path).stem] = load_bin(path, color=d.val_color)
+        images, issame = load_bin(path, color=d.val_color)
+        sets[Path(path).stem] = (images, issame, load_set_keypoints(path, None, len(images)) if needs_kps else None)
     if d.source == "synthetic" and not d.val and d.val_pairs > 0 and d.val_identities >= 2:
         from ..data.synthetic import SyntheticFaces, synthetic_pairs
 
         faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed)
         held_out = range(d.num_identities, d.num_identities + d.val_identities)
-        images, issame, _ = synthetic_pairs(faces, d.val_pairs, seed=d.seed, identities=held_out)
-        sets["synthetic_val"] = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), issame)
+        images, issame, kps = synthetic_pairs(faces, d.val_pairs, seed=d.seed, identities=held_out)
+        sets["synthetic_val"] = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), issame, kps)
     return sets
 
 

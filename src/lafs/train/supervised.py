@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..augment.supervised import MIXUP_PRESETS, Mixup, SupervisedAugment
-from ..data.datasets import to_model_input
+from ..data.datasets import resize_keypoints, to_model_input
 from ..heads import build_head
 from .optim import step_schedule
 
@@ -48,6 +48,7 @@ class SupervisedTask(nn.Module):
         step_schedule(0, self.beta_values, self.beta_epochs)  # validates the schedule now, not at epoch 8
         self.beta = 0.0
         self.img_size = backbone.img_size
+        self.uses_keypoints = bool(getattr(backbone, "uses_keypoints", False))  # KP-RPE: keypoints ride along
         has_cnn = hasattr(backbone, "landmark_cnn")
         if landmark_option != "b" and not has_cnn:
             raise ValueError(f"landmark option {landmark_option!r} needs a Part fViT (this backbone has no landmark CNN)")
@@ -73,17 +74,36 @@ class SupervisedTask(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         self.beta = step_schedule(epoch, self.beta_values, self.beta_epochs) if self.landmark_option == "c" else 0.0
 
-    def embed(self, x: Tensor) -> Tensor:
-        return self.backbone(to_model_input(x, self.img_size))["embedding"]
+    def _run(self, x: Tensor, keypoints: Tensor | None) -> dict[str, Tensor]:
+        if not self.uses_keypoints:
+            return self.backbone(x)
+        if keypoints is None:
+            raise ValueError("this backbone uses keypoints (KP-RPE): the data must carry them (a <stem>_kps.npy "
+                             "sidecar for records, the synthetic faces' own)")
+        return self.backbone(x, keypoints=keypoints)
 
-    def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def embed(self, x: Tensor, keypoints: Tensor | None = None) -> Tensor:
+        width = x.shape[-1]
+        x = to_model_input(x, self.img_size)
+        kp = None if keypoints is None else resize_keypoints(keypoints, width, x.shape[-1])
+        return self._run(x, kp)["embedding"]
+
+    def forward(self, images: Tensor, labels: Tensor, keypoints: Tensor | None = None) -> dict[str, Tensor]:
+        """``keypoints`` (B x 5 x 2 pixels of ``images``) are used by KP-RPE backbones: resized with the images and
+        moved by every geometric augmentation. Mixup keeps the first image's keypoints."""
+        kp = None
+        if self.uses_keypoints and keypoints is not None:
+            kp = resize_keypoints(keypoints, images.shape[-1], self.img_size)
         x = to_model_input(images, self.img_size)
         if self.augment is not None:
-            x = self.augment(x)
+            if kp is None:
+                x = self.augment(x)
+            else:
+                x, kp = self.augment(x, kp)
         labels_b, lam = None, 1.0
         if self.mixup is not None:
             x, labels, labels_b, lam = self.mixup(x, labels)
-        out = self.backbone(x)
+        out = self._run(x, kp)
         if labels_b is None:
             id_loss = self.head(out["embedding"], labels)
         else:
