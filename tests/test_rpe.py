@@ -187,3 +187,27 @@ def test_cls_token_models_take_rpe_too():
         with torch.no_grad():
             out = m(x, keypoints=torch.rand(2, 5, 2) * 55)["embedding"]
             torch.testing.assert_close(out, plain(x)["embedding"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["data", "landmarks"])
+def test_part_fvit_with_kprpe_on_landmark_tokens(source):
+    """Part fViT + KP-RPE: token positions are the landmarks (per-image buckets); P from the data or the CNN."""
+    torch.manual_seed(0)
+    kw = dict(dropout=0.0, emb_dropout=0.0, drop_path=0.0, landmark_dropout=0.0)
+    plain = build_backbone("part_fvit", "micro", **kw).eval()
+    m = build_backbone("part_fvit", "micro", rpe="kprpe", keypoint_source=source, **kw).eval()
+    m.load_state_dict(plain.state_dict(), strict=False)
+    assert m.uses_keypoints == (source == "data")
+    assert m.encoder.kprpe.num_keypoints == (5 if source == "data" else 49)
+    x = torch.rand(2, 3, 56, 56) * 2 - 1
+    kp = {"keypoints": torch.rand(2, 5, 2) * 55} if source == "data" else {}
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, **kp)["embedding"], plain(x)["embedding"], rtol=1e-5, atol=1e-5)
+    m.train()
+    m(x, **kp)["embedding"].square().sum().backward()
+    assert m.encoder.kprpe.linear.weight.grad.abs().sum() > 0
+    # the landmark tokens' buckets are per image, from their (row, col) = (y, x) / patch; the CLS pairs get bucket 49
+    lm = m.landmark_cnn.eval()(x).detach()
+    b = m.encoder._buckets(49, lm, "cpu")
+    assert b.shape == (2, 50, 50) and torch.equal(b[:, 1:, 1:], position_buckets(lm.flip(-1) / 8))
+    assert (b[:, 0] == 49).all() and (b[:, :, 0] == 49).all()

@@ -66,6 +66,7 @@ class ModelConfig:
     rpe_ratio: Optional[float] = None
     kprpe_variant: Optional[str] = choice(None, (None, "absolute", "relative", "multihead"), "KP-RPE f(P)")
     num_keypoints: Optional[int] = None
+    keypoint_source: Optional[str] = choice(None, (None, "data", "landmarks"), "Part fViT + KP-RPE: keypoints P from the data or the landmark CNN")
 
     def overrides(self) -> dict[str, Any]:
         """The options set explicitly (not None), as keyword arguments for ``build_backbone``."""

@@ -91,6 +91,9 @@ def sample_patches_loop(images: Tensor, landmarks: Tensor, patch_size: int = 8, 
     return torch.stack(tokens, dim=1)
 
 
+KEYPOINT_SOURCES = ("data", "landmarks")
+
+
 class PartFViT(nn.Module):
     """Landmark CNN + patch sampling + ViT encoder.
 
@@ -109,11 +112,18 @@ class PartFViT(nn.Module):
         patch_layout: str = "centred",
         landmark_width_mult: float = 1.0,
         landmark_dropout: float = 0.5,
+        keypoint_source: str = "data",
         **encoder_kwargs,
     ) -> None:
         super().__init__()
         if patch_layout not in PATCH_LAYOUTS:
             raise ValueError(f"patch_layout must be one of {PATCH_LAYOUTS}, got {patch_layout!r}")
+        if keypoint_source not in KEYPOINT_SOURCES:
+            raise ValueError(f"keypoint_source must be one of {KEYPOINT_SOURCES}, got {keypoint_source!r}")
+        # KP-RPE on landmark tokens: the keypoints P are either the data's 5 points or the model's own landmarks
+        self.keypoint_source = keypoint_source
+        if keypoint_source == "landmarks" and encoder_kwargs.get("rpe") == "kprpe":
+            encoder_kwargs["num_keypoints"] = num_landmarks
         self.img_size = img_size
         self.patch_size = patch_size
         self.num_landmarks = num_landmarks
@@ -128,8 +138,9 @@ class PartFViT(nn.Module):
 
     @property
     def uses_keypoints(self) -> bool:
-        """With KP-RPE the token positions are the landmarks and ``keypoints`` (B x 5 x 2 pixels) are required."""
-        return self.encoder.uses_keypoints
+        """With KP-RPE the token positions are the landmarks; ``keypoint_source="data"`` needs ``keypoints`` (B x 5
+        x 2 pixels) in ``forward``, ``"landmarks"`` takes the landmark CNN's own (detached) predictions as P."""
+        return self.encoder.uses_keypoints and self.keypoint_source == "data"
 
     def forward(
         self, images: Tensor, landmarks: Tensor | None = None, attn_bias: Tensor | None = None,
@@ -140,6 +151,8 @@ class PartFViT(nn.Module):
                 raise ValueError("this Part fViT has no landmark CNN (an SSL trunk): pass landmarks")
             landmarks = self.landmark_cnn(images)
         tokens = sample_patches(images, landmarks, self.patch_size, self.patch_layout)
+        if self.encoder.uses_keypoints and self.keypoint_source == "landmarks":
+            keypoints = landmarks.detach()
         # relative encodings see the tokens where they were sampled; detached: the RPE does not move landmarks
         out = self.encoder(tokens, attn_bias, positions, token_xy=landmarks.detach(), keypoints=keypoints)
         return {"embedding": out["embedding"], "landmarks": landmarks}

@@ -22,7 +22,8 @@ def model_uses_keypoints(cfg) -> bool:
     """Whether the configured backbone takes keypoints (KP-RPE), from its resolved options, without building it."""
     from ..models.registry import get_backbone
 
-    return get_backbone(cfg.model.name).kwargs(cfg.model.size, **cfg.model.overrides()).get("rpe") == "kprpe"
+    kw = get_backbone(cfg.model.name).kwargs(cfg.model.size, **cfg.model.overrides())
+    return kw.get("rpe") == "kprpe" and kw.get("keypoint_source", "data") == "data"
 
 
 def build_train_set(cfg):
