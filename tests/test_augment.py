@@ -8,7 +8,7 @@ import torch
 import lafs.augment.supervised as sup
 from lafs.augment import MIXUP_PRESETS, RANDAUGMENT_OPS, Mixup, SupervisedAugment, rand_augment_op
 
-PRESETS = ("none", "flip", "webface4m", "ms1mv3")
+PRESETS = ("none", "flip", "webface4m", "ms1mv3", "misalign")
 
 
 def _op(images, name, magnitude, sign=1.0):

@@ -55,3 +55,20 @@ def test_bench_eval_small_run_agrees_with_its_loops(tmp_path):
     assert r["ijb"]["max_abs_diff"]["pooling"] < 1e-9 and r["ijb"]["max_abs_diff"]["pairs_loop"] < 1e-9
     assert all(v > 0 for v in r["ijb"]["ratios"].values())
     assert "summary (ratios measured side by side above)" in proc.stdout
+
+
+def test_lafs_bench_kprpe_micro_reports_every_arm(tmp_path):
+    from lafs.cli import main
+
+    out = tmp_path / "kprpe.json"
+    assert main(["bench", "kprpe", "--size", "micro", "--batch", "2", "--rounds", "1", "--warmup", "0",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    arms = {a["name"]: a for a in r["arms"]}
+    assert list(arms) == ["vit", "vit_irpe", "vit_kprpe"]
+    assert arms["vit"]["train_overhead_pct"] == 0.0
+    assert all(a["train_img_s"] > 0 and a["eval_img_s"] > 0 for a in arms.values())
+    # parameters: iRPE adds 3 tables x 32 x 49 per layer; KP-RPE adds W_L 10 -> 49 x 3 heads x 2 layers
+    assert arms["vit_irpe"]["params"] - arms["vit"]["params"] == 2 * 3 * 32 * 49
+    assert arms["vit_kprpe"]["params"] - arms["vit"]["params"] == 10 * 294 + 294
+    assert arms["vit_kprpe"]["gflops"] > arms["vit"]["gflops"]

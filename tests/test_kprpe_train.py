@@ -128,3 +128,21 @@ def test_records_without_keypoint_sidecar_are_refused(tmp_path):
     np.save(tmp_path / "t_kps.npy", np.tile(np.float32([[38, 51], [73, 51], [56, 71], [41, 92], [70, 92]]), (4, 1, 1)))
     ds = build_train_set(cfg)
     assert ds[0]["keypoints"].shape == (5, 2)
+
+
+def test_misalign_preset_moves_keypoints_with_the_face():
+    """The KP-RPE training augmentation (random similarity + flip): a dot drawn at a keypoint is found where the
+    moved keypoint says, image by image."""
+    aug = SupervisedAugment.preset("misalign")
+    x = torch.full((8, 3, 56, 56), -1.0)
+    x[:, :, 29:32, 19:22] = 1.0
+    kp = torch.tensor([20.0, 30.0]).expand(8, 5, 2)
+    torch.manual_seed(0)
+    out, moved = aug(x, kp)
+    assert aug.affine_scale == (0.8, 1.2) and aug.affine_rotate == 20.0
+    shifts = []
+    for i in range(8):
+        centre = dot_centre((out[i].mean(0, keepdim=True) + 1) / 2)
+        torch.testing.assert_close(centre, moved[i, 0], atol=0.3, rtol=0)
+        shifts.append(float(torch.linalg.norm(moved[i, 0] - kp[i, 0])))
+    assert max(shifts) > 2.0  # the faces really moved

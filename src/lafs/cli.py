@@ -51,6 +51,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import bench_kprpe, format_kprpe
+
+    result = bench_kprpe(args.size, args.batch, args.rounds, args.warmup, args.threads, args.device)
+    print(format_kprpe(result))
+    if args.json:
+        from .io import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), json.dumps(result, indent=2).encode())
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, run_demo
 
@@ -202,6 +217,47 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
         load_keypoints(args.keypoints, n)  # validates the row count before copying
         atomic_write_bytes(Path(args.out).with_name(Path(args.out).stem + "_kps.npy"), Path(args.keypoints).read_bytes())
     print(f"wrote {args.out} (+ .idx): {n} images of {k} identities")
+    return 0
+
+
+def cmd_data_detect(args: argparse.Namespace) -> int:
+    """5-point keypoints of every image of a .bin (or an identity/image folder, folder order) with the detector."""
+    import numpy as np
+
+    from .data.datasets import decode_image
+    from .data.detect import detect_keypoints
+    from .io import atomic_write
+
+    src = Path(args.input)
+    if src.is_file():
+        from .data.pairs import read_bin
+
+        images, _ = read_bin(src)
+        items = ((f"{src}: image {i}", data) for i, data in enumerate(images))
+        n = len(images)
+    else:
+        from .data.datasets import ImageFolderDataset
+
+        ds = ImageFolderDataset(src)
+        items = ((str(ds.paths[i]), ds.raw(i)) for i in range(len(ds)))
+        n = len(ds)
+    kps = np.empty((n, 5, 2), np.float32)
+    misses = []
+    for i, (name, data) in enumerate(items):
+        img = decode_image(data, args.color, source=name)
+        try:
+            kps[i] = detect_keypoints(img, name, threshold=args.threshold)
+        except ValueError:
+            if args.on_miss == "error":
+                raise
+            from .data.align import template
+
+            kps[i] = template(112) * (np.array(img.shape[1::-1]) / 112)  # the crop is taken as aligned
+            misses.append(i)
+    out = Path(args.out or (src.with_name(src.stem + "_kps.npy") if src.is_file() else src / "keypoints.npy"))
+    atomic_write(out, lambda fh: np.save(fh, kps))
+    print(f"wrote {out}: {n} x 5 x 2 keypoints; {len(misses)} images without a detected face"
+          + (f" got the template (first: {misses[:5]})" if misses else ""))
     return 0
 
 
@@ -361,6 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    bench = sub.add_parser("bench", help="measured cost tables (kprpe: ViT vs iRPE vs KP-RPE, the paper's Table 3)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser("kprpe", help="params, GFLOPs, eval and train throughput, measured side by side")
+    p.add_argument("--size", default="small", choices=("micro", "small", "base"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (each times every model once, interleaved)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="write the measurements here")
+    p.set_defaults(func=cmd_bench)
+
     data = sub.add_parser("data", help="pack, build, subset, align, synthesise and check face data").add_subparsers(
         dest="data_command", required=True
     )
@@ -369,6 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output .rec (the .idx is written beside it)")
     p.add_argument("--keypoints", help="(N, 5, 2) .npy in folder order, copied to <out>_kps.npy")
     p.set_defaults(func=cmd_data_pack)
+    p = data.add_parser("detect", help="5-point keypoints of a .bin or image folder with the optional detector "
+                        '(pip install "lafs[detect]") -> <set>_kps.npy')
+    p.add_argument("input", help=".bin pair file or identity/image folder")
+    p.add_argument("-o", "--out", help="default: <set>_kps.npy beside the .bin (the sidecar lafs eval reads)")
+    p.add_argument("--color", choices=("rgb", "bgr"), default="rgb", help="channel order the .bin stores")
+    p.add_argument("--threshold", type=float, default=0.0, help="added to the detector threshold; < 0 finds more")
+    p.add_argument("--on-miss", choices=("error", "template"), default="error",
+                   help="no face found: stop naming the image, or use the ArcFace template (an aligned crop)")
+    p.set_defaults(func=cmd_data_detect)
+
     p = data.add_parser("bin", help="LFW pairs.txt (or CSV path1,path2,issame) + image folder -> .bin")
     p.add_argument("pairs")
     p.add_argument("images")

@@ -129,7 +129,7 @@ class DataConfig:
 class AugmentConfig:
     """lafs_spec §6.4: "w/ Aug" = webface4m (RandAugment m1, mixup 0.1) / ms1mv3 (m2, mixup 0.2); "w/o Aug" = flip."""
 
-    preset: str = choice("flip", ("none", "flip", "webface4m", "ms1mv3"))
+    preset: str = choice("flip", ("none", "flip", "webface4m", "ms1mv3", "misalign"), "misalign: KP-RPE's random similarity (keypoints follow)")
     mixup_alpha: Optional[float] = None  # None = the preset's (0.2)
     mixup_prob: Optional[float] = None  # None = the preset's
 

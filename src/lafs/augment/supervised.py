@@ -51,7 +51,8 @@ _ENHANCE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "Sharpness": KE.sharpness,  # PIL: blend with the 3x3 smoothed image, border kept
 }
 # timm's mixup_my settings per dataset preset: (alpha, probability). Beta(alpha, alpha) weights, batch mode.
-MIXUP_PRESETS = {"none": (0.2, 0.0), "flip": (0.2, 0.0), "webface4m": (0.2, 0.1), "ms1mv3": (0.2, 0.2)}
+MIXUP_PRESETS = {"none": (0.2, 0.0), "flip": (0.2, 0.0), "webface4m": (0.2, 0.1), "ms1mv3": (0.2, 0.2),
+                 "misalign": (0.2, 0.0)}
 
 _W_AUG = dict(randaugment_ops=2, resized_crop_scale=(0.9, 1.0), color_jitter=0.1, erasing_prob=0.5)
 _PRESETS: dict[str, dict] = {
@@ -59,6 +60,8 @@ _PRESETS: dict[str, dict] = {
     "flip": {},
     "webface4m": dict(_W_AUG, randaugment_magnitude=1.0),
     "ms1mv3": dict(_W_AUG, randaugment_magnitude=2.0),
+    # KP-RPE training (CVLface gridsample_v1, kprpe_spec §3.3): deliberately misaligned faces whose keypoints follow
+    "misalign": dict(affine_scale=(0.8, 1.2), affine_rotate=20.0, affine_rotate_prob=0.2, affine_translate=0.1),
 }
 
 
@@ -179,6 +182,10 @@ class SupervisedAugment(nn.Module):
         color_jitter: float = 0.0,
         erasing_prob: float = 0.0,
         erasing_scale: tuple[float, float] = (0.02, 0.1),
+        affine_scale: tuple[float, float] | None = None,
+        affine_rotate: float = 0.0,
+        affine_rotate_prob: float = 0.0,
+        affine_translate: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0 <= color_jitter <= 0.5:  # torchvision's hue bound; beyond it the hue shift wraps around
@@ -192,6 +199,9 @@ class SupervisedAugment(nn.Module):
         self.color_jitter = color_jitter
         self.erasing_prob = erasing_prob
         self.erasing_scale = tuple(erasing_scale)
+        self.affine_scale = tuple(affine_scale) if affine_scale is not None else None
+        self.affine_rotate, self.affine_rotate_prob = affine_rotate, affine_rotate_prob
+        self.affine_translate = affine_translate
 
     @classmethod
     def preset(cls, name: str) -> SupervisedAugment:
@@ -202,7 +212,8 @@ class SupervisedAugment(nn.Module):
 
     def extra_repr(self) -> str:
         keys = ("flip", "randaugment_ops", "randaugment_magnitude", "randaugment_magnitude_std", "randaugment_prob",
-                "resized_crop_scale", "color_jitter", "erasing_prob", "erasing_scale")  # fmt: skip
+                "resized_crop_scale", "color_jitter", "erasing_prob", "erasing_scale", "affine_scale",
+                "affine_rotate", "affine_rotate_prob", "affine_translate")  # fmt: skip
         return ", ".join(f"{k}={getattr(self, k)}" for k in keys)
 
     @torch.no_grad()
@@ -217,9 +228,11 @@ class SupervisedAugment(nn.Module):
             if kp is not None:
                 kp = torch.where(flipped.view(-1, 1, 1), flip_keypoints(kp, images.shape[-1]), kp)
         ra = self.randaugment_ops > 0 and self.randaugment_prob > 0
-        if not (ra or self.resized_crop_scale or self.color_jitter > 0 or self.erasing_prob > 0):
+        if not (ra or self.resized_crop_scale or self.color_jitter > 0 or self.erasing_prob > 0 or self.affine_scale):
             return images if kp is None else (images, kp)
         x = ((images.float() + 1) / 2).clamp(0, 1)  # kornia's equalize rejects values outside [0, 1]
+        if self.affine_scale:
+            x = self._affine(x, kp)
         if ra:
             x = self._rand_augment(x, kp)
         if self.resized_crop_scale:
@@ -268,6 +281,24 @@ class SupervisedAugment(nn.Module):
         if kp is not None:
             kp.copy_(move_points(kp, theta))
         return _warp(x, theta, "border").clamp(0, 1)
+
+    def _affine(self, x: Tensor, kp: Tensor | None = None) -> Tensor:
+        """A random similarity about the image centre: scale ~ U(affine_scale), rotation ~ U(+-affine_rotate) degrees
+        with probability affine_rotate_prob, shift ~ U(+-affine_translate) of the size per axis; black border."""
+        (b, _, h, w), dev = x.shape, x.device
+        scale = _uniform(*self.affine_scale, (b,), dev)
+        angle = _uniform(-self.affine_rotate, self.affine_rotate, (b,), dev)
+        angle = torch.where(torch.rand(b, device=dev) < self.affine_rotate_prob, angle, torch.zeros_like(angle))
+        tx = _uniform(-self.affine_translate, self.affine_translate, (b,), dev) * w
+        ty = _uniform(-self.affine_translate, self.affine_translate, (b,), dev) * h
+        # output -> input: undo the shift, then the rotation and scale about the centre
+        cos, sin = torch.cos(torch.deg2rad(angle)) / scale, torch.sin(torch.deg2rad(angle)) / scale
+        cx, cy = w / 2, h / 2
+        theta = torch.stack([cos, -sin, cx - cos * (cx + tx) + sin * (cy + ty),
+                             sin, cos, cy - sin * (cx + tx) - cos * (cy + ty)], -1).view(-1, 2, 3)
+        if kp is not None:
+            kp.copy_(move_points(kp, theta))
+        return _warp(x, theta, "zeros")
 
     def _color_jitter(self, x: Tensor) -> Tensor:
         """torchvision ColorJitter(s, s, s, s): brightness, contrast and saturation factors ~ U(1 - s, 1 + s) and a

@@ -2,8 +2,9 @@
 
 Convention of the papers' tables (ptflops-style, lafs_spec §1.4): MACs of convolutions and linear layers
 only; normalisation, activations, pooling and ``grid_sample`` are not counted. The attention matmuls
-(Q K^T and A V) are counted separately, because ptflops misses them: Part fViT-Tiny is 2.48 GMACs
-without them, as the paper reports.
+(Q K^T and A V, and iRPE's contextual table products) are counted separately, because ptflops misses them:
+Part fViT-Tiny is 2.48 GMACs without them, as the paper reports. The KP-RPE paper's "GFLOPs" (DeepSpeed's
+profiler, kprpe_spec §6) are 2 x the conv + linear MACs: ViT-S 2 x 8.71 = 17.42.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> tuple[int,
     def attn_hook(m: Attention, inp, out) -> None:
         b, n, _ = inp[0].shape
         counts["attn"] += 2 * b * m.heads * n * n * m.dim_head
+        if m.rpe is not None and m.rpe.mode == "ctx":  # iRPE tables: q W_k, k W_q (N x d x K), attn-per-bucket W_v
+            counts["attn"] += len(m.rpe.on) * b * m.heads * n * m.dim_head * m.rpe.num_buckets
 
     handles = []
     for m in model.modules():
@@ -57,8 +60,13 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> tuple[int,
             handles.append(m.register_forward_hook(attn_hook))
     was_training = model.training
     model.eval()
+    extra = {}
+    if getattr(model, "uses_keypoints", False):  # KP-RPE: any keypoints (f(P) is one Linear either way)
+        from ..data.align import template
+
+        extra["keypoints"] = torch.from_numpy(template(112) * (img_size / 112))[None]
     try:
-        model(torch.zeros(1, in_chans, img_size, img_size))
+        model(torch.zeros(1, in_chans, img_size, img_size), **extra)
     finally:
         for h in handles:
             h.remove()

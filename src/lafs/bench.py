@@ -1,0 +1,102 @@
+"""``lafs bench``: measured cost tables. ``kprpe``: the KP-RPE paper's Table 3 (kprpe_spec §6) on this machine.
+
+ViT vs ViT + iRPE vs ViT + KP-RPE of one size, built from the same seed: parameters, GFLOPs (2 x conv + linear
+MACs, the paper's DeepSpeed convention; the attention and iRPE table products listed apart), evaluation throughput
+(forward, no grad) and training throughput (forward + backward + AdamW step, a plain squared-embedding loss so the
+classifier does not dilute the difference). Timings are interleaved: each round times one step of every model in
+turn, so all three see the same machine load, and the median over rounds is reported, with the overhead relative
+to the plain ViT measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .data.align import template
+from .models import build_backbone, complexity
+
+KPRPE_ARMS = (("ViT", "vit"), ("ViT + iRPE", "vit_irpe"), ("ViT + KP-RPE", "vit_kprpe"))
+
+
+def _inputs(model, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    s = model.img_size
+    x = torch.rand(batch, 3, s, s, generator=gen) * 2 - 1
+    extra = {}
+    if getattr(model, "uses_keypoints", False):
+        kp = torch.from_numpy(template(112) * (s / 112))[None].expand(batch, 5, 2)
+        extra["keypoints"] = kp + torch.randn(batch, 5, 2, generator=gen)
+    return x, extra
+
+
+def bench_kprpe(size: str = "small", batch: int = 8, rounds: int = 5, warmup: int = 1, threads: int = 0,
+                device: str = "cpu", log=print) -> dict:
+    """Measure the three arms; returns ``{"arms": [...], "settings": {...}}`` (times in seconds per step)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    models, rows = [], []
+    for label, name in KPRPE_ARMS:
+        torch.manual_seed(0)
+        model = build_backbone(name, size)
+        c = complexity(model, model.img_size)
+        model.to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        gen = torch.Generator().manual_seed(1)
+        x, extra = _inputs(model, batch, gen)
+        x, extra = x.to(dev), {k: v.to(dev) for k, v in extra.items()}
+        models.append((model, opt, x, extra))
+        rows.append({"arm": label, "name": name, "params": c.params, "gflops": 2 * c.macs / 1e9,
+                     "attn_gflops": 2 * c.attn_macs / 1e9, "eval_s": [], "train_s": []})
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for r in range(warmup + rounds):
+        for (model, opt, x, extra), row in zip(models, rows):
+            model.eval()
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(x, **extra)
+            sync()
+            t1 = time.perf_counter()
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            model(x, **extra)["embedding"].square().mean().backward()
+            opt.step()
+            sync()
+            t2 = time.perf_counter()
+            if r >= warmup:
+                row["eval_s"].append(t1 - t0)
+                row["train_s"].append(t2 - t1)
+        if log:
+            log(f"round {r + 1}/{warmup + rounds}{' (warm-up)' if r < warmup else ''}: " + ", ".join(
+                f"{row['arm']} {row['train_s'][-1] if r >= warmup else float('nan'):.2f} s/train step"
+                for row in rows))
+    base = rows[0]
+    for row in rows:
+        row["eval_step_s"] = statistics.median(row["eval_s"])
+        row["train_step_s"] = statistics.median(row["train_s"])
+        row["eval_img_s"] = batch / row["eval_step_s"]
+        row["train_img_s"] = batch / row["train_step_s"]
+        row["train_overhead_pct"] = 100 * (row["train_step_s"] / statistics.median(base["train_s"]) - 1)
+        row["eval_overhead_pct"] = 100 * (row["eval_step_s"] / statistics.median(base["eval_s"]) - 1)
+    settings = {"size": size, "batch": batch, "rounds": rounds, "warmup": warmup, "device": str(dev),
+                "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"arms": rows, "settings": settings}
+
+
+def format_kprpe(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"KP-RPE cost table, {s['size']} models, batch {s['batch']}, {s['device']} ({s['threads']} threads), "
+             f"median of {s['rounds']} interleaved rounds",
+             "| model | params | GFLOPs | + attention GFLOPs | eval img/s | train img/s | train step vs ViT |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["arms"]:
+        lines.append(f"| {r['arm']} | {r['params'] / 1e6:.2f}M | {r['gflops']:.2f} | {r['attn_gflops']:.2f} | "
+                     f"{r['eval_img_s']:.1f} | {r['train_img_s']:.2f} | {r['train_overhead_pct']:+.1f} % |")
+    return "\n".join(lines)
