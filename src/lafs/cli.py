@@ -51,6 +51,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toy_affine(args: argparse.Namespace) -> int:
+    from .toy_affine import main as toy_main  # imported here: torch and OpenCV stay out of `lafs --help`
+
+    return toy_main(args.toy_args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -417,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    # its options belong to lafs.toy_affine (see `lafs toy-affine --help`); main() hands them over unparsed
+    p = sub.add_parser("toy-affine", add_help=False, help="KP-RPE Fig. 1 toy: digits -> affine digits, Abs-PE / RPE "
+                       "/ iRPE / KP-RPE (extra toy; options: lafs toy-affine --help)")
+    p.set_defaults(func=cmd_toy_affine, toy_args=[])
+
     bench = sub.add_parser("bench", help="measured cost tables (kprpe: ViT vs iRPE vs KP-RPE, the paper's Table 3)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     p = bench_sub.add_parser("kprpe", help="params, GFLOPs, eval and train throughput, measured side by side")
@@ -485,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting KEY=VALUE positionals at the first option (`--out x a=b`): take the rest too
+    if args.command == "toy-affine":
+        args.toy_args, extra = extra, []
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
@@ -498,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lafs: error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as err:  # bad input files: the message names file and record
+        print(f"lafs: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:  # an optional extra is missing: the message names the pip command
         print(f"lafs: error: {err}", file=sys.stderr)
         return 2
 
