@@ -434,3 +434,21 @@ def test_score_ijb_modes_and_flip_features(ijb):
     assert list(got["tar_at_far"].values()) == list(want.values())
     with pytest.raises(ValueError, match="expected 40 x D"):
         score_ijb(feats[:39], meta)
+
+
+def test_embed_ijb_gives_keypoint_models_the_aligned_points(ijb):
+    from lafs.data.align import ARCFACE_TEMPLATE, estimate_similarity, flip_keypoints, transform_points
+    from lafs.eval.ijb import embed_ijb
+
+    root, info = ijb
+    meta = load_ijb_meta(root, "ijbc")
+
+    def kp_embed(x, keypoints):
+        return keypoints.flatten(1)
+
+    kp_embed.uses_keypoints = True
+    got = embed_ijb(kp_embed, meta, batch_size=16, workers=2).numpy().reshape(-1, 5, 2)
+    for i in (0, 17, 39):
+        m = estimate_similarity(meta.landmarks[i], ARCFACE_TEMPLATE)
+        aligned = transform_points(meta.landmarks[i].astype(np.float64), m)
+        np.testing.assert_allclose(got[i], aligned + flip_keypoints(aligned, 112), atol=1e-3)

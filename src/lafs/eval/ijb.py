@@ -44,7 +44,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..data.align import align_face
+from ..data.align import align_face, estimate_similarity_batch, template
 from ..data.datasets import decode_image
 from .verification import auc_from_counts, embed_images, roc_counts
 
@@ -394,10 +394,16 @@ def embed_ijb(
     flip: bool = True,
 ) -> torch.Tensor:
     """float32 CPU N x D image features in 5pts order: ``embed_images`` per aligned batch (``x / 127.5 - 1``;
-    ``flip`` sums the flipped image's embedding, the F1 mode). Call ``model.eval()`` first."""
+    ``flip`` sums the flipped image's embedding, the F1 mode). Call ``model.eval()`` first. A keypoint-aware
+    ``embed_fn`` (``uses_keypoints``, KP-RPE) gets each crop's 5 points as the alignment put them."""
+    kps = None
+    if getattr(embed_fn, "uses_keypoints", False):
+        m = estimate_similarity_batch(meta.landmarks, template(112))
+        kps = (np.einsum("nij,nkj->nki", m[:, :, :2], meta.landmarks) + m[:, None, :, 2]).astype(np.float32)
     out = None
     for start, images in iter_aligned_batches(meta, batch_size, workers):
-        emb = embed_images(embed_fn, images, batch_size=len(images), device=device, flip=flip)
+        k = None if kps is None else kps[start : start + len(images)]
+        emb = embed_images(embed_fn, images, batch_size=len(images), device=device, flip=flip, keypoints=k)
         if out is None:
             out = torch.empty(len(meta), emb.shape[1], dtype=torch.float32)
         out[start : start + len(emb)] = emb
