@@ -9,24 +9,18 @@ import pytest
 import torch
 
 from lafs.cli import main
-from lafs.config import load_config
 from lafs.data.pairs import write_bin
 from lafs.data.synthetic import SyntheticFaces, synthetic_pairs
 from lafs.embedder import load_embedder
-from lafs.train.loop import checkpoints_in
-from lafs.train.run import train
 
-BASE = ["model.name=part_fvit", "model.size=micro", "model.dropout=0.0", "model.emb_dropout=0.0",
-        "model.drop_path=0.0", "data.source=synthetic", "data.num_identities=8", "data.images_per_identity=4",
-        "data.val_pairs=0", "data.workers=0", "augment.preset=none", "train.batch_size=16", "train.steps=2"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    from conftest import train_tiny
+
     root = tmp_path_factory.mktemp("eval")
-    torch.manual_seed(0)
-    train(load_config(None, BASE + [f"out_dir={root / 'run'}"]), progress=False)
-    ckpt = checkpoints_in(root / "run" / "checkpoints")[-1]
+    ckpt = train_tiny(root / "run", "model.name=part_fvit", "data.val_pairs=0")
     faces = SyntheticFaces(40, seed=3)
     images, issame, _ = synthetic_pairs(faces, 40, seed=3, identities=range(20, 40))
     encoded = [cv2.imencode(".png", im[:, :, ::-1])[1].tobytes() for im in images]  # RGB arrays -> RGB on decode

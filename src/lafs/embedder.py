@@ -39,6 +39,8 @@ class Embedder:
     description: str
     file_hash: str
     uses_keypoints: bool = False
+    threshold: float | None = None  # cosine decision threshold stored with the model (its latest validation)
+    threshold_source: str = ""
 
     def __call__(self, x: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
         width = x.shape[-1]
@@ -123,4 +125,15 @@ def load_embedder(path: str | Path, device: str | torch.device = "cpu") -> Embed
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a lafs checkpoint (no 'model' entry), TorchScript or ONNX model")
     fn, size, desc, uses_keypoints = _from_checkpoint(path, state, device)
-    return Embedder(fn, size, desc, digest, uses_keypoints)
+    threshold, source = stored_threshold(state)
+    return Embedder(fn, size, desc, digest, uses_keypoints, threshold, source)
+
+
+def stored_threshold(state: dict) -> tuple[float | None, str]:
+    """The cosine threshold of a checkpoint's latest validation (the 10-fold threshold of its first set)."""
+    val = state.get("val") or {}
+    for name, r in (val.get("sets") or {}).items():
+        if "cosine_threshold" in r:
+            return float(r["cosine_threshold"]), (f"{name} validation at step {val.get('step')}, "
+                                                  f"accuracy {100 * r['accuracy']:.2f} %")
+    return None, ""

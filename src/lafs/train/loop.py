@@ -146,6 +146,7 @@ class Trainer:
         self.micro_batches = 0
         self.nonfinite_steps: list[int] = []
         self.best: float | None = None
+        self.val_last: dict = {}  # the latest validation, saved with the checkpoint (lafs verify's threshold)
 
     # ---------------------------------------------------------------- checkpoints
     def _model_state(self) -> tuple[dict, dict | None]:
@@ -177,6 +178,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": all_gather_objects(rng_state()), "world_size": self.env.world_size,
             "nonfinite_steps": self.nonfinite_steps, "best": self.best, "config": to_yaml(self.cfg),
+            "val": self.val_last,
         }
         path = None
         extras = getattr(self.task, "checkpoint_extras", None)
@@ -215,6 +217,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.micro_batches = state["step"], state["micro_batches"]
         self.nonfinite_steps, self.best = list(state["nonfinite_steps"]), state["best"]
+        self.val_last = state.get("val", {})
         if state["world_size"] == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank])
         else:
@@ -270,7 +273,9 @@ class Trainer:
                     else:
                         r = evaluate_pairs(lambda x, keypoints: self.task.embed(x, keypoints).float(), images,
                                            issame, batch_size=256, device=self.env.device, keypoints=kp)
-                    results[name] = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"]}
+                    # the 10-fold threshold on squared distances of unit embeddings, as a cosine: 1 - d / 2
+                    results[name] = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"],
+                                     "cosine_threshold": 1.0 - r["threshold"] / 2.0}
             self.task.train(was_training)
         return broadcast_object(results)
 
@@ -374,6 +379,7 @@ class Trainer:
                     val = self.validate()
                     if val:
                         result.val = val
+                        self.val_last = {"step": self.step, "sets": val}
                         mean_acc = float(np.mean([v["accuracy"] for v in val.values()]))
                         improved = self.best is None or mean_acc > self.best
                         self.best = max(mean_acc, self.best or mean_acc)

@@ -1,0 +1,69 @@
+"""Using a trained model on image files: ``lafs embed`` and ``lafs verify``.
+
+An image file is taken as an aligned face when it already has the aligned crop's size (112 x 112, the ArcFace
+template's; its keypoints are then the template's). Any other image is a raw photo: the optional 5-point
+detector (``data/detect.py``, extra ``detect``) finds the most confident face and ``data/align.py`` warps it onto the
+template, as the training data were prepared. ``detect="always"`` runs the detector on aligned-size files too,
+``"never"`` refuses raw photos. Embeddings are the flip-test sum, L2-normalised, so a pair's score is the dot
+product (cosine similarity); ``lafs verify`` compares it with the threshold stored with the model (the 10-fold
+threshold of its latest validation) or ``--threshold``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.align import align_face, template
+from .data.datasets import decode_image
+from .eval.verification import embed_images
+
+ALIGNED_SIZE = 112
+DETECT_MODES = ("auto", "always", "never")
+
+
+def load_face(path: str | Path, detect: str = "auto") -> tuple[np.ndarray, np.ndarray, bool]:
+    """An image file -> (aligned RGB uint8 112 x 112 x 3, its 5 keypoints (5, 2), whether the detector ran)."""
+    if detect not in DETECT_MODES:
+        raise ValueError(f"detect must be one of {DETECT_MODES}, got {detect!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    img = decode_image(path.read_bytes(), "rgb", source=str(path))
+    aligned_size = img.shape[0] == img.shape[1] == ALIGNED_SIZE
+    if detect == "never" or (detect == "auto" and aligned_size):
+        if not aligned_size:
+            raise ValueError(f"{path}: {img.shape[1]}x{img.shape[0]} is not an aligned {ALIGNED_SIZE}x{ALIGNED_SIZE} "
+                             f"face; use --detect auto (needs pip install \"lafs[detect]\")")
+        return img, template(ALIGNED_SIZE), False
+    from .data.detect import detect_keypoints
+
+    kps = detect_keypoints(img, str(path))
+    aligned, m = align_face(img, kps, ALIGNED_SIZE)
+    moved = (kps.astype(np.float64) @ m[:, :2].T + m[:, 2]).astype(np.float32)
+    return aligned, moved, True
+
+
+def embed_files(embedder, paths, detect: str = "auto", batch_size: int = 64, flip: bool = True,
+                device="cpu") -> np.ndarray:
+    """Unit-norm embeddings (N x D float32) of image files, in order (flip-test sum, then L2 normalisation)."""
+    faces = [load_face(p, detect) for p in paths]
+    if not faces:
+        raise ValueError("no images given")
+    images = torch.from_numpy(np.stack([f[0] for f in faces])).permute(0, 3, 1, 2).contiguous()
+    kps = np.stack([f[1] for f in faces]) if getattr(embedder, "uses_keypoints", False) else None
+    emb = embed_images(embedder, images, batch_size=batch_size, device=device, flip=flip, keypoints=kps)
+    return torch.nn.functional.normalize(emb.double(), dim=1).float().numpy()
+
+
+def verify(embedder, a: str | Path, b: str | Path, threshold: float | None = None, detect: str = "auto") -> dict:
+    """Cosine similarity of two face images and the decision at ``threshold`` (default: the model's stored one)."""
+    emb = embed_files(embedder, [a, b], detect)
+    score = float(emb[0] @ emb[1])
+    source = "given"
+    if threshold is None:
+        threshold, source = getattr(embedder, "threshold", None), getattr(embedder, "threshold_source", "")
+    return {"score": score, "threshold": threshold, "threshold_source": source,
+            "same": None if threshold is None else bool(score >= threshold)}
