@@ -86,3 +86,16 @@ def test_raw_photo_is_detected_and_aligned(tmp_path, shared_data):
     img, kps, detected = load_face(tmp_path / "raw.png")
     assert detected and img.shape == (112, 112, 3)
     assert np.linalg.norm(kps - template(112), axis=1).mean() < 4.0  # aligned onto the template (fit residual)
+
+
+def test_model_card_is_written_next_to_the_checkpoints(model_and_faces):
+    ckpt, _ = model_and_faces
+    card = (ckpt.parent / "MODEL_CARD.md").read_text()
+    state = torch.load(ckpt, weights_only=False)
+    r = state["val"]["sets"]["synthetic_val"]
+    params = sum(v.numel() for k, v in state["model"].items() if k.startswith("backbone.")
+                 and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert card.startswith("# Model card: fvit-micro")
+    assert f"`{ckpt.name}` (step 2 of 2)" in card and f"{params:,} parameters" in card
+    assert f"synthetic_val: accuracy {100 * r['accuracy']:.2f}" in card
+    assert f"cosine threshold {r['cosine_threshold']:.4f}" in card and "synthetic faces (8 identities x 4)" in card

@@ -1,7 +1,9 @@
-"""Pictures: ROC curves of verification sets and affine-sensitivity curves (KP-RPE Fig. 5).
+"""Pictures: ROC and affine-sensitivity curves (matplotlib), landmark overlays and attention maps (OpenCV).
 
-matplotlib is the optional ``viz`` extra and runs headless (Agg). Every function returns PNG bytes, or ``None``
-without matplotlib, so callers write them atomically next to their JSON and never fail for a missing picture.
+matplotlib is the optional ``viz`` extra and runs headless (Agg). The curve functions return PNG bytes, or ``None``
+without matplotlib, so callers write them atomically next to their JSON and never fail for a missing picture. The
+face pictures (:func:`landmark_overlay`, :func:`attention_overlay`) need only OpenCV and return RGB arrays
+(:func:`png_bytes` encodes them).
 """
 
 from __future__ import annotations
@@ -63,3 +65,104 @@ def sensitivity_png(curves: list[tuple[str, dict]], title: str = "") -> bytes | 
         std = np.array([100 * p["accuracy_std"] for p in result["points"]])
         ax.errorbar(t, acc, yerr=std, marker="o", capsize=3, label=label)
     return _png(fig, ax, plt, "t: detector crop (0) -> 5-point aligned (1)", "verification accuracy %", title)
+
+
+# --- face pictures (OpenCV only: no matplotlib needed) ------------------------------------------------------------
+
+
+def landmark_overlay(image: np.ndarray, landmarks: np.ndarray, patch_size: int | None = 8,
+                     color: tuple[int, int, int] = (255, 40, 40), scale: int = 4) -> np.ndarray:
+    """An RGB uint8 H x W x 3 face with its R landmarks ((R, 2) pixels of ``image``) drawn: a dot at each landmark
+    and, with ``patch_size``, the square patch Part fViT samples around it (centred layout). The picture is
+    enlarged ``scale`` times (nearest) first, so points and squares stay legible; coordinates scale with it."""
+    import cv2
+
+    img = np.asarray(image)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"image must be RGB uint8 H x W x 3, got {img.dtype} {img.shape}")
+    pts = np.asarray(landmarks, np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"landmarks must be (R, 2) pixels, got {pts.shape}")
+    big = cv2.resize(img, (img.shape[1] * scale, img.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
+    centres = (pts + 0.5) * scale - 0.5  # pixel centres stay pixel centres
+    for x, y in centres:
+        if patch_size:
+            half = patch_size * scale / 2
+            cv2.rectangle(big, (int(round(x - half)), int(round(y - half))), (int(round(x + half)),
+                          int(round(y + half))), tuple(int(c) // 2 + 64 for c in color), 1)
+    for x, y in centres:  # dots last, so squares never hide them
+        cv2.circle(big, (int(round(x)), int(round(y))), max(1, scale // 2), color, -1)
+    return big
+
+
+def tile(images: list[np.ndarray], columns: int = 4, pad: int = 4) -> np.ndarray:
+    """Same-size RGB pictures in a grid on white."""
+    h, w = images[0].shape[:2]
+    rows = (len(images) + columns - 1) // columns
+    out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    return out
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def cls_attention(model, images) -> tuple[np.ndarray, np.ndarray | None]:
+    """Last-layer attention of a ViT backbone, averaged over heads: from the CLS token to every token (B x N), or,
+    without a CLS token (``pool: flatten``), the attention every token receives on average. Also the tokens' pixel
+    centres (B x N x 2) when the model has landmarks (Part fViT), else None (a row-major grid). Recomputed from the
+    last block's q and k (its relative-position bias, if any, is left out)."""
+    import torch
+
+    encoder = model.encoder
+    attn = encoder.blocks[-1].attn
+    captured = {}
+    handle = attn.register_forward_hook(lambda m, inp, out: captured.__setitem__("x", inp[0]))
+    try:
+        with torch.no_grad():
+            out = model(images)
+    finally:
+        handle.remove()
+    x = captured["x"]
+    b, n, _ = x.shape
+    with torch.no_grad():
+        q, k, _ = attn.to_qkv(x).view(b, n, 3, attn.heads, attn.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+        weights = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1).mean(1)  # B x N x N
+    if encoder.has_cls:
+        w = weights[:, 0, 1:]
+    else:
+        w = weights.mean(1)
+    lm = out.get("landmarks") if isinstance(out, dict) else None
+    return w.cpu().numpy(), (None if lm is None else lm.detach().cpu().numpy())
+
+
+def attention_overlay(image: np.ndarray, weights: np.ndarray, token_xy: np.ndarray | None = None,
+                      patch_size: int = 8, scale: int = 4) -> np.ndarray:
+    """A face with per-token attention as a heat map: grid tokens fill their cells; landmark tokens (``token_xy``,
+    pixels of ``image``) paint a patch-sized square each, stronger where attention is higher (max-normalised)."""
+    import cv2
+
+    img = np.asarray(image)
+    h, w = img.shape[:2]
+    heat = np.zeros((h, w), np.float32)
+    wts = np.asarray(weights, np.float32)
+    wts = wts / max(float(wts.max()), 1e-12)
+    if token_xy is None:
+        side = int(round(len(wts) ** 0.5))
+        heat = cv2.resize(wts.reshape(side, side), (w, h), interpolation=cv2.INTER_NEAREST)
+    else:
+        for (x, y), a in zip(np.asarray(token_xy), wts):
+            x0, y0 = int(round(x - patch_size / 2 + 0.5)), int(round(y - patch_size / 2 + 0.5))
+            region = heat[max(0, y0): max(0, y0 + patch_size), max(0, x0): max(0, x0 + patch_size)]
+            np.maximum(region, a, out=region)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+    blend = (0.55 * img.astype(np.float32) + 0.45 * colour.astype(np.float32)).astype(np.uint8)
+    return cv2.resize(blend, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)

@@ -43,9 +43,11 @@ from ..data.sampler import EpochBatchSampler
 from ..eval.verification import evaluate_pairs
 from ..heads.partial_fc import PartialFC
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
+from ..io import atomic_write_bytes
 from .checkpoint import atomic_save
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
 from .logging import RunLogger
+from .model_card import model_card
 from .optim import build_optimizer, lr_at, param_groups, set_lr
 
 CKPT_FORMAT = "lafs-train-1"
@@ -191,6 +193,14 @@ class Trainer:
                 tmp.unlink(missing_ok=True)
                 os.link(path, tmp)  # a second name for the same bytes, swapped in atomically
                 os.replace(tmp, self.ckpt_dir / "best.pt")
+            # supervised tasks hold ``backbone``; pretraining's teacher branch holds the trunk that gets exported
+            backbone = getattr(self.task, "backbone", None) or getattr(getattr(self.task, "teacher", None),
+                                                                       "backbone", None)
+            card = model_card(self.cfg, step=self.step, total_steps=self.total_steps,
+                              params=sum(p.numel() for p in (backbone or self.task).parameters()),
+                              embedding_size=getattr(backbone, "embedding_size", None), val=self.val_last,
+                              best=self.best, checkpoint=path.name, has_best=(self.ckpt_dir / "best.pt").exists())
+            atomic_write_bytes(self.ckpt_dir / "MODEL_CARD.md", card.encode())
             for old in checkpoints_in(self.ckpt_dir)[: -self.cfg.train.keep_last]:
                 old.unlink()
         barrier()

@@ -1,0 +1,60 @@
+"""A model card written next to the checkpoints of every run (``checkpoints/MODEL_CARD.md``).
+
+What a user needs before trusting a model file: what it is (backbone, size, parameters, embedding size, input),
+what it saw (training data, labels, steps, augmentation, loss), how it scored (the latest validation, with the
+threshold ``lafs verify`` uses) and how to make it again (the command and the config next to it). Rewritten at
+every checkpoint, so it always describes the newest one; ``best.pt`` is named when it exists.
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+import time
+
+import torch
+
+
+def model_card(cfg, *, step: int, total_steps: int, params: int, embedding_size: int | None, val: dict,
+               best: float | None, checkpoint: str, has_best: bool) -> str:
+    m, d = cfg.model, cfg.data
+    data = (f"synthetic faces ({d.num_identities} identities x {d.images_per_identity})" if d.source == "synthetic"
+            else ", ".join(str(p) for p in d.train))
+    if d.index:
+        data += f", subset {d.index}"
+    task = (f"self-supervised {cfg.ssl.method} pretraining (labels unused)" if cfg.ssl.method != "none"
+            else f"supervised, {cfg.head.name} head" + (", finetuned from " + str(cfg.finetune.init)
+                                                         if cfg.finetune.init else ""))
+    from .. import __version__
+
+    lines = [
+        f"# Model card: {m.name}-{m.size}",
+        "",
+        f"- **Checkpoint**: `{checkpoint}` (step {step} of {total_steps})"
+        + ("; `best.pt` is the best validation so far" if has_best else ""),
+        f"- **Model**: `{m.name}` size `{m.size}`, {params:,} parameters"
+        + (f", {embedding_size}-d embedding" if embedding_size else "")
+        + ". Input: RGB 112 x 112 aligned faces (ArcFace template), resized to the model size, pixels x / 127.5 - 1.",
+        f"- **Training**: {task}; data: {data}; augmentation `{cfg.augment.preset}`; optimiser `{cfg.optim.name}` "
+        f"lr {cfg.optim.lr}, batch {cfg.train.batch_size} x accumulation {cfg.train.accumulation}.",
+    ]
+    sets = (val or {}).get("sets") or {}
+    if sets:
+        lines.append(f"- **Validation** (step {val.get('step')}, 10-fold, flip test):")
+        for name, r in sets.items():
+            thr = f"; cosine threshold {r['cosine_threshold']:.4f}" if "cosine_threshold" in r else ""
+            lines.append(f"  - {name}: accuracy {100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f} %, "
+                         f"AUC {r['auc']:.4f}{thr}")
+        if best is not None:
+            lines.append(f"  - best mean accuracy so far: {100 * best:.2f} %")
+    else:
+        lines.append("- **Validation**: none yet (set `data.val` or synthetic `data.val_pairs`).")
+    lines += [
+        f"- **Reproduce**: `{shlex.join(sys.argv)}` with `config.yaml` of the run folder.",
+        f"- **Software**: lafs {__version__}, torch {torch.__version__}, Python {platform.python_version()}; "
+        f"written {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        "- **Use**: `lafs eval`, `lafs embed`, `lafs verify`, `lafs export` take the checkpoint file directly.",
+        "",
+    ]
+    return "\n".join(lines)
