@@ -43,17 +43,22 @@ def test_option_not_taken_by_backbone(capsys):
 def test_demo_end_to_end_writes_run_folder(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "lafs.cli", "demo", "--out", str(out), "--steps", "8", "--quiet",
-         "train.batch_size=16", "data.val_pairs=40"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "lafs.cli", "demo", "--out", str(out), "--budget-minutes", "0.2", "--no-dino",
+         "--no-lfw", "--quiet"],
+        capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "held-out AUC" in proc.stdout
-    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"):
-        assert (out / name).is_file(), name
-    assert load_config(out / "config.yaml").train.steps == 8
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == list(range(8))
-    assert all(math.isfinite(s["loss"]) for s in steps)
-    summary = json.loads((out / "summary.json").read_text())
-    assert 0.0 <= summary["heldout_auc"] <= 1.0 and 0.0 <= summary["heldout_accuracy"] <= 1.0
+    assert "| pretraining | held-out accuracy | AUC | TAR@FAR=1e-2 |" in proc.stdout
+    for stage in ("stage1_supervised", "pretrain_lafs", "finetune_scratch", "finetune_lafs"):
+        for name in ("config.yaml", "metrics.jsonl", "checkpoints/MODEL_CARD.md"):
+            assert (out / stage / name).is_file(), (stage, name)
+        assert list((out / stage / "tb").iterdir())
+    assert load_config(out / "stage1_supervised" / "config.yaml").train.steps == 4
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary["results"]) == {"scratch", "lafs"} and summary["lfw"] is None
+    for r in summary["results"].values():
+        values = [r["accuracy"], r["auc"], *r["tar_at_far"].values()]
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), r
+        assert f"| {100 * r['accuracy']:.2f} +- " in proc.stdout
+    for pic in ("landmarks.png", "roc.png"):
+        assert (out / pic).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -109,15 +109,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, run_demo
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"out_dir={args.out}")
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
-    cfg = load_config(args.config, overrides)
-    summary = run_demo(cfg, progress=not args.quiet)
+    lfw = False if args.no_lfw else args.lfw
+    summary = run_demo(args.out, args.budget_minutes, lfw, args.dino, args.shots, args.seed, progress=not args.quiet)
     print(format_summary(summary))
-    print(f"run folder: {cfg.out_dir} (config.yaml, metrics.jsonl, checkpoint.pt, summary.json)")
+    print(f"run folder: {args.out} (one folder per stage with config.yaml, metrics.jsonl, tb/, checkpoints/ and "
+          "MODEL_CARD.md; demo.json, roc.png, landmarks.png)")
     return 0
 
 
@@ -395,11 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("demo", help="train a micro model on toy identities and verify held-out pairs")
-    p.add_argument("--out", help="run folder (default: out_dir of the config, runs/demo)")
-    p.add_argument("--steps", type=int, help="training steps")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_args(p)
+    p = sub.add_parser("demo", help="the LAFS story on synthetic faces: stage 1, LAFS (+ DINO) pretraining, "
+                       "few-shot finetune vs scratch, a table and pictures")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--budget-minutes", type=float, default=8.0,
+                   help="scales every stage's steps together (8: about that long on 2 CPU cores)")
+    p.add_argument("--lfw", help="also evaluate on this lfw.bin (default: ../shared/data/lfw/lfw.bin if present)")
+    p.add_argument("--no-lfw", action="store_true", help="no LFW evaluation")
+    p.add_argument("--dino", action=argparse.BooleanOptionalAction, default=None,
+                   help="include the DINO arm (default: when the budget is at least 6 minutes)")
+    p.add_argument("--shots", type=int, default=2, help="labelled images per identity in the finetune")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     commands = {"train": ("supervised training from scratch (margin heads, Partial FC, augmentations)", cmd_train),
