@@ -85,6 +85,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx, format_export  # imported here: torch stays out of `lafs --help`
+
+    print(format_export(export_onnx(args.checkpoint, args.onnx, opset=args.opset, batch=args.batch,
+                                    check=not args.no_check)))
+    return 0
+
+
 def cmd_toy_affine(args: argparse.Namespace) -> int:
     from .toy_affine import main as toy_main  # imported here: torch and OpenCV stay out of `lafs --help`
 
@@ -479,6 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--detect", choices=("auto", "always", "never"), default="auto",
                        help="auto: detect + align anything that is not a 112x112 crop")
         q.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("export", help="checkpoint -> ONNX embedding model, checked against onnxruntime (extra onnx)")
+    p.add_argument("checkpoint", help="lafs train / finetune / pretrain checkpoint (.pt)")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="output file (written atomically)")
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset (default 17; Part fViT needs >= 16 for GridSample)")
+    p.add_argument("--batch", type=int, default=4, help="random batch size of the parity check (default 4)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
+    p.set_defaults(func=cmd_export)
 
     # its options belong to lafs.toy_affine (see `lafs toy-affine --help`); main() hands them over unparsed
     p = sub.add_parser("toy-affine", add_help=False, help="KP-RPE Fig. 1 toy: digits -> affine digits, Abs-PE / RPE "

@@ -61,7 +61,7 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, str, bool]:
+def _backbone_from_state(path: Path, state: dict, device) -> tuple[torch.nn.Module, str]:
     from .config import Config, load_config
     from .models import build_backbone
 
@@ -81,7 +81,36 @@ def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, st
         raise ValueError(f"{path} [{source}]: weights do not fit {cfg.model.name}-{cfg.model.size}; missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
     backbone.eval().to(device)
-    desc = f"{cfg.model.name}-{cfg.model.size} ({source} of {path.name}, step {state.get('step')})"
+    return backbone, f"{cfg.model.name}-{cfg.model.size} ({source} of {path.name}, step {state.get('step')})"
+
+
+def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, str]:
+    """A lafs training, finetuning or pretraining checkpoint -> (its backbone in eval mode, a description).
+
+    The backbone is rebuilt from the config stored in the checkpoint (see the module docstring for which weights
+    are used); it returns ``{"embedding": B x D, ...}``. The description starts with ``name-size`` (e.g.
+    ``part_fvit-micro (model of checkpoint.pt, step 2)``). Any file that is not such a checkpoint is a ValueError
+    naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return _backbone_from_state(path, _read_checkpoint(path, "a lafs checkpoint"), device)
+
+
+def _read_checkpoint(path: Path, expected: str) -> dict:
+    """``torch.load`` of a lafs checkpoint; anything else is a ValueError naming the file and what was expected."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path}: not {expected} ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path}: not {expected} (no 'model' entry)")
+    return state
+
+
+def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, str, bool]:
+    backbone, desc = _backbone_from_state(path, state, device)
     if getattr(backbone, "uses_keypoints", False):
         return (lambda x, k: backbone(x, keypoints=k)["embedding"]), backbone.img_size, desc, True
     return (lambda x: backbone(x)["embedding"]), backbone.img_size, desc, False
@@ -97,15 +126,29 @@ def load_embedder(path: str | Path, device: str | torch.device = "cpu") -> Embed
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ValueError(f"{path}: ONNX models need onnxruntime (pip install onnxruntime)") from None
+            raise ValueError(f'{path}: ONNX models need onnxruntime (pip install "lafs[onnx]")') from None
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        inp = session.get_inputs()[0]
+        meta = session.get_modelmeta().custom_metadata_map  # lafs_model, img_size, ... from lafs.export
+        inputs = session.get_inputs()
+        inp = inputs[0]
+        # a second input is the keypoints of KP-RPE models (B x 5 x 2 pixels of the model input; lafs.export)
+        kp_inp = next((i for i in inputs[1:] if i.name == "keypoints"), inputs[1] if len(inputs) > 1 else None)
         size = inp.shape[-1] if isinstance(inp.shape[-1], int) else None
+        if size is None and str(meta.get("img_size", "")).isdigit():
+            size = int(meta["img_size"])
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {inp.name: x.detach().cpu().float().numpy()})[0])
+        def as_numpy(t: torch.Tensor):
+            return t.detach().cpu().float().numpy()
 
-        return Embedder(run, size, f"ONNX {path.name}", digest)
+        def run(x: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+            feed = {inp.name: as_numpy(x)}
+            if kp_inp is not None:
+                feed[kp_inp.name] = as_numpy(k)
+            return torch.from_numpy(session.run(None, feed)[0])
+
+        desc = f"ONNX {path.name}" + (f" ({meta['lafs_model']})" if meta.get("lafs_model") else "")
+        threshold = float(meta["lafs_threshold"]) if meta.get("lafs_threshold") else None
+        return Embedder(run, size, desc, digest, kp_inp is not None, threshold, meta.get("lafs_threshold_source", ""))
     try:
         module = torch.jit.load(str(path), map_location=device)
     except RuntimeError:
@@ -118,12 +161,7 @@ def load_embedder(path: str | Path, device: str | torch.device = "cpu") -> Embed
             return out["embedding"] if isinstance(out, dict) else out
 
         return Embedder(run_script, getattr(module, "img_size", None), f"TorchScript {path.name}", digest)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"{path}: not a lafs checkpoint, TorchScript or ONNX model ({err})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path}: not a lafs checkpoint (no 'model' entry), TorchScript or ONNX model")
+    state = _read_checkpoint(path, "a lafs checkpoint, TorchScript or ONNX model")
     fn, size, desc, uses_keypoints = _from_checkpoint(path, state, device)
     threshold, source = stored_threshold(state)
     return Embedder(fn, size, desc, digest, uses_keypoints, threshold, source)
