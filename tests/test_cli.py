@@ -60,5 +60,5 @@ def test_demo_end_to_end_writes_run_folder(tmp_path):
         values = [r["accuracy"], r["auc"], *r["tar_at_far"].values()]
         assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), r
         assert f"| {100 * r['accuracy']:.2f} +- " in proc.stdout
-    for pic in ("landmarks.png", "roc.png"):
+    for pic in ("landmarks.png", "roc.png", "attention.png"):
         assert (out / pic).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

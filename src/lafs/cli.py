@@ -121,7 +121,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, args.budget_minutes, lfw, args.dino, args.shots, args.seed, progress=not args.quiet)
     print(format_summary(summary))
     print(f"run folder: {args.out} (one folder per stage with config.yaml, metrics.jsonl, tb/, checkpoints/ and "
-          "MODEL_CARD.md; demo.json, roc.png, landmarks.png)")
+          "MODEL_CARD.md; demo.json, roc.png, landmarks.png, attention.png)")
     return 0
 
 

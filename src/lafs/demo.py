@@ -11,8 +11,9 @@
 
 Every stage is an ordinary ``lafs train`` / ``pretrain`` / ``finetune`` run in its own folder of the demo folder
 (``config.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` with ``MODEL_CARD.md``). The demo folder also gets
-``demo.json`` (the table's numbers), ``roc.png`` and ``landmarks.png`` (the landmark CNN before / after stage 1
-on held-out faces). ``budget_minutes`` scales every stage's steps together, so all arms get the same budget.
+``demo.json`` (the table's numbers), ``roc.png``, ``landmarks.png`` (the landmark CNN before / after stage 1
+on held-out faces) and ``attention.png`` (the LAFS-finetuned model's last-layer CLS attention over its landmark
+tokens on the same faces). ``budget_minutes`` scales every stage's steps together, so all arms get the same budget.
 Every number printed is measured in the run.
 """
 
@@ -85,6 +86,23 @@ def _landmark_picture(stage1_ckpt: Path, seed: int) -> bytes:
             lm = model(x)["landmarks"].numpy()
             rows += [landmark_overlay(small[i], lm[i], model.patch_size, colour) for i in range(4)]
     return png_bytes(tile(rows, columns=4))
+
+
+def _attention_picture(ckpt: Path, seed: int) -> bytes:
+    """Held-out faces with the finetuned model's last-layer CLS attention over its landmark tokens."""
+    from .data.synthetic import SyntheticFaces
+    from .embedder import load_backbone
+    from .viz import attention_overlay, cls_attention, png_bytes, tile
+
+    model, _ = load_backbone(ckpt)
+    faces = SyntheticFaces(IDS_ALL + IDS_VAL, seed=seed)
+    imgs = np.stack([faces.render(IDS_ALL + i, 900)[0] for i in range(4)])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.nn.functional.interpolate(x, size=(model.img_size,) * 2, mode="bilinear", antialias=True)
+    small = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    weights, token_xy = cls_attention(model, x)
+    return png_bytes(tile([attention_overlay(small[i], weights[i], None if token_xy is None else token_xy[i],
+                                             model.patch_size) for i in range(4)], columns=4))
 
 
 def _evaluate(ckpt: Path, pairs: tuple, lfw: Path | None) -> dict:
@@ -164,14 +182,16 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
     faces = SyntheticFaces(IDS_ALL + IDS_VAL, seed=seed)
     images, issame, _ = synthetic_pairs(faces, 400, seed=seed + 1, identities=range(IDS_ALL, IDS_ALL + IDS_VAL))
     pairs = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), issame)
-    results = {}
+    results, finetuned = {}, {}
     for arm, extra in arms.items():
         log(f"3/4 few-shot finetune ({shots} shots x {IDS_ALL - IDS_STAGE1} identities) from {arm}")
         stages[f"finetune_{arm}"], ckpt = _run(fine + extra + [f"out_dir={out / f'finetune_{arm}'}"], progress, log)
+        finetuned[arm] = ckpt
         log(f"4/4 evaluating {arm}")
         results[arm] = _evaluate(ckpt, pairs, lfw_path)
 
-    written = [atomic_write_bytes(out / "landmarks.png", _landmark_picture(stage1, seed))]
+    written = [atomic_write_bytes(out / "landmarks.png", _landmark_picture(stage1, seed)),
+               atomic_write_bytes(out / "attention.png", _attention_picture(finetuned["lafs"], seed))]
     png = roc_png([(f"{a} ({100 * r['accuracy']:.1f} %)", r["_dist"], r["_issame"]) for a, r in results.items()],
                   "few-shot finetune, held-out synthetic identities")
     if png is not None:
