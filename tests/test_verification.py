@@ -363,16 +363,7 @@ def test_verification_metrics_by_hand():
 
 def _reference_exact(dist, same, nfolds):
     """Per fold, a loop over every midpoint of the training distances (insightface calculate_roc with a fine grid)."""
-    accs, thrs, train_accs = [], [], []
-    for test in np.array_split(np.arange(len(same)), nfolds):
-        train = np.setdiff1d(np.arange(len(same)), test) if nfolds > 1 else test
-        grid = _exact_candidates(dist[train])
-        acc_train = [np.mean((dist[train] < t) == same[train]) for t in grid]
-        b = int(np.argmax(acc_train))
-        thrs.append(grid[b])
-        train_accs.append(acc_train[b])
-        accs.append(np.mean((dist[test] < grid[b]) == same[test]))
-    return accs, thrs, train_accs
+    return _reference_loop(dist, same, nfolds, _exact_candidates)
 
 
 @pytest.mark.parametrize("n, nfolds, rounding", [(600, 10, None), (437, 7, 2), (300, 1, None)])
@@ -405,9 +396,15 @@ def test_ten_fold_exact_grid_matches_loop_and_beats_reference(n, nfolds, roundin
 def _reference_with_train(dist, same, nfolds):
     """The reference grid, per fold, with the training accuracy of the chosen threshold."""
     grid = reference_thresholds()
+    return _reference_loop(dist, same, nfolds, lambda _: grid)
+
+
+def _reference_loop(dist, same, nfolds, grid_of):
+    """Per fold: every threshold of ``grid_of(training distances)``, best training accuracy, test accuracy."""
     accs, best, train_accs = [], [], []
     for test in np.array_split(np.arange(len(same)), nfolds):
         train = np.setdiff1d(np.arange(len(same)), test) if nfolds > 1 else test
+        grid = grid_of(dist[train])
         acc_train = [np.mean((dist[train] < t) == same[train]) for t in grid]
         b = int(np.argmax(acc_train))
         best.append(grid[b])

@@ -63,23 +63,29 @@ def _run(overrides: list[str], progress: bool, log) -> tuple[dict, Path]:
     return {"seconds": time.perf_counter() - start, "val": result.val, "losses": result.losses}, ckpt
 
 
-def _landmark_picture(stage1_ckpt: Path, seed: int) -> bytes:
-    """Held-out faces with the landmarks of the CNN at initialisation (top) and after stage 1 (bottom)."""
+def _heldout_faces(img_size: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Four faces of identities no stage saw, as model input ([-1, 1], model size) and as uint8 pictures."""
     from .data.synthetic import SyntheticFaces
-    from .models import build_backbone
-    from .viz import landmark_overlay, png_bytes, tile
 
-    state = torch.load(stage1_ckpt, map_location="cpu", weights_only=False)
-    cfg = load_config(text=state["config"], source=str(stage1_ckpt))
-    torch.manual_seed(cfg.train.seed)
-    before = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides()).eval()
-    after = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides()).eval()
-    after.load_state_dict({k[9:]: v for k, v in state["model"].items() if k.startswith("backbone.")})
     faces = SyntheticFaces(IDS_ALL + IDS_VAL, seed=seed)
     imgs = np.stack([faces.render(IDS_ALL + i, 900)[0] for i in range(4)])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
-    x = torch.nn.functional.interpolate(x, size=(before.img_size,) * 2, mode="bilinear", antialias=True)
-    small = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    x = torch.nn.functional.interpolate(x, size=(img_size,) * 2, mode="bilinear", antialias=True)
+    return x, ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def _landmark_picture(stage1_ckpt: Path, seed: int) -> bytes:
+    """Held-out faces with the landmarks of the CNN at initialisation (top) and after stage 1 (bottom)."""
+    from .embedder import load_backbone
+    from .models import build_backbone
+    from .viz import landmark_overlay, png_bytes, tile
+
+    after, _ = load_backbone(stage1_ckpt)
+    state = torch.load(stage1_ckpt, map_location="cpu", weights_only=False)
+    cfg = load_config(text=state["config"], source=str(stage1_ckpt))
+    torch.manual_seed(cfg.train.seed)  # the run's own initialisation
+    before = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides()).eval()
+    x, small = _heldout_faces(before.img_size, seed)
     rows = []
     with torch.no_grad():
         for model, colour in ((before, (255, 200, 0)), (after, (255, 40, 40))):
@@ -90,16 +96,11 @@ def _landmark_picture(stage1_ckpt: Path, seed: int) -> bytes:
 
 def _attention_picture(ckpt: Path, seed: int) -> bytes:
     """Held-out faces with the finetuned model's last-layer CLS attention over its landmark tokens."""
-    from .data.synthetic import SyntheticFaces
     from .embedder import load_backbone
     from .viz import attention_overlay, cls_attention, png_bytes, tile
 
     model, _ = load_backbone(ckpt)
-    faces = SyntheticFaces(IDS_ALL + IDS_VAL, seed=seed)
-    imgs = np.stack([faces.render(IDS_ALL + i, 900)[0] for i in range(4)])
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
-    x = torch.nn.functional.interpolate(x, size=(model.img_size,) * 2, mode="bilinear", antialias=True)
-    small = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    x, small = _heldout_faces(model.img_size, seed)
     weights, token_xy = cls_attention(model, x)
     return png_bytes(tile([attention_overlay(small[i], weights[i], None if token_xy is None else token_xy[i],
                                              model.patch_size) for i in range(4)], columns=4))
@@ -107,12 +108,12 @@ def _attention_picture(ckpt: Path, seed: int) -> bytes:
 
 def _evaluate(ckpt: Path, pairs: tuple, lfw: Path | None) -> dict:
     from .embedder import load_embedder
-    from .eval.verification import embed_images, evaluate_bin, evaluate_pairs, pair_distances
+    from .eval.verification import embed_images, evaluate_bin, pair_distances, ten_fold_accuracy
 
     emb = load_embedder(ckpt)
     images, issame = pairs
-    e = embed_images(emb, images).numpy()
-    r = evaluate_pairs(emb, images, issame)
+    e = embed_images(emb, images).numpy()  # once, for the protocol and the ROC picture
+    r = ten_fold_accuracy(e[0::2], e[1::2], issame)
     out = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"],
            "tar_at_far": {str(k): v for k, v in r["tar_at_far"].items()},
            "_dist": pair_distances(e[0::2], e[1::2]), "_issame": np.asarray(issame, bool)}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.align import align_face, template
+from .data.align import align_face, align_keypoints, template
 from .data.datasets import decode_image
 from .eval.verification import embed_images
 
@@ -42,8 +42,7 @@ def load_face(path: str | Path, detect: str = "auto") -> tuple[np.ndarray, np.nd
 
     kps = detect_keypoints(img, str(path))
     aligned, m = align_face(img, kps, ALIGNED_SIZE)
-    moved = (kps.astype(np.float64) @ m[:, :2].T + m[:, 2]).astype(np.float32)
-    return aligned, moved, True
+    return aligned, align_keypoints(kps, m), True
 
 
 def embed_files(embedder, paths, detect: str = "auto", batch_size: int = 64, flip: bool = True,

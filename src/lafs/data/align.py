@@ -27,6 +27,7 @@ __all__ = [
     "invert_affine",
     "template",
     "transform_points",
+    "transform_points_batch",
 ]
 
 # insightface python-package/insightface/utils/face_align.py, ``arcface_dst``.
@@ -191,6 +192,15 @@ def transform_points(points, m) -> np.ndarray:
         raise ValueError(f"points must have shape (..., 2), got {pts.shape}")
     out = pts.astype(np.float64) @ m[:, :2].T + m[:, 2]
     return out.astype(np.float32) if pts.dtype == np.float32 else out
+
+
+def transform_points_batch(points, m) -> np.ndarray:
+    """Per-item affines: points (N, K, 2) through m (N, 2, 3) -> float32 (N, K, 2), computed in float64."""
+    pts = np.asarray(points, np.float64)
+    m = np.asarray(m, np.float64)
+    if pts.ndim != 3 or pts.shape[2] != 2 or m.shape != (len(pts), 2, 3):
+        raise ValueError(f"points {pts.shape} and affines {m.shape}: expected (N, K, 2) and (N, 2, 3)")
+    return (pts @ m[:, :, :2].transpose(0, 2, 1) + m[:, None, :, 2]).astype(np.float32)
 
 
 def invert_affine(m) -> np.ndarray:

@@ -44,7 +44,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..data.align import align_face, estimate_similarity_batch, template
+from ..data.align import align_face, estimate_similarity_batch, template, transform_points_batch
 from ..data.datasets import decode_image
 from .verification import auc_from_counts, embed_images, roc_counts
 
@@ -398,8 +398,7 @@ def embed_ijb(
     ``embed_fn`` (``uses_keypoints``, KP-RPE) gets each crop's 5 points as the alignment put them."""
     kps = None
     if getattr(embed_fn, "uses_keypoints", False):
-        m = estimate_similarity_batch(meta.landmarks, template(112))
-        kps = (np.einsum("nij,nkj->nki", m[:, :, :2], meta.landmarks) + m[:, None, :, 2]).astype(np.float32)
+        kps = transform_points_batch(meta.landmarks, estimate_similarity_batch(meta.landmarks, template(112)))
     out = None
     for start, images in iter_aligned_batches(meta, batch_size, workers):
         k = None if kps is None else kps[start : start + len(images)]

@@ -126,11 +126,12 @@ def load_set_keypoints(bin_path: str | Path, keypoints_path: str | Path | None, 
     if not path.is_file():
         raise FileNotFoundError(f"{bin_path}: no keypoints ({path} not found; pass --keypoints KPS.npy, "
                                 f"(images, 5, 2) pixels, one row per image of the .bin)")
-    kps = np.load(path)
-    if kps.shape != (count, 5, 2):
-        raise ValueError(f"{path}: keypoints of shape {kps.shape}, expected ({count}, 5, 2) for the {count} images "
-                         f"of {bin_path}")
-    return kps.astype(np.float32)
+    from ..data.datasets import load_keypoints
+
+    kps = load_keypoints(path, count)  # checks one row per image of the set
+    if kps.shape[1] != 5:
+        raise ValueError(f"{path}: {kps.shape[1]} keypoints per image, expected the 5 ArcFace points for {bin_path}")
+    return kps
 
 
 def sensitivity_report(embed_fn, bin_path: str | Path, keypoints_path=None, *, steps=6, interpolation="similarity",

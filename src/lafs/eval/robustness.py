@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.align import estimate_similarity_batch, template
+from ..data.align import estimate_similarity_batch, template, transform_points_batch
 from .verification import embed_images, ten_fold_accuracy
 
 INTERPOLATIONS = ("similarity", "linear")
@@ -100,7 +100,7 @@ def warp_crops(images: torch.Tensor, keypoints, affines, size: int | None = None
     if len(m) != len(images) or len(kps) != len(images):
         raise ValueError(f"{len(images)} crops, {len(kps)} keypoint rows and {len(m)} affines: expected one each")
     size = size or images.shape[-1]
-    moved = (kps @ m[:, :, :2].transpose(0, 2, 1) + m[:, None, :, 2]).astype(np.float32)
+    moved = transform_points_batch(kps, m)
     if size == images.shape[-1] == images.shape[-2] and np.array_equal(m, np.broadcast_to(np.eye(2, 3), m.shape)):
         return images.clone(), moved
     src = images.permute(0, 2, 3, 1).numpy()

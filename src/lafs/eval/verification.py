@@ -61,12 +61,7 @@ def roc_counts(scores, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     score >= t (the counts behind sklearn's ``roc_curve``). One sort of the score values (no argsort, no permuted
     labels) and a binary search of the genuine scores, so IJB-C's 15.6M pairs take about a second. NaN is an error;
     +-inf are ordinary values."""
-    s = np.asarray(scores, np.float64).ravel()
-    y = np.asarray(issame, bool).ravel()
-    if len(s) != len(y):
-        raise ValueError(f"{len(s)} scores for {len(y)} labels")
-    if np.isnan(s).any():
-        raise ValueError(f"{int(np.isnan(s).sum())} scores are NaN")
+    s, y = _check_scores(scores, issame)
     desc = np.sort(s)[::-1]
     last = np.r_[np.flatnonzero(desc[1:] != desc[:-1]), len(desc) - 1]  # last position of each distinct score
     thresholds = desc[last]
@@ -168,7 +163,7 @@ def _check_scores(scores, issame) -> tuple[np.ndarray, np.ndarray]:
     if len(scores) != len(issame):
         raise ValueError(f"{len(scores)} scores for {len(issame)} labels")
     if np.isnan(scores).any():
-        raise ValueError(f"{int(np.isnan(scores).sum())} of {len(scores)} scores are NaN (NaN embeddings?)")
+        raise ValueError(f"{int(np.isnan(scores).sum())} scores are NaN (of {len(scores)}; NaN embeddings?)")
     return scores, issame
 
 

@@ -277,12 +277,8 @@ class Trainer:
             with torch.autocast(self.env.device.type, AMP_DTYPES.get(amp, torch.float32), enabled=amp != "none"):
                 for name, (images, issame, *kps) in self.val_sets.items():
                     kp = kps[0] if kps and self.uses_keypoints else None
-                    if kp is None:
-                        r = evaluate_pairs(lambda x: self.task.embed(x).float(), images, issame,
-                                           batch_size=256, device=self.env.device)
-                    else:
-                        r = evaluate_pairs(lambda x, keypoints: self.task.embed(x, keypoints).float(), images,
-                                           issame, batch_size=256, device=self.env.device, keypoints=kp)
+                    r = evaluate_pairs(lambda x, keypoints=None: self.task.embed(x, keypoints).float(), images,
+                                       issame, batch_size=256, device=self.env.device, keypoints=kp)
                     # the 10-fold threshold on squared distances of unit embeddings, as a cosine: 1 - d / 2
                     results[name] = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"],
                                      "cosine_threshold": 1.0 - r["threshold"] / 2.0}
