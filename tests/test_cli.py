@@ -9,6 +9,7 @@ import pytest
 
 from lafs.cli import main, models_table
 from lafs.config import load_config
+from lafs.train.logging import read_metrics
 
 
 def test_models_table_lists_every_backbone_and_size():
@@ -53,8 +54,11 @@ def test_demo_end_to_end_writes_run_folder(tmp_path):
         for name in ("config.yaml", "metrics.jsonl", "checkpoints/MODEL_CARD.md"):
             assert (out / stage / name).is_file(), (stage, name)
         assert list((out / stage / "tb").iterdir())
-    assert load_config(out / "stage1_supervised" / "config.yaml").train.steps == 4
+    # stage 1 trains 32 % of the budget: its first steps are timed, the count follows
+    assert load_config(out / "stage1_supervised" / "config.yaml").train.budget_minutes == pytest.approx(0.064)
     summary = json.loads((out / "demo.json").read_text())
+    budget = [r for r in read_metrics(out / "stage1_supervised" / "metrics.jsonl") if r["kind"] == "budget"]
+    assert len(budget) == 1 and summary["stages"]["stage1"]["steps"] == budget[0]["steps"] >= 6
     assert set(summary["results"]) == {"scratch", "lafs"} and summary["lfw"] is None
     for r in summary["results"].values():
         values = [r["accuracy"], r["auc"], *r["tar_at_far"].values()]

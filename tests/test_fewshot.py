@@ -239,3 +239,45 @@ def test_load_rejects_corrupt_files(tmp_path):
         load_index(good)
     with pytest.raises(FileNotFoundError):
         load_index(tmp_path / "missing.npy")
+
+
+def test_holdout_identities_are_left_out_of_every_subset():
+    from lafs.data.fewshot import holdout_identities
+
+    labels = np.repeat(np.arange(50), 6)
+    held = holdout_identities(labels, 10, seed=3)
+    assert held.size == 10 and np.array_equal(held, holdout_identities(labels, 10, seed=3))
+    assert not np.array_equal(held, holdout_identities(labels, 10, seed=4))
+    for shots in (1, 4, None):
+        pos, rep = fewshot_index(labels, 1.0, shots, seed=0, exclude=held)
+        assert not np.isin(labels[pos], held).any()
+        assert rep.identities_total == 40 and rep.identities_selected == 40
+    half, _ = fewshot_index(labels, 0.5, 2, seed=0, exclude=held)
+    assert np.unique(labels[half]).size == 20
+    with pytest.raises(ValueError, match="0 < count < 50"):
+        holdout_identities(labels, 50)
+    with pytest.raises(ValueError, match="every one of the 50 identities is excluded"):
+        fewshot_index(labels, 1.0, 1, exclude=np.arange(50))
+
+
+def test_holdout_pairs_alternate_and_stay_in_the_split(tmp_path):
+    from lafs.cli import main
+    from lafs.data.pairs import pairs_from_labels, read_bin
+
+    labels = np.array([0, 0, 0, 1, 2, 2, 3, 3, 4])
+    pairs, same = pairs_from_labels(labels, [0, 1, 2], 30, seed=1)
+    assert same.tolist() == [k % 2 == 0 for k in range(30)]
+    assert np.isin(labels[pairs], [0, 1, 2]).all()
+    assert (labels[pairs[:, 0]] == labels[pairs[:, 1]]).tolist() == same.tolist()
+    assert (pairs[same, 0] != pairs[same, 1]).all()  # two distinct images of one identity
+    with pytest.raises(ValueError, match="one with >= 2 images"):
+        pairs_from_labels(labels, [1, 4], 4)
+    # the CLI on a record file: subset without the held-out identities + their pairs with keypoints beside them
+    rec = tmp_path / "f.rec"
+    assert main(["data", "synth", "--identities", "10", "--images-per-id", "3", "-o", str(rec)]) == 0
+    assert main(["data", "subset", str(rec), "--shots", "2", "--holdout", "3", "--holdout-pairs",
+                 str(tmp_path / "val.bin"), "--pairs", "20", "-o", str(tmp_path / "i.npy")]) == 0
+    images, issame = read_bin(tmp_path / "val.bin")
+    assert len(images) == 40 and issame.sum() == 10
+    assert np.load(tmp_path / "val_kps.npy").shape == (40, 5, 2)
+    assert np.load(tmp_path / "i.npy").size == 2 * 7

@@ -200,12 +200,14 @@ def test_micro_run_lowers_loss_without_collapse(tmp_path, landmark_ckpt, method,
 
 
 def test_checkpoint_teacher_is_what_finetuning_loads(tmp_path, landmark_ckpt):
-    cfg = cfg_for(tmp_path, landmark_ckpt, "lafs", "train.steps=2")
+    cfg = cfg_for(tmp_path, landmark_ckpt, "lafs", "train.steps=2", "data.val_pairs=40", "data.val_identities=4")
     torch.manual_seed(0)
     train(cfg, progress=False)
     path = checkpoints_in(tmp_path / "checkpoints")[-1]
     state = torch.load(path, weights_only=False)
     assert state["ssl_method"] == "lafs"
+    # pretraining validates its teacher on held-out pairs (the val split that picks best.pt)
+    assert 0.0 <= state["val"]["sets"]["synthetic_val"]["accuracy"] <= 1.0
     assert {"teacher", "student", "model"} <= set(state)
     assert "loss_fn.center" in state["model"] and state["model"]["loss_fn.center"].shape == (1, 256)
     assert any(k.startswith("landmark_cnn.") for k in state["teacher"])
@@ -273,7 +275,8 @@ def test_cli_pretrain_requires_a_method_train_refuses_one_finetune_needs_weights
     assert main(["train", "ssl.method=dino", f"out_dir={tmp_path}"]) == 2
     assert "lafs pretrain" in capsys.readouterr().err
     assert main(["finetune", f"out_dir={tmp_path}"]) == 2
-    assert "--init" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--init" in err and "finetune.from_scratch=true" in err
 
 
 @pytest.mark.slow

@@ -361,3 +361,40 @@ def test_bf16_autocast_and_clipping_on_cpu(tmp_path):
     assert all(r["grad_norm"] > 0 for r in records)
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
         train(cfg_for(tmp_path, "train.steps=1", "train.amp=fp16"), progress=False)
+
+
+def test_budget_minutes_times_steps_then_fixes_the_count(tmp_path, monkeypatch):
+    """train.budget_minutes: one untimed step, ``budget_timed_steps`` timed ones, then total = budget / (s/step).
+    The clock is faked: every call advances it 0.5 s, so each step costs a known number of ticks."""
+    import lafs.train.loop as loop_module
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(loop_module.time, "perf_counter", lambda: 0.5 * next(clock))
+    out = tmp_path / "b"
+    result = train(cfg_for(out, "train.budget_minutes=0.1", "train.budget_timed_steps=3", "optim.warmup_steps=5"),
+                   progress=False)
+    budget = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "budget"]
+    assert len(budget) == 1 and budget[0]["step"] == 4 and budget[0]["timed_steps"] == 3
+    seconds = budget[0]["seconds_per_step"]
+    assert seconds > 0 and budget[0]["steps"] == int(6.0 / seconds) == result.step
+    state = torch.load(checkpoints_in(out / "checkpoints")[-1], weights_only=False)
+    assert state["total_steps"] == result.step and state["budget"]["steps"] == result.step
+    # the first steps ran the warmup, whose values do not depend on the (then unknown) total
+    lrs = {r["step"]: r["lr"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
+    assert [lrs[s] for s in (1, 2, 3, 4)] == pytest.approx([1e-3 * k / 5 for k in (1, 2, 3, 4)])
+
+
+def test_budgeted_run_resumes_with_its_measured_steps(tmp_path):
+    out = tmp_path / "b"
+    cfg = cfg_for(out, "train.budget_minutes=0.05", "train.budget_timed_steps=2", "train.ckpt_every=4",
+                  "train.keep_last=100")
+    first = train(cfg, progress=False).step
+    assert first >= 5, "too few steps for this test: raise the budget"
+    for path in checkpoints_in(out / "checkpoints")[1:]:  # back to step 4, after the timing (steps 2-3)
+        path.unlink()
+    again = train(cfg, resume="auto", progress=False)
+    assert again.resumed_from.endswith("step_0000004.pt")
+    assert again.step == first
+    assert sum(r["kind"] == "budget" for r in read_metrics(out / "metrics.jsonl")) == 1  # not timed again
+    with pytest.raises(ValueError, match="budget_minutes must be > 0"):
+        train(cfg_for(tmp_path / "c", "train.budget_minutes=0"), progress=False)

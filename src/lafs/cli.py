@@ -114,6 +114,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """Run a grid of experiments/NAME.yaml (what is not done yet), then write its tables."""
+    from . import experiment as ex
+
+    grid = ex.load_grid(ex.find_grid(args.name))
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    budget = args.budget if args.budget is not None else float(grid["budget"])
+    root = Path(args.out or f"runs/experiments/{grid['name']}-{budget:g}min")
+    runs = ex.expand(grid, root, seeds, budget)
+    if args.list:
+        for r in runs:
+            done = (root / r.name / "done.json").is_file()
+            print(f"{'done' if done else 'todo'}  {r.name}: lafs {' '.join(r.argv)}"
+                  + (f"  [{r.budget:g} min]" if r.budget is not None else ""))
+        return 0
+    status = {"failed": {}}
+    if not args.aggregate:
+        print(f"lafs experiment {grid['name']}: {len(runs)} runs in {root}, training budget {budget:g} min per run "
+              f"(x the stage's factor)")
+        status = ex.run_grid(runs, root, only=args.only)
+        print(f"{len(status['ran'])} ran, {len(status['done'])} already done, {len(status['failed'])} failed, "
+              f"{len(status['skipped'])} skipped")
+    command = f"lafs experiment {grid['name']} --budget {budget:g}" + (f" --seeds {args.seeds}" if args.seeds else "")
+    _, md = ex.report(grid, runs, root, command)
+    print(md)
+    print(f"wrote {root / 'results.md'} and {root / 'results.json'}")
+    if args.results:
+        print(f"updated {ex.update_section(args.results, grid['name'], md)}")
+    return 1 if status["failed"] else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, run_demo
 
@@ -133,14 +164,17 @@ def _train_config(args: argparse.Namespace, finetune: bool) -> Config:
     if args.out:
         overrides.append(f"out_dir={args.out}")
     if finetune:
-        if not (args.init or args.landmark_init):
-            raise ConfigError("lafs finetune needs --init (a pretrained checkpoint) and/or --landmark-init "
-                              "(a supervised Part fViT whose landmark CNN starts a ViT trained from scratch)")
         if args.init:
             overrides.append(f"finetune.init={args.init}")
         if args.landmark_init:
             overrides.append(f"finetune.landmark_init={args.landmark_init}")
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    f = cfg.finetune
+    if finetune and not (f.init or f.landmark_init or f.from_scratch):
+        raise ConfigError("lafs finetune needs --init (a pretrained checkpoint) and/or --landmark-init "
+                          "(a supervised Part fViT whose landmark CNN starts a ViT trained from scratch), or "
+                          "finetune.from_scratch=true (the few-shot baseline of a model without a landmark CNN)")
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace, finetune: bool = False, pretrain: bool = False) -> int:
@@ -317,17 +351,29 @@ def cmd_data_bin(args: argparse.Namespace) -> int:
 
 def cmd_data_subset(args: argparse.Namespace) -> int:
     from .data.datasets import RecordDataset
-    from .data.fewshot import fewshot_index, save_index, unlabelled_index
+    from .data.fewshot import fewshot_index, holdout_identities, save_index
+    from .data.pairs import bin_from_dataset, pairs_from_labels
 
-    labels = RecordDataset(args.rec, keypoints=False).labels
+    dataset = RecordDataset(args.rec, keypoints=bool(args.holdout_pairs))
+    labels = dataset.labels
+    held = None
+    if args.holdout:
+        held = holdout_identities(labels, args.holdout, args.holdout_seed)
+    elif args.holdout_pairs:
+        raise ConfigError("--holdout-pairs needs --holdout K (the identities the pairs are drawn from)")
     if args.unlabelled:
-        positions, report = unlabelled_index(labels, seed=args.seed, fraction=args.fraction)
+        positions, report = fewshot_index(labels, args.fraction, 1, args.seed, exclude=held)
     else:
         shots = None if args.shots == "all" else int(args.shots)
-        positions, report = fewshot_index(labels, args.fraction, shots, args.seed, allow_fewer=args.allow_fewer)
+        positions, report = fewshot_index(labels, args.fraction, shots, args.seed, allow_fewer=args.allow_fewer,
+                                          exclude=held)
     out = save_index(args.out, positions, report)
-    print(report.summary())
+    print(report.summary() + (f" (excluding {len(held)} held-out identities)" if held is not None else ""))
     print(f"wrote {out} (+ {Path(out).with_suffix('.json').name})")
+    if args.holdout_pairs:
+        pairs, issame = pairs_from_labels(labels, held, args.pairs, args.holdout_seed)
+        written = bin_from_dataset(dataset, pairs, issame, args.holdout_pairs)
+        print(f"wrote {written}: {len(issame)} pairs of the {len(held)} held-out identities (validation split)")
     return 0
 
 
@@ -398,6 +444,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="table of registered backbones: params, GMACs at their input size")
     _add_config_args(p)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("experiment", help="run a declarative grid (experiments/NAME.yaml: fewshot, lafs-ablation, "
+                       "kprpe-robustness) of ordinary runs over seeds, skipping finished runs, and tabulate it")
+    p.add_argument("name", help="grid name (experiments/NAME.yaml) or a grid .yaml file")
+    p.add_argument("--budget", type=float, help="training minutes per run, the same for every arm (default: the grid's)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the grid's, 0,1,2)")
+    p.add_argument("--out", help="root folder of the runs (default: runs/experiments/NAME-<budget>min)")
+    p.add_argument("--only", action="append", metavar="GLOB", help="run only matching run names (+ what they need)")
+    p.add_argument("--list", action="store_true", help="list the runs and their state; run nothing")
+    p.add_argument("--aggregate", action="store_true", help="only write the tables from the run folders")
+    p.add_argument("--results", metavar="FILE.md", help="also replace this grid's section of FILE.md (docs/results.md)")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("demo", help="the LAFS story on synthetic faces: stage 1, LAFS (+ DINO) pretraining, "
                        "few-shot finetune vs scratch, a table and pictures")
@@ -544,6 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unlabelled", action="store_true", help="1-shot unlabelled pretraining set")
     p.add_argument("--allow-fewer", action="store_true", help="take all images of identities with < shots")
+    p.add_argument("--holdout", type=int, default=0, metavar="K",
+                   help="leave K random identities out of the subset: a validation split of the training identities")
+    p.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out identities and their pairs "
+                   "(keep it fixed across --shots and --seed so every subset leaves out the same identities)")
+    p.add_argument("--holdout-pairs", metavar="VAL.bin", help="write verification pairs of the held-out identities")
+    p.add_argument("--pairs", type=int, default=600, help="pairs in --holdout-pairs (half genuine)")
     p.add_argument("-o", "--out", required=True, help="output .npy of dataset positions (+ .json report)")
     p.set_defaults(func=cmd_data_subset)
     p = data.add_parser("align", help="images (identity/image.jpg) + (N,5,2) keypoints -> aligned folder")

@@ -138,6 +138,9 @@ class AugmentConfig:
 class TrainConfig:
     batch_size: int = 32  # per process; global batch = batch_size x processes x accumulation
     steps: int = 60  # optimizer steps (ignored when epochs is set)
+    # train for this many minutes of steps instead: the first steps are timed and fix the step count (loop.py)
+    budget_minutes: Optional[float] = None
+    budget_timed_steps: int = 5  # steps timed (after one untimed step) to turn budget_minutes into steps
     epochs: Optional[float] = None
     accumulation: int = 1
     amp: str = choice("none", ("none", "bf16", "fp16"), "fp16 uses a GradScaler (CUDA only)")
@@ -161,6 +164,7 @@ class FinetuneConfig:
 
     init: Optional[str] = None  # pretrained backbone checkpoint (LAFS/DINO teacher or supervised)
     landmark_init: Optional[str] = None  # supervised Part fViT checkpoint whose landmark CNN is used
+    from_scratch: bool = False  # lafs finetune with neither: the recipe from random weights (a few-shot baseline)
     landmark: str = choice("c", ("a", "b", "c"), "a: frozen CNN; b: trained freely (released code); c: + beta*MSE (paper)")
     beta_schedule: list[float] = field(default_factory=lambda: [1000.0, 100.0, 1.0, 0.11, 0.0])
     beta_epochs: list[int] = field(default_factory=lambda: [0, 8, 14, 21, 28])

@@ -13,7 +13,8 @@ Every stage is an ordinary ``lafs train`` / ``pretrain`` / ``finetune`` run in i
 (``config.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` with ``MODEL_CARD.md``). The demo folder also gets
 ``demo.json`` (the table's numbers), ``roc.png``, ``landmarks.png`` (the landmark CNN before / after stage 1
 on held-out faces) and ``attention.png`` (the LAFS-finetuned model's last-layer CLS attention over its landmark
-tokens on the same faces). ``budget_minutes`` scales every stage's steps together, so all arms get the same budget.
+tokens on the same faces). ``budget_minutes`` is shared out between the stages as training minutes (``BUDGET_SHARE``); every finetune arm
+and both pretrainings get the same minutes.
 Every number printed is measured in the run.
 """
 
@@ -35,13 +36,14 @@ SHARED_LFW = [Path("../shared/data/lfw/lfw.bin"),
 IDS_STAGE1, IDS_ALL, IDS_VAL, IMAGES = 64, 128, 48, 16
 MODEL = ["model.name=part_fvit", "model.size=micro", "model.dropout=0.0", "model.emb_dropout=0.0",
          "model.drop_path=0.0"]
-# steps per stage at the default budget of 8 minutes; the whole default demo, LFW included, measured 8 min 17 s
-# on a 2-core CPU (README)
-BASE_STEPS = {"stage1": 150, "pretrain": 100, "finetune": 80}
+# each stage's share of --budget-minutes, as training minutes (train.budget_minutes: its first steps are timed and
+# fix its step count on this machine); the rest of the budget is data, evaluation (LFW included) and pictures.
+# DINO gets LAFS's share, so the two pretrainings are compared at equal CPU time.
+BUDGET_SHARE = {"stage1": 0.32, "pretrain": 0.14, "finetune": 0.05}
 
 
-def _steps(stage: str, budget_minutes: float) -> int:
-    return max(2, int(round(BASE_STEPS[stage] * budget_minutes / 8.0)))
+def _budget(stage: str, budget_minutes: float) -> str:
+    return f"train.budget_minutes={BUDGET_SHARE[stage] * budget_minutes:.4g}"
 
 
 def _data(num_identities: int, val_pairs: int, seed: int) -> list[str]:
@@ -60,7 +62,7 @@ def _run(overrides: list[str], progress: bool, log) -> tuple[dict, Path]:
     best = ckpts / "best.pt"
     ckpt = best if best.is_file() else checkpoints_in(ckpts)[-1]
     log(f"  {Path(cfg.out_dir).name}: {result.step} steps in {time.perf_counter() - start:.0f} s")
-    return {"seconds": time.perf_counter() - start, "val": result.val, "losses": result.losses}, ckpt
+    return {"seconds": time.perf_counter() - start, "steps": result.step, "val": result.val}, ckpt
 
 
 def _heldout_faces(img_size: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -106,20 +108,19 @@ def _attention_picture(ckpt: Path, seed: int) -> bytes:
                                              model.patch_size) for i in range(4)], columns=4))
 
 
-def _evaluate(ckpt: Path, pairs: tuple, lfw: Path | None) -> dict:
+def _evaluate(ckpt: Path, sets: dict) -> dict:
+    """Per set ``name -> (images, issame)``: 10-fold accuracy, AUC, TAR@FAR, and the distances for the ROC picture."""
     from .embedder import load_embedder
-    from .eval.verification import embed_images, evaluate_bin, pair_distances, ten_fold_accuracy
+    from .eval.verification import embed_images, pair_distances, ten_fold_accuracy
 
     emb = load_embedder(ckpt)
-    images, issame = pairs
-    e = embed_images(emb, images).numpy()  # once, for the protocol and the ROC picture
-    r = ten_fold_accuracy(e[0::2], e[1::2], issame)
-    out = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"],
-           "tar_at_far": {str(k): v for k, v in r["tar_at_far"].items()},
-           "_dist": pair_distances(e[0::2], e[1::2]), "_issame": np.asarray(issame, bool)}
-    if lfw is not None:
-        rl = evaluate_bin(emb, lfw)
-        out["lfw_accuracy"], out["lfw_auc"] = rl["accuracy"], rl["auc"]
+    out = {}
+    for name, (images, issame) in sets.items():
+        e = embed_images(emb, images).numpy()  # once, for the protocol and the ROC picture
+        r = ten_fold_accuracy(e[0::2], e[1::2], issame)
+        out[name] = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"],
+                     "tar_at_far": {str(k): v for k, v in r["tar_at_far"].items()},
+                     "_dist": pair_distances(e[0::2], e[1::2]), "_issame": np.asarray(issame, bool)}
     return out
 
 
@@ -130,6 +131,7 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
     ``lfw``: a path, ``None`` (``../shared/data/lfw/lfw.bin`` when present) or ``False`` (no LFW evaluation)."""
     from .data.fewshot import save_index
     from .data.synthetic import SyntheticFaces, synthetic_pairs
+    from .eval.verification import load_bin
     from .viz import roc_png
 
     if budget_minutes <= 0:
@@ -152,7 +154,7 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
     log("1/4 stage 1: supervised Part fViT learns its landmark CNN")
     stages["stage1"], stage1 = _run(MODEL + _data(IDS_STAGE1, 200, seed) + [
         "head.name=cosface", "optim.lr=2e-3", "optim.warmup_steps=10", "augment.preset=flip",
-        "train.batch_size=64", f"train.steps={_steps('stage1', budget_minutes)}", "train.log_every=10",
+        "train.batch_size=64", _budget("stage1", budget_minutes), "train.log_every=10",
         f"out_dir={out / 'stage1_supervised'}"], progress, log)
 
     pre_common = ["model.token_init=trunc_normal", "ssl.out_dim=1024", "ssl.hidden_dim=256", "ssl.bottleneck_dim=64",
@@ -160,7 +162,7 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
                   "ssl.num_local=4", f"ssl.landmark_init={stage1}", "optim.lr=5e-4", "optim.lr_scale_batch=256",
                   "optim.warmup_steps=10", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4",
                   "optim.clip_grad=3.0", "optim.clip_mode=per_param", "train.batch_size=32",
-                  f"train.steps={_steps('pretrain', budget_minutes)}", "train.log_every=10"]
+                  _budget("pretrain", budget_minutes), "train.log_every=10"]
     teachers = {}
     methods = ["lafs"] + (["dino"] if dino else [])
     for method in methods:
@@ -176,32 +178,40 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
     fine = MODEL + _data(IDS_ALL, 0, seed) + [
         f"data.index={index}", "model.drop_path=0.1", "model.token_init=trunc_normal", "head.name=cosface",
         "optim.lr=1e-3", "optim.warmup_steps=10", "augment.preset=flip", "finetune.landmark=c",
-        "train.batch_size=32", f"train.steps={_steps('finetune', budget_minutes)}", "train.log_every=10"]
+        "train.batch_size=32", _budget("finetune", budget_minutes), "train.log_every=10"]
     arms = {"scratch": [f"finetune.landmark_init={stage1}"]}
     for method, ckpt in teachers.items():
         arms[method] = [f"finetune.init={ckpt}"]
     faces = SyntheticFaces(IDS_ALL + IDS_VAL, seed=seed)
     images, issame, _ = synthetic_pairs(faces, 400, seed=seed + 1, identities=range(IDS_ALL, IDS_ALL + IDS_VAL))
-    pairs = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), issame)
+    sets = {"heldout": (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), issame)}
+    if lfw_path is not None:
+        sets["lfw"] = load_bin(lfw_path)
     results, finetuned = {}, {}
     for arm, extra in arms.items():
         log(f"3/4 few-shot finetune ({shots} shots x {IDS_ALL - IDS_STAGE1} identities) from {arm}")
         stages[f"finetune_{arm}"], ckpt = _run(fine + extra + [f"out_dir={out / f'finetune_{arm}'}"], progress, log)
         finetuned[arm] = ckpt
         log(f"4/4 evaluating {arm}")
-        results[arm] = _evaluate(ckpt, pairs, lfw_path)
+        results[arm] = _evaluate(ckpt, sets)
 
     written = [atomic_write_bytes(out / "landmarks.png", _landmark_picture(stage1, seed)),
                atomic_write_bytes(out / "attention.png", _attention_picture(finetuned["lafs"], seed))]
-    png = roc_png([(f"{a} ({100 * r['accuracy']:.1f} %)", r["_dist"], r["_issame"]) for a, r in results.items()],
-                  "few-shot finetune, held-out synthetic identities")
+    def curves(name):
+        return [(f"{a} ({100 * r[name]['accuracy']:.1f} %)", r[name]["_dist"], r[name]["_issame"])
+                for a, r in results.items()]
+
+    png = roc_png(curves("heldout"), f"{shots}-shot finetune, held-out synthetic identities",
+                  more=[("LFW (real faces)", curves("lfw"))] if lfw_path else [])
     if png is not None:
         written.append(atomic_write_bytes(out / "roc.png", png))
     summary = {
         "budget_minutes": budget_minutes, "seconds": time.perf_counter() - start, "shots": shots, "seed": seed,
         "lfw": str(lfw_path) if lfw_path else None,
-        "results": {a: {k: v for k, v in r.items() if not k.startswith("_")} for a, r in results.items()},
-        "stages": {k: {"seconds": v["seconds"], "val": v["val"]} for k, v in stages.items()},
+        "results": {a: {k: v for k, v in r["heldout"].items() if not k.startswith("_")}
+                    | ({"lfw_accuracy": r["lfw"]["accuracy"], "lfw_auc": r["lfw"]["auc"]} if lfw_path else {})
+                    for a, r in results.items()},
+        "stages": stages,
         "pictures": [str(p) for p in written],
     }
     atomic_write_bytes(out / "demo.json", json.dumps(summary, indent=2).encode())

@@ -24,12 +24,15 @@ def _pyplot():
     return plt
 
 
-def _png(fig, ax, plt, xlabel: str, ylabel: str, title: str) -> bytes:
+def _style(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title[:60], fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _png(fig, plt) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -37,20 +40,25 @@ def _png(fig, ax, plt, xlabel: str, ylabel: str, title: str) -> bytes:
     return buf.getvalue()
 
 
-def roc_png(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str = "") -> bytes | None:
-    """TAR vs FAR (log FAR) of ``(label, distances, issame)`` curves; a pair is accepted when its distance is small."""
+def roc_png(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str = "",
+            more: list[tuple[str, list]] = ()) -> bytes | None:
+    """TAR vs FAR (log FAR) of ``(label, distances, issame)`` curves; a pair is accepted when its distance is small.
+    ``more``: further ``(title, curves)`` panels drawn side by side (the demo's held-out set and LFW)."""
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for label, dist, same in curves:
-        same = np.asarray(same, bool)
-        order = np.argsort(dist, kind="stable")
-        far = np.cumsum(~same[order]) / max(1, (~same).sum())
-        tar = np.cumsum(same[order]) / max(1, same.sum())
-        ax.plot(np.maximum(far, 1e-6), tar, label=label)
-    ax.set_xscale("log")
-    return _png(fig, ax, plt, "FAR", "TAR", title)
+    panels = [(title, curves), *more]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (panel_title, panel) in zip(axes[0], panels):
+        for label, dist, same in panel:
+            same = np.asarray(same, bool)
+            order = np.argsort(dist, kind="stable")
+            far = np.cumsum(~same[order]) / max(1, (~same).sum())
+            tar = np.cumsum(same[order]) / max(1, same.sum())
+            ax.plot(np.maximum(far, 1e-6), tar, label=label)
+        ax.set_xscale("log")
+        _style(ax, "FAR", "TAR", panel_title)
+    return _png(fig, plt)
 
 
 def sensitivity_png(curves: list[tuple[str, dict]], title: str = "") -> bytes | None:
@@ -64,7 +72,8 @@ def sensitivity_png(curves: list[tuple[str, dict]], title: str = "") -> bytes | 
         acc = np.array([100 * p["accuracy"] for p in result["points"]])
         std = np.array([100 * p["accuracy_std"] for p in result["points"]])
         ax.errorbar(t, acc, yerr=std, marker="o", capsize=3, label=label)
-    return _png(fig, ax, plt, "t: detector crop (0) -> 5-point aligned (1)", "verification accuracy %", title)
+    _style(ax, "t: detector crop (0) -> 5-point aligned (1)", "verification accuracy %", title)
+    return _png(fig, plt)
 
 
 # --- face pictures (OpenCV only: no matplotlib needed) ------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..io import atomic_write, atomic_write_bytes
 
-__all__ = ["SubsetReport", "fewshot_index", "load_index", "save_index", "unlabelled_index"]
+__all__ = ["SubsetReport", "fewshot_index", "holdout_identities", "load_index", "save_index", "unlabelled_index"]
 
 
 @dataclass
@@ -91,12 +91,23 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
+def holdout_identities(labels, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` identities drawn at random (seeded, independent of :func:`fewshot_index`'s streams): a
+    validation split of the training identities, for choosing hyper-parameters off the test set."""
+    ids = np.unique(_check_labels(labels))
+    if not 0 < count < ids.size:
+        raise ValueError(f"holdout: need 0 < count < {ids.size} identities, got {count}")
+    rng = np.random.default_rng(np.random.SeedSequence(_check_seed(seed), spawn_key=(1,)))
+    return np.sort(rng.choice(ids, count, replace=False))
+
+
 def fewshot_index(
-    labels, fraction: float, shots: Optional[int], seed: int = 0, allow_fewer: bool = False
+    labels, fraction: float, shots: Optional[int], seed: int = 0, allow_fewer: bool = False, exclude=None
 ) -> tuple[np.ndarray, SubsetReport]:
     """Positions of a few-shot subset: ``fraction`` of the identities, ``shots`` random images each.
 
-    ``labels[i]`` is the identity of dataset position ``i``. Selects ``max(1, round(fraction * K))`` of the
+    ``labels[i]`` is the identity of dataset position ``i``. ``exclude``: identities never selected (a
+    :func:`holdout_identities` split); the rest are the K identities. Selects ``max(1, round(fraction * K))`` of the
     K identities (Python's ``round``: halves go to the even integer) and ``shots`` images of each, or all
     of them for ``shots=None``. An identity with fewer than ``shots`` images is a ValueError naming it,
     unless ``allow_fewer``, where all its images are taken and it is counted in ``short_identities``.
@@ -110,13 +121,16 @@ def fewshot_index(
 
     ids, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)  # numpy 2.0.x returned it in the input's shape; keep it flat either way
-    n_ids = ids.size
+    allowed = np.ones(ids.size, bool) if exclude is None else ~np.isin(ids, np.asarray(exclude))
+    n_ids = int(allowed.sum())
+    if n_ids == 0:
+        raise ValueError(f"every one of the {ids.size} identities is excluded")
     n_sel = min(n_ids, max(1, round(fraction * n_ids)))
 
     # Two independent streams, so that the image choice does not shift when the identity choice changes.
     id_rng, img_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    selected = np.zeros(n_ids, dtype=bool)
-    selected[id_rng.permutation(n_ids)[:n_sel]] = True
+    selected = np.zeros(ids.size, dtype=bool)
+    selected[np.flatnonzero(allowed)[id_rng.permutation(n_ids)[:n_sel]]] = True
 
     if shots is not None:
         short = selected & (counts < shots)

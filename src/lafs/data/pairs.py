@@ -8,12 +8,13 @@ uint8 buffers (older files); both are accepted and returned as ``bytes``. Writin
 from __future__ import annotations
 
 import csv
+import io
 import pickle
 from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_write
+from ..io import atomic_write, atomic_write_bytes
 
 
 def _as_bytes(item, path, i: int) -> bytes:
@@ -107,3 +108,40 @@ def bin_from_csv(csv_path: str | Path, image_root: str | Path, out: str | Path) 
                 raise ValueError(f"{csv_path}:{row_no}: issame must be 0/1/true/false, got {row['issame']!r}")
             issame.append(value in ("1", "true"))
     return write_bin(out, images, issame)
+
+
+def pairs_from_labels(labels, identities, num_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``num_pairs`` verification pairs among ``identities``: (P, 2) dataset positions and issame, alternating
+    genuine / impostor so that every one of the 10 unshuffled folds is balanced. Genuine pairs are two distinct
+    images of one identity (identities with >= 2 images), impostors one image of each of two identities."""
+    labels = np.asarray(labels).reshape(-1)
+    ids = np.unique(np.asarray(identities))
+    members = {int(i): np.flatnonzero(labels == i) for i in ids}
+    if any(m.size == 0 for m in members.values()):
+        raise ValueError(f"identities without images: {[i for i, m in members.items() if m.size == 0][:5]}")
+    multi = [i for i, m in members.items() if m.size >= 2]
+    if not multi or len(ids) < 2:
+        raise ValueError(f"pairs need >= 2 identities and one with >= 2 images; got {len(ids)} identities, "
+                         f"{len(multi)} with >= 2 images")
+    rng = np.random.default_rng(seed)
+    pairs, issame = np.empty((num_pairs, 2), np.int64), np.arange(num_pairs) % 2 == 0
+    for k in range(num_pairs):
+        if issame[k]:
+            pairs[k] = rng.choice(members[multi[rng.integers(len(multi))]], 2, replace=False)
+        else:
+            a, b = rng.choice(ids, 2, replace=False)
+            pairs[k] = rng.choice(members[int(a)]), rng.choice(members[int(b)])
+    return pairs, issame
+
+
+def bin_from_dataset(dataset, pairs: np.ndarray, issame, out: str | Path) -> Path:
+    """Pairs of a record dataset (its encoded bytes, not re-encoded) -> ``.bin``, plus ``<stem>_kps.npy`` when the
+    dataset has keypoints (what keypoint-aware models read beside a set)."""
+    order = np.asarray(pairs).reshape(-1)
+    out = write_bin(out, [dataset.raw(int(i)) for i in order], issame)
+    kps = getattr(dataset, "keypoints", None)
+    if kps is not None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(kps)[order].astype(np.float32))
+        atomic_write_bytes(out.with_name(out.stem + "_kps.npy"), buf.getvalue())
+    return out

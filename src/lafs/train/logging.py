@@ -73,6 +73,11 @@ class RunLogger:
             self.bar.update(1)
         return rate
 
+    def set_total(self, total_steps: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def write(self, message: str) -> None:
         if not self.enabled:
             return

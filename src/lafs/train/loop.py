@@ -30,6 +30,7 @@ import math
 import os
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from .model_card import model_card
 from .optim import build_optimizer, lr_at, param_groups, set_lr
 
 CKPT_FORMAT = "lafs-train-1"
+BUDGET_UNSET = 10**9  # total_steps while train.budget_minutes is being timed
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -116,6 +118,15 @@ class Trainer:
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.steps_per_epoch = max(1, self.batches_per_epoch // t.accumulation)
         self.total_steps = t.steps if t.epochs is None else math.ceil(t.epochs * self.batches_per_epoch / t.accumulation)
+        # train.budget_minutes: the step count is fixed by timing the first steps; until then the schedules see a
+        # long run (warmup, when longer than the timed steps, makes that exact)
+        self.budget_pending = t.budget_minutes is not None
+        if self.budget_pending:
+            if not t.budget_minutes > 0 or t.budget_timed_steps < 1:
+                raise ValueError(f"train.budget_minutes must be > 0 and train.budget_timed_steps >= 1, got "
+                                 f"{t.budget_minutes} and {t.budget_timed_steps}")
+            self.total_steps = BUDGET_UNSET
+        self.budget: dict = {}
         o = cfg.optim
         self.warmup_steps = round(o.warmup_epochs * self.batches_per_epoch / t.accumulation) + o.warmup_steps
 
@@ -180,7 +191,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": all_gather_objects(rng_state()), "world_size": self.env.world_size,
             "nonfinite_steps": self.nonfinite_steps, "best": self.best, "config": to_yaml(self.cfg),
-            "val": self.val_last,
+            "val": self.val_last, "total_steps": self.total_steps, "budget": self.budget,
         }
         path = None
         extras = getattr(self.task, "checkpoint_extras", None)
@@ -228,6 +239,9 @@ class Trainer:
         self.step, self.micro_batches = state["step"], state["micro_batches"]
         self.nonfinite_steps, self.best = list(state["nonfinite_steps"]), state["best"]
         self.val_last = state.get("val", {})
+        if self.cfg.train.budget_minutes is not None and "steps" in state.get("budget", {}):
+            # a budgeted run resumes with the step count it measured, not a new timing
+            self.total_steps, self.budget, self.budget_pending = state["total_steps"], state["budget"], False
         if state["world_size"] == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank])
         else:
@@ -286,6 +300,27 @@ class Trainer:
         return broadcast_object(results)
 
     # ---------------------------------------------------------------- the loop
+    def _time_budget(self, logger) -> None:
+        """After each step until the budget is fixed: time ``budget_timed_steps`` steps (the first step, with its
+        warm-up costs, untimed) and set ``total_steps`` to what fits in ``budget_minutes`` (rank 0's timing)."""
+        t = self.cfg.train
+        now = time.perf_counter()
+        if not self.budget:
+            self.budget = {"from_step": self.step, "t0": now}
+            return
+        timed = self.step - self.budget["from_step"]
+        if timed < t.budget_timed_steps:
+            return
+        seconds = broadcast_object((now - self.budget["t0"]) / timed)
+        self.total_steps = max(self.step, int(t.budget_minutes * 60 / seconds))
+        self.budget = {"minutes": t.budget_minutes, "seconds_per_step": seconds, "timed_steps": timed,
+                       "steps": self.total_steps}
+        self.budget_pending = False
+        logger.set_total(self.total_steps)
+        logger.log(self.step, self.budget, kind="budget")
+        logger.write(f"budget {t.budget_minutes:g} min: {seconds:.3f} s/step over {timed} steps -> "
+                     f"{self.total_steps} steps")
+
     def run(self, resume: str | None = None) -> TrainResult:
         t, env = self.cfg.train, self.env
         resumed_from = None
@@ -294,7 +329,7 @@ class Trainer:
             if path is not None:
                 self.load(path)
                 resumed_from = str(path)
-        logger = RunLogger(self.out, enabled=env.is_main, total_steps=self.total_steps, start_step=self.step,
+        logger = RunLogger(self.out, enabled=env.is_main, total_steps=None if self.budget_pending else self.total_steps, start_step=self.step,
                            progress=self.progress)
         if resumed_from:
             logger.write(f"resumed from {resumed_from} at step {self.step}")
@@ -369,6 +404,8 @@ class Trainer:
                 if hasattr(self.task, "after_step"):
                     self.task.after_step(self.step, self.total_steps)
                 self.step += 1
+                if self.budget_pending:
+                    self._time_budget(logger)
                 # the loss and every logged scalar in one all-reduce (one host sync per step)
                 names = ["loss", *extras]
                 means = torch.stack([torch.stack(losses).mean()] + [torch.stack(v).mean() for v in extras.values()])

@@ -175,7 +175,8 @@ class PretrainTask(nn.Module):
             lm = (lm + 0.5) * (h / self.img_size) - 0.5  # pixel-centre convention
         return lm
 
-    def embed(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor, keypoints: Tensor | None = None) -> Tensor:
+        """The teacher's embedding (validation); keypoints are unused, SSL models do not take them."""
         x = to_model_input(x, self.img_size)
         if self.landmark_cnn is not None:
             return self.teacher.backbone(x, landmarks=self.landmarks(x))["embedding"]

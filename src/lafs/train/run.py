@@ -147,8 +147,10 @@ def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
         trainer = Trainer(cfg, task, train_set, env, val_sets, progress=progress and env.is_main)
         what = f"{cfg.ssl.method} pretraining" if pretraining else "training"
         data = f"{len(train_set)} images (labels unused)" if pretraining else f"{len(train_set)} images of {num_classes} identities"
+        steps = (f"steps for {cfg.train.budget_minutes:g} min" if cfg.train.budget_minutes is not None
+                 else f"{trainer.total_steps} steps")
         log(f"{what} {cfg.model.name}-{cfg.model.size} on {data}; "
-            f"{trainer.total_steps} steps of {cfg.train.batch_size} x {env.world_size} x {cfg.train.accumulation} images "
+            f"{steps} of {cfg.train.batch_size} x {env.world_size} x {cfg.train.accumulation} images "
             f"({trainer.steps_per_epoch} steps/epoch) on {env.device}")
         result = trainer.run(resume)
         if env.is_main:

@@ -1,0 +1,401 @@
+"""``lafs experiment NAME``: declarative grids of ordinary CLI runs, and their tables (the papers' orderings).
+
+A grid is a YAML file (``experiments/NAME.yaml``) of **stages**. A stage is a run-name template, a ``lafs`` command
+line template and **axes**; it expands over its axes x the seeds into runs, each in its own folder
+``<root>/<run name>/``. Templates use ``{seed}``, ``{out}`` (the run's folder) and the axis names; an axis given as a
+mapping adds its value's arguments to the command line. ``@run`` in an argument is that run's checkpoint
+(``checkpoints/best.pt``, else the latest ``step_*.pt``) and ``@run/file`` a file of its folder; the runs it names
+must come earlier in the grid. Training commands (``train``, ``pretrain``, ``finetune``) get ``out_dir``,
+``train.seed`` and ``train.budget_minutes`` (the grid's ``--budget`` times the stage's ``budget`` factor), plus
+``--resume``, so an interrupted run continues where it stopped.
+
+Fairness: every arm of a stage gets the same training minutes. The first seed of each arm times its steps
+(``train.budget_minutes``); the other seeds of that arm train the same number of steps (``train.steps``), so the
+seeds differ by their randomness only.
+
+Runs go seed by seed (all of seed 0 first), each once: a finished run leaves ``done.json`` and is skipped
+afterwards, so a grid is picked up where it stopped. A failed run is reported and skipped with the runs that need it.
+
+**Tables** read each run's ``eval.json`` (``lafs eval --out``): rows and columns are axes (or named metrics), cells
+the mean ± sample std over the seeds present. ``results.json`` and ``results.md`` go to the grid's root, and
+``--results docs/results.md`` replaces the grid's marked section of that file, so the tables there are always
+generated from the raw run folders.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .config import ConfigError
+from .io import atomic_write_bytes
+
+TRAINING = ("train", "pretrain", "finetune")
+REF = re.compile(r"@([A-Za-z0-9_.\-]+)(/[A-Za-z0-9_.\-/]+)?")
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Run:
+    name: str
+    stage: str  # the stage's name template: runs of one stage share it
+    argv: list[str]  # the command line, references unresolved, budget not applied
+    seed: int
+    values: dict  # axis name -> value (str), seed excluded
+    needs: list[str] = field(default_factory=list)
+    budget: float | None = None  # training minutes (training commands only)
+
+    @property
+    def arm(self) -> tuple:
+        """Same stage and axis values, any seed: the runs that train the same number of steps."""
+        return (self.stage, tuple(sorted(self.values.items())))
+
+
+# ------------------------------------------------------------------------------------------------ grid files
+def find_grid(name: str) -> Path:
+    """``NAME`` -> ``experiments/NAME.yaml`` (working folder, then the source tree), or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"experiment grid not found: {path}")
+        return path
+    for base in (Path("experiments"), SOURCE_ROOT / "experiments"):
+        if (base / f"{name}.yaml").is_file():
+            return base / f"{name}.yaml"
+    known = sorted(p.stem for base in (Path("experiments"), SOURCE_ROOT / "experiments") if base.is_dir()
+                   for p in base.glob("*.yaml"))
+    raise ConfigError(f"no experiment grid named {name!r}; known: {', '.join(dict.fromkeys(known)) or 'none'}")
+
+
+def load_grid(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        grid = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(grid, dict) or not isinstance(grid.get("stages"), list) or not grid["stages"]:
+        raise ConfigError(f"{path}: a grid needs a non-empty 'stages' list")
+    grid.setdefault("name", path.stem)
+    grid.setdefault("seeds", [0, 1, 2])
+    grid.setdefault("budget", 1.0)
+    grid.setdefault("tables", [])
+    for i, stage in enumerate(grid["stages"]):
+        where = f"{path}: stages[{i}]"
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage.get("cli"):
+            raise ConfigError(f"{where} needs 'name' (a run-name template) and 'cli' (the lafs command line)")
+        unknown = set(stage) - {"name", "cli", "axes", "budget"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: name, cli, axes, budget)")
+    for i, table in enumerate(grid["tables"]):
+        if not {"title", "runs", "rows"} <= set(table) or ("metric" in table) == ("metrics" in table):
+            raise ConfigError(f"{path}: tables[{i}] needs title, runs, rows and one of metric (+ columns) / metrics")
+    return grid
+
+
+def _axes(stage: dict) -> list[tuple[str, dict]]:
+    """``[(axis, {value: extra args})]``; a list axis has no extra args."""
+    out = []
+    for axis, values in (stage.get("axes") or {}).items():
+        if isinstance(values, dict):
+            out.append((axis, {str(k): list(v or []) for k, v in values.items()}))
+        else:
+            out.append((axis, {str(v): [] for v in values}))
+    return out
+
+
+def _format(text: str, values: dict, where: str) -> str:
+    try:
+        return str(text).format_map(values)
+    except KeyError as err:
+        raise ConfigError(f"{where}: template {text!r} uses {{{err.args[0]}}}, which is not an axis here") from None
+
+
+def expand(grid: dict, root: str | Path, seeds=None, budget: float | None = None) -> list[Run]:
+    """All runs of the grid in execution order (seed by seed, stages in order), dependencies checked."""
+    root = Path(root)
+    seeds = list(grid["seeds"] if seeds is None else seeds)
+    budget = float(grid["budget"] if budget is None else budget)
+    runs: list[Run] = []
+    for seed in seeds:
+        for stage in grid["stages"]:
+            axes = _axes(stage)
+            for combo in itertools.product(*[list(v.items()) for _, v in axes]):
+                values = {axis: value for (axis, _), (value, _) in zip(axes, combo)}
+                fmt = {**values, "seed": seed}
+                name = _format(stage["name"], fmt, stage["name"])
+                fmt["out"] = str(root / name)
+                argv = [_format(a, fmt, name) for a in stage["cli"]]
+                argv += [_format(a, fmt, name) for _, (_, extra) in zip(axes, combo) for a in extra]
+                run = Run(name, stage["name"], argv, seed, values)
+                if argv[0] in TRAINING:
+                    run.budget = budget * float(stage.get("budget", 1.0))
+                    argv += [f"out_dir={fmt['out']}", f"train.seed={seed}"]
+                run.needs = list(dict.fromkeys(m.group(1) for a in argv for m in REF.finditer(a)))
+                runs.append(run)
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"grid {grid['name']}: run names repeat ({dup[:3]}); put every axis and {{seed}} in the name")
+    seen: set[str] = set()
+    for r in runs:
+        missing = [n for n in r.needs if n not in seen]
+        if missing:
+            raise ConfigError(f"grid {grid['name']}: run {r.name} refers to {missing}, which no earlier run makes")
+        seen.add(r.name)
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------ running
+def checkpoint_of(run_dir: Path) -> Path:
+    ckpts = run_dir / "checkpoints"
+    if (ckpts / "best.pt").is_file():
+        return ckpts / "best.pt"
+    from .train.loop import checkpoints_in
+
+    found = checkpoints_in(ckpts) if ckpts.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint in {ckpts}")
+    return found[-1]
+
+
+def resolve(argv: list[str], root: Path) -> list[str]:
+    def sub(m: re.Match) -> str:
+        return str(root / m.group(1) / m.group(2).lstrip("/")) if m.group(2) else str(checkpoint_of(root / m.group(1)))
+
+    return [REF.sub(sub, a) for a in argv]
+
+
+def budget_steps(run_dir: Path) -> int | None:
+    """The step count a budgeted run fixed (its ``kind: budget`` metrics line)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        if '"budget"' in line:
+            record = json.loads(line)
+            if record.get("kind") == "budget":
+                return int(record["steps"])
+    return None
+
+
+def _done(root: Path, run: Run) -> dict | None:
+    path = root / run.name / "done.json"
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    if done.get("spec") != run.argv:
+        raise ConfigError(f"{path}: this run was made by another command line ({done.get('spec')}); the grid or "
+                          f"its root changed. Use another --out, or delete {path.parent} to run it again")
+    return done
+
+
+def command_line(run: Run, root: Path, steps_by_arm: dict) -> list[str]:
+    argv = resolve(run.argv, root)
+    if run.budget is not None:
+        steps = steps_by_arm.get(run.arm)
+        argv += [f"train.steps={steps}", "train.epochs=null"] if steps else [f"train.budget_minutes={run.budget:.4g}"]
+        argv += ["--resume", "--quiet"]
+    return argv
+
+
+def run_grid(runs: list[Run], root: str | Path, log=print, only=None) -> dict:
+    """Run what is not done yet, in order; returns ``{"done": [...], "ran": [...], "failed": {...}, "skipped": [...]}``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = _with_needs(runs, only)
+    status = {"done": [], "ran": [], "failed": {}, "skipped": []}
+    steps_by_arm: dict = {}
+    for i, run in enumerate(runs):
+        done = _done(root, run)
+        if done is not None:
+            status["done"].append(run.name)
+            if run.budget is not None and run.arm not in steps_by_arm:
+                steps_by_arm[run.arm] = budget_steps(root / run.name)
+            continue
+        if run.name not in wanted:
+            continue
+        blocked = [n for n in run.needs if n in status["failed"] or n in status["skipped"]
+                   or n not in status["done"] + status["ran"]]
+        if blocked:
+            status["skipped"].append(run.name)
+            log(f"[{i + 1}/{len(runs)}] {run.name}: skipped, needs {blocked}")
+            continue
+        folder = root / run.name
+        folder.mkdir(parents=True, exist_ok=True)
+        argv = command_line(run, root, steps_by_arm)
+        log(f"[{i + 1}/{len(runs)}] {run.name}: lafs {' '.join(argv)}")
+        start = time.perf_counter()
+        with open(folder / "log.txt", "a") as out:
+            rc = subprocess.call([sys.executable, "-m", "lafs", *argv], stdout=out, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - start
+        if rc != 0:
+            status["failed"][run.name] = rc
+            log(f"    failed (exit {rc}) after {seconds:.0f} s; see {folder / 'log.txt'}")
+            continue
+        if run.budget is not None and run.arm not in steps_by_arm:
+            steps_by_arm[run.arm] = budget_steps(folder)
+        record = {"spec": run.argv, "argv": argv, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "steps": budget_steps(folder) if run.budget is not None else None}
+        atomic_write_bytes(folder / "done.json", json.dumps(record, indent=2).encode())
+        status["ran"].append(run.name)
+        log(f"    done in {seconds:.0f} s")
+    return status
+
+
+def _with_needs(runs: list[Run], only) -> set[str]:
+    """Names matching the ``only`` glob patterns, with everything they need."""
+    from fnmatch import fnmatch
+
+    if not only:
+        return {r.name for r in runs}
+    by_name = {r.name: r for r in runs}
+    wanted = {r.name for r in runs if any(fnmatch(r.name, p) for p in only)}
+    stack = list(wanted)
+    while stack:
+        for need in by_name[stack.pop()].needs:
+            if need not in wanted:
+                wanted.add(need)
+                stack.append(need)
+    return wanted
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def metric_value(eval_json: dict, path: str) -> float:
+    """``SET:key/sub`` from an ``eval.json``; ``SET@t:key`` reads the affine-sensitivity curve of SET at t."""
+    where, _, key = path.partition(":")
+    name, _, t = where.partition("@")
+    for result in eval_json["results"]:
+        if result.get("name") != name or ("points" in result) != bool(t):
+            continue
+        if t:
+            result = next((p for p in result["points"] if abs(p["t"] - float(t)) < 1e-9), None)
+            if result is None:
+                break
+        value = result
+        for part in key.split("/"):
+            value = value[part]
+        return float(value)
+    raise KeyError(f"eval.json has no {path!r}")
+
+
+def aggregate(grid: dict, runs: list[Run], root: str | Path) -> dict:
+    """The grid's tables from the run folders: per cell the values, seeds, mean and sample std (ddof 1)."""
+    root = Path(root)
+    tables = []
+    for spec in grid["tables"]:
+        members = [r for r in runs if r.stage == spec["runs"]]
+        if not members:
+            raise ConfigError(f"grid {grid['name']}: table {spec['title']!r} reads runs {spec['runs']!r}, no stage")
+        metrics = spec.get("metrics") or {spec["metric"]: spec["metric"]}
+        column_axis = spec.get("columns")
+        rows, columns, cells = [], [], {}
+        for run in members:
+            row = " / ".join(run.values[a] for a in spec["rows"])
+            rows.append(row)
+            path = root / run.name / spec.get("file", "eval.json")
+            data = json.loads(path.read_text()) if (root / run.name / "done.json").is_file() and path.is_file() else None
+            for label, metric in metrics.items():
+                column = run.values[column_axis] if column_axis else label
+                columns.append(column)
+                cell = cells.setdefault(row, {}).setdefault(column, {"values": [], "seeds": []})
+                if data is not None:
+                    cell["values"].append(float(spec.get("scale", 1.0)) * metric_value(data, metric))
+                    cell["seeds"].append(run.seed)
+        for row in cells.values():
+            for cell in row.values():
+                v = np.asarray(cell["values"], float)
+                cell["mean"] = float(v.mean()) if v.size else None
+                cell["std"] = float(v.std(ddof=1)) if v.size > 1 else None
+        tables.append({"title": spec["title"], "rows": list(dict.fromkeys(rows)),
+                       "columns": list(dict.fromkeys(columns)), "cells": cells, "row_label": " / ".join(spec["rows"]),
+                       "column_label": column_axis or "", "digits": int(spec.get("digits", 2)),
+                       "note": spec.get("note", "")})
+    return {"grid": grid["name"], "tables": tables}
+
+
+def _cell(cell: dict, digits: int, seeds: int) -> str:
+    if cell["mean"] is None:
+        return "–"
+    text = f"{cell['mean']:.{digits}f}"
+    if cell["std"] is not None:
+        text += f" ± {cell['std']:.{digits}f}"
+    if len(cell["values"]) < seeds:
+        text += f" (n={len(cell['values'])})"
+    return text
+
+
+def format_tables(result: dict, seeds: int) -> str:
+    out = []
+    for t in result["tables"]:
+        head = [t["row_label"]] + [f"{t['column_label']} {c}".strip() if t["column_label"] else str(c) for c in t["columns"]]
+        out += [f"**{t['title']}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in t["rows"]:
+            out.append("| " + " | ".join([row] + [_cell(t["cells"][row][c], t["digits"], seeds)
+                                                   if c in t["cells"][row] else "–" for c in t["columns"]]) + " |")
+        if t["note"]:
+            out += ["", t["note"].strip()]
+        out.append("")
+    return "\n".join(out)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, " \
+           f"Python {platform.python_version()}"
+
+
+def report(grid: dict, runs: list[Run], root: str | Path, command: str) -> tuple[dict, str]:
+    """``results.json`` + ``results.md`` in the grid's root; returns the data and the Markdown section."""
+    root = Path(root)
+    result = aggregate(grid, runs, root)
+    done = [json.loads((root / r.name / "done.json").read_text()) | {"name": r.name}
+            for r in runs if (root / r.name / "done.json").is_file()]
+    seeds = sorted({r.seed for r in runs})
+    minutes = sum(d["seconds"] for d in done) / 60
+    result.update({"command": command, "machine": machine(), "runs_done": len(done), "runs_total": len(runs),
+                   "run_minutes": minutes, "seeds": seeds,
+                   "steps": {d["name"]: d["steps"] for d in done if d.get("steps")}})
+    md = "\n".join([
+        format_tables(result, len(seeds)),
+        f"Command: `{command}`. Seeds {', '.join(map(str, seeds))}; cells are mean ± sample std over the seeds "
+        "(n = seeds present when fewer).",
+        f"Runs: {len(done)} of {len(runs)} done, {minutes:.0f} min of run time in all (sum of the runs' wall "
+        f"times, evaluation included). Machine: {result['machine']}.",
+    ])
+    atomic_write_bytes(root / "results.json", json.dumps(result, indent=2).encode())
+    atomic_write_bytes(root / "results.md", (md + "\n").encode())
+    return result, md
+
+
+def update_section(path: str | Path, name: str, markdown: str) -> Path:
+    """Replace the text between ``<!-- experiment:NAME -->`` and ``<!-- /experiment:NAME -->`` (appended when the
+    markers are absent); the rest of the file, the hand-written reading, is kept."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    start, end = f"<!-- experiment:{name} -->", f"<!-- /experiment:{name} -->"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    return atomic_write_bytes(path, text.encode())

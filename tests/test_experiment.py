@@ -1,0 +1,214 @@
+"""lafs experiment: grid expansion, references, skipping, equal steps across seeds, and the tables from run folders."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lafs import experiment as ex
+from lafs.cli import main
+from lafs.config import ConfigError
+
+GRID = {
+    "name": "toy",
+    "seeds": [0, 1, 2],
+    "budget": 2.0,
+    "stages": [
+        {"name": "train_{arm}_s{seed}", "cli": ["train", "cfg.yaml"],
+         "axes": {"arm": {"a": ["model.name=vit"], "b": ["model.name=vit_kprpe"]}}, "budget": 1.5},
+        {"name": "eval_{arm}_{shots}_s{seed}", "cli": ["eval", "@train_{arm}_s{seed}", "--out", "{out}"],
+         "axes": {"arm": ["a", "b"], "shots": [1, "all"]}},
+    ],
+    "tables": [
+        {"title": "acc", "runs": "eval_{arm}_{shots}_s{seed}", "rows": ["arm"], "columns": "shots",
+         "metric": "lfw:accuracy", "scale": 100},
+        {"title": "curve", "runs": "eval_{arm}_{shots}_s{seed}", "rows": ["arm", "shots"],
+         "metrics": {"t=0": "crops@0:accuracy", "tar": "lfw:tar_at_far/0.001"}, "digits": 1},
+    ],
+}
+
+
+def _grid(tmp_path, grid=GRID) -> dict:
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return ex.load_grid(path)
+
+
+def test_expand_names_arguments_budgets_and_order(tmp_path):
+    runs = ex.expand(_grid(tmp_path), tmp_path / "root")
+    assert len(runs) == 3 * (2 + 4)
+    assert [r.name for r in runs[:6]] == ["train_a_s0", "train_b_s0", "eval_a_1_s0", "eval_a_all_s0", "eval_b_1_s0",
+                                          "eval_b_all_s0"]  # seed by seed, stages in order
+    train_b1 = next(r for r in runs if r.name == "train_b_s1")
+    assert train_b1.argv == ["train", "cfg.yaml", "model.name=vit_kprpe", f"out_dir={tmp_path / 'root' / 'train_b_s1'}",
+                             "train.seed=1"]
+    assert train_b1.budget == pytest.approx(3.0) and train_b1.values == {"arm": "b"}
+    ev = next(r for r in runs if r.name == "eval_b_all_s2")
+    assert ev.needs == ["train_b_s2"] and ev.budget is None
+    assert ev.argv[-1] == str(tmp_path / "root" / "eval_b_all_s2")
+    # --budget and --seeds override the grid's
+    runs = ex.expand(_grid(tmp_path), tmp_path, seeds=[5], budget=4.0)
+    assert {r.seed for r in runs} == {5} and runs[0].budget == pytest.approx(6.0)
+
+
+def test_grid_errors_name_the_fault(tmp_path):
+    bad = dict(GRID, stages=[dict(GRID["stages"][1])])  # eval refers to a train run that no stage makes
+    with pytest.raises(ConfigError, match="refers to .*train_a_s0.*no earlier run"):
+        ex.expand(_grid(tmp_path, bad), tmp_path)
+    bad = dict(GRID, stages=[{"name": "train_{arm}", "cli": ["train"], "axes": {"arm": ["a"]}}])
+    with pytest.raises(ConfigError, match="run names repeat"):
+        ex.expand(_grid(tmp_path, bad), tmp_path)
+    bad = dict(GRID, stages=[{"name": "x_{nope}_s{seed}", "cli": ["train"]}])
+    with pytest.raises(ConfigError, match=r"\{nope\}"):
+        ex.expand(_grid(tmp_path, bad), tmp_path)
+    bad = dict(GRID, stages=[{"name": "x", "cli": ["train"], "epochs": 3}])
+    with pytest.raises(ConfigError, match="unknown keys.*epochs"):
+        _grid(tmp_path, bad)
+    with pytest.raises(ConfigError, match="no experiment grid named 'nope'.*fewshot"):
+        ex.find_grid("nope")
+
+
+def test_references_resolve_to_checkpoints_and_files(tmp_path):
+    (tmp_path / "a" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "a" / "checkpoints" / "step_0000004.pt").write_bytes(b"x")
+    (tmp_path / "a" / "checkpoints" / "step_0000010.pt").write_bytes(b"x")
+    assert ex.resolve(["finetune.init=@a", "data.index=@b/sub/index.npy"], tmp_path) == [
+        f"finetune.init={tmp_path / 'a' / 'checkpoints' / 'step_0000010.pt'}",
+        f"data.index={tmp_path / 'b' / 'sub' / 'index.npy'}"]
+    (tmp_path / "a" / "checkpoints" / "best.pt").write_bytes(b"x")
+    assert ex.resolve(["@a"], tmp_path) == [str(tmp_path / "a" / "checkpoints" / "best.pt")]
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ex.resolve(["@missing"], tmp_path)
+
+
+def _eval_json(acc: float, tar: float, curve0: float) -> dict:
+    point = {"t": 0.0, "accuracy": curve0}
+    return {"meta": {}, "results": [
+        {"name": "lfw", "accuracy": acc, "tar_at_far": {"0.001": tar}},
+        {"name": "crops", "accuracy": 0.1},  # the plain set of the same name as the curve: not the curve
+        {"name": "crops", "points": [point, {"t": 1.0, "accuracy": 0.9}]},
+    ]}
+
+
+def _fake_folders(root: Path, runs, skip=()):
+    """done.json + eval.json for every eval run (accuracy from a formula of arm, shots and seed) but ``skip``."""
+    values = {}
+    for r in runs:
+        if r.name in skip:
+            continue
+        folder = root / r.name
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text(json.dumps({"spec": r.argv, "seconds": 30.0, "steps": 7 if r.budget else None}))
+        if r.argv[0] == "eval":
+            acc = 0.5 + 0.1 * (r.values["arm"] == "b") + 0.05 * (r.values["shots"] == "all") + 0.01 * r.seed
+            values[r.name] = acc
+            (folder / "eval.json").write_text(json.dumps(_eval_json(acc, acc / 2, acc / 4)))
+    return values
+
+
+def test_aggregate_fake_run_folders_by_hand(tmp_path):
+    grid = _grid(tmp_path)
+    root = tmp_path / "root"
+    runs = ex.expand(grid, root)
+    _fake_folders(root, runs, skip={"eval_b_all_s2"})
+    result, md = ex.report(grid, runs, root, "lafs experiment toy --budget 2")
+
+    acc = result["tables"][0]
+    assert acc["rows"] == ["a", "b"] and acc["columns"] == ["1", "all"]
+    cell = acc["cells"]["a"]["1"]
+    assert cell["seeds"] == [0, 1, 2]
+    assert cell["values"] == pytest.approx([50.0, 51.0, 52.0])
+    assert cell["mean"] == pytest.approx(51.0) and cell["std"] == pytest.approx(1.0)  # sample std of 50, 51, 52
+    missing = acc["cells"]["b"]["all"]  # seed 2 not done: two values
+    assert missing["seeds"] == [0, 1] and missing["mean"] == pytest.approx(65.5)
+    assert missing["std"] == pytest.approx(math.sqrt(0.5))
+
+    curve = result["tables"][1]
+    assert curve["columns"] == ["t=0", "tar"] and curve["rows"][0] == "a / 1"
+    assert curve["cells"]["b / 1"]["t=0"]["mean"] == pytest.approx(np.mean([0.6, 0.61, 0.62]) / 4)
+    assert curve["cells"]["b / 1"]["tar"]["mean"] == pytest.approx(np.mean([0.6, 0.61, 0.62]) / 2)
+
+    assert "| arm | shots 1 | shots all |" in md
+    assert "| a | 51.00 ± 1.00 | 56.00 ± 1.00 |" in md
+    assert "| b | 61.00 ± 1.00 | 65.50 ± 0.71 (n=2) |" in md
+    assert "17 of 18 done" in md and "Machine:" in md
+    saved = json.loads((root / "results.json").read_text())
+    assert saved["runs_done"] == 17 and saved["steps"]["train_a_s0"] == 7
+    assert (root / "results.md").read_text().strip() == md.strip()
+
+
+def test_update_section_keeps_the_hand_written_text(tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nintro\n")
+    ex.update_section(doc, "toy", "| a |\n")
+    ex.update_section(doc, "other", "table 2")
+    doc.write_text(doc.read_text() + "\nreading: LAFS wins\n")
+    ex.update_section(doc, "toy", "| b |")
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nintro\n")
+    assert "<!-- experiment:toy -->\n| b |\n<!-- /experiment:toy -->" in text and "| a |" not in text
+    assert "table 2" in text and text.rstrip().endswith("reading: LAFS wins")
+
+
+def test_metric_value_errors(tmp_path):
+    data = _eval_json(0.7, 0.3, 0.2)
+    assert ex.metric_value(data, "crops:accuracy") == pytest.approx(0.1)
+    assert ex.metric_value(data, "crops@1:accuracy") == pytest.approx(0.9)
+    with pytest.raises(KeyError, match="cfp"):
+        ex.metric_value(data, "cfp:accuracy")
+    with pytest.raises(KeyError, match="0.5"):
+        ex.metric_value(data, "crops@0.5:accuracy")
+
+
+def test_done_run_made_by_another_command_is_refused(tmp_path):
+    grid = _grid(tmp_path)
+    runs = ex.expand(grid, tmp_path)
+    (tmp_path / runs[0].name).mkdir()
+    (tmp_path / runs[0].name / "done.json").write_text(json.dumps({"spec": ["train", "other.yaml"], "seconds": 1}))
+    with pytest.raises(ConfigError, match="another command line"):
+        ex.run_grid(runs, tmp_path, only=["nothing"])
+
+
+@pytest.mark.slow
+def test_run_grid_end_to_end_on_synthetic_records(tmp_path, monkeypatch):
+    """Real runs through the CLI: data, a budgeted training per seed, an evaluation; seed 1 trains seed 0's step
+    count, a second call runs nothing, and the table comes from the eval.json files."""
+    from lafs.data.datasets import RecordDataset
+    from lafs.data.pairs import bin_from_dataset, pairs_from_labels
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "synth", "--identities", "12", "--images-per-id", "4", "-o", "faces.rec"]) == 0
+    ds = RecordDataset("faces.rec")
+    pairs, issame = pairs_from_labels(ds.labels, range(8, 12), 40, seed=0)
+    bin_from_dataset(ds, pairs, issame, "val.bin")
+    grid = {
+        "name": "e2e", "seeds": [0, 1], "budget": 0.02,
+        "stages": [
+            {"name": "train_{size}_s{seed}", "cli": [
+                "train", "model.name=part_fvit", "model.size={size}", "data.source=records", "data.train=[faces.rec]",
+                "data.val=[val.bin]", "data.workers=0", "train.batch_size=8", "train.budget_timed_steps=2",
+                "augment.preset=none"], "axes": {"size": ["micro"]}},
+            {"name": "eval_s{seed}", "cli": ["eval", "@train_micro_s{seed}", "--sets", "val.bin", "--out", "{out}"]},
+        ],
+        "tables": [{"title": "val", "runs": "eval_s{seed}", "rows": [], "metric": "val:accuracy", "columns": None}],
+    }
+    Path("e2e.yaml").write_text(yaml.safe_dump(grid))
+    assert main(["experiment", "e2e.yaml", "--out", "root", "--results", "results.md"]) == 0
+    done0 = json.loads(Path("root/train_micro_s0/done.json").read_text())
+    done1 = json.loads(Path("root/train_micro_s1/done.json").read_text())
+    assert any(a.startswith("train.budget_minutes=0.02") for a in done0["argv"])
+    assert f"train.steps={done0['steps']}" in done1["argv"] and done1["steps"] is None  # no timing of its own
+    summary = json.loads(Path("root/train_micro_s1/summary.json").read_text())
+    assert summary["step"] == done0["steps"] >= 3
+    assert Path("root/eval_s1/eval.json").is_file()
+    result = json.loads(Path("root/results.json").read_text())
+    cell = result["tables"][0]["cells"][""]["val:accuracy"]
+    accs = [json.loads(Path(f"root/eval_s{s}/eval.json").read_text())["results"][0]["accuracy"] for s in (0, 1)]
+    assert cell["values"] == pytest.approx(accs)  # no scale: fractions
+    assert "<!-- experiment:e2e -->" in Path("results.md").read_text()
+    mtime = Path("root/train_micro_s0/done.json").stat().st_mtime
+    assert main(["experiment", "e2e.yaml", "--out", "root"]) == 0  # all done: nothing runs again
+    assert Path("root/train_micro_s0/done.json").stat().st_mtime == mtime
