@@ -26,7 +26,8 @@ GRID = {
         {"title": "acc", "runs": "eval_{arm}_{shots}_s{seed}", "rows": ["arm"], "columns": "shots",
          "metric": "lfw:accuracy", "scale": 100},
         {"title": "curve", "runs": "eval_{arm}_{shots}_s{seed}", "rows": ["arm", "shots"],
-         "metrics": {"t=0": "crops@0:accuracy", "tar": "lfw:tar_at_far/0.001"}, "digits": 1},
+         "metrics": {"t=0": "crops@0:accuracy", "tar": "lfw:tar_at_far/0.001"}, "digits": 1,
+         "labels": {"all": "every image"}},
     ],
 }
 
@@ -127,7 +128,7 @@ def test_aggregate_fake_run_folders_by_hand(tmp_path):
     assert missing["std"] == pytest.approx(math.sqrt(0.5))
 
     curve = result["tables"][1]
-    assert curve["columns"] == ["t=0", "tar"] and curve["rows"][0] == "a / 1"
+    assert curve["columns"] == ["t=0", "tar"] and curve["rows"][:2] == ["a / 1", "a / every image"]
     assert curve["cells"]["b / 1"]["t=0"]["mean"] == pytest.approx(np.mean([0.6, 0.61, 0.62]) / 4)
     assert curve["cells"]["b / 1"]["tar"]["mean"] == pytest.approx(np.mean([0.6, 0.61, 0.62]) / 2)
 
@@ -135,9 +136,9 @@ def test_aggregate_fake_run_folders_by_hand(tmp_path):
     assert "| a | 51.00 ± 1.00 | 56.00 ± 1.00 |" in md
     assert "| b | 61.00 ± 1.00 | 65.50 ± 0.71 (n=2) |" in md
     assert "17 of 18 done" in md and "Machine:" in md
-    saved = json.loads((root / "results.json").read_text())
+    saved = json.loads((root / "results_toy.json").read_text())
     assert saved["runs_done"] == 17 and saved["steps"]["train_a_s0"] == 7
-    assert (root / "results.md").read_text().strip() == md.strip()
+    assert (root / "results_toy.md").read_text().strip() == md.strip()
 
 
 def test_update_section_keeps_the_hand_written_text(tmp_path):
@@ -170,6 +171,13 @@ def test_done_run_made_by_another_command_is_refused(tmp_path):
     (tmp_path / runs[0].name / "done.json").write_text(json.dumps({"spec": ["train", "other.yaml"], "seconds": 1}))
     with pytest.raises(ConfigError, match="another command line"):
         ex.run_grid(runs, tmp_path, only=["nothing"])
+    # the same command line under another path to the root (a moved folder) is the same run
+    spec = [a.replace(str(tmp_path), "<root>") for a in runs[0].argv]
+    (tmp_path / runs[0].name / "done.json").write_text(json.dumps({"spec": spec, "seconds": 1}))
+    moved = tmp_path.parent / (tmp_path.name + "_link")
+    moved.symlink_to(tmp_path)
+    status = ex.run_grid(ex.expand(_grid(tmp_path), moved), moved, only=["nothing"])
+    assert status["done"] == [runs[0].name]
 
 
 @pytest.mark.slow
@@ -204,7 +212,7 @@ def test_run_grid_end_to_end_on_synthetic_records(tmp_path, monkeypatch):
     summary = json.loads(Path("root/train_micro_s1/summary.json").read_text())
     assert summary["step"] == done0["steps"] >= 3
     assert Path("root/eval_s1/eval.json").is_file()
-    result = json.loads(Path("root/results.json").read_text())
+    result = json.loads(Path("root/results_e2e.json").read_text())
     cell = result["tables"][0]["cells"][""]["val:accuracy"]
     accs = [json.loads(Path(f"root/eval_s{s}/eval.json").read_text())["results"][0]["accuracy"] for s in (0, 1)]
     assert cell["values"] == pytest.approx(accs)  # no scale: fractions
@@ -212,3 +220,20 @@ def test_run_grid_end_to_end_on_synthetic_records(tmp_path, monkeypatch):
     mtime = Path("root/train_micro_s0/done.json").stat().st_mtime
     assert main(["experiment", "e2e.yaml", "--out", "root"]) == 0  # all done: nothing runs again
     assert Path("root/train_micro_s0/done.json").stat().st_mtime == mtime
+
+
+def test_steps_shared_by_gives_arms_one_timing(tmp_path):
+    grid = dict(GRID, stages=[
+        {"name": "ft_{init}_{shots}_s{seed}", "cli": ["finetune", "c.yaml"], "steps_shared_by": ["init"],
+         "axes": {"init": ["scratch", "lafs"], "shots": [1, 2]}}], tables=[])
+    runs = {r.name: r for r in ex.expand(_grid(tmp_path, grid), tmp_path)}
+    assert runs["ft_scratch_1_s0"].arm == runs["ft_lafs_1_s2"].arm  # any init, any seed
+    assert runs["ft_scratch_1_s0"].arm != runs["ft_scratch_2_s0"].arm  # another data size: its own timing
+    # the first done run of an arm fixes the steps of the others: train.steps replaces the budget
+    steps = {runs["ft_scratch_1_s0"].arm: 123}
+    argv = ex.command_line(runs["ft_lafs_1_s1"], tmp_path, steps)
+    assert "train.steps=123" in argv and not any(a.startswith("train.budget_minutes") for a in argv)
+    assert any(a.startswith("train.budget_minutes=") for a in ex.command_line(runs["ft_lafs_2_s0"], tmp_path, steps))
+    bad = dict(grid, stages=[dict(grid["stages"][0], steps_shared_by=["seed"])])
+    with pytest.raises(ConfigError, match="steps_shared_by names.*seed"):
+        _grid(tmp_path, bad)

@@ -121,7 +121,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     grid = ex.load_grid(ex.find_grid(args.name))
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     budget = args.budget if args.budget is not None else float(grid["budget"])
-    root = Path(args.out or f"runs/experiments/{grid['name']}-{budget:g}min")
+    root = Path(args.out or f"runs/experiments/budget-{budget:g}min")
     runs = ex.expand(grid, root, seeds, budget)
     if args.list:
         for r in runs:
@@ -136,10 +136,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         status = ex.run_grid(runs, root, only=args.only)
         print(f"{len(status['ran'])} ran, {len(status['done'])} already done, {len(status['failed'])} failed, "
               f"{len(status['skipped'])} skipped")
-    command = f"lafs experiment {grid['name']} --budget {budget:g}" + (f" --seeds {args.seeds}" if args.seeds else "")
+    command = (f"lafs experiment {grid['name']} --budget {budget:g}" + (f" --seeds {args.seeds}" if args.seeds else "")
+               + (f" --out {args.out}" if args.out else ""))
     _, md = ex.report(grid, runs, root, command)
     print(md)
-    print(f"wrote {root / 'results.md'} and {root / 'results.json'}")
+    name = grid["name"]
+    print(f"wrote {root / f'results_{name}.md'} (+ .json)")
     if args.results:
         print(f"updated {ex.update_section(args.results, grid['name'], md)}")
     return 1 if status["failed"] else 0
@@ -450,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="grid name (experiments/NAME.yaml) or a grid .yaml file")
     p.add_argument("--budget", type=float, help="training minutes per run, the same for every arm (default: the grid's)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the grid's, 0,1,2)")
-    p.add_argument("--out", help="root folder of the runs (default: runs/experiments/NAME-<budget>min)")
+    p.add_argument("--out", help="root folder of the runs (default: runs/experiments/budget-<budget>min, shared by "
+                   "the grids: identical runs are made once)")
     p.add_argument("--only", action="append", metavar="GLOB", help="run only matching run names (+ what they need)")
     p.add_argument("--list", action="store_true", help="list the runs and their state; run nothing")
     p.add_argument("--aggregate", action="store_true", help="only write the tables from the run folders")

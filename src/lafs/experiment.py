@@ -11,13 +11,17 @@ must come earlier in the grid. Training commands (``train``, ``pretrain``, ``fin
 
 Fairness: every arm of a stage gets the same training minutes. The first seed of each arm times its steps
 (``train.budget_minutes``); the other seeds of that arm train the same number of steps (``train.steps``), so the
-seeds differ by their randomness only.
+seeds differ by their randomness only. Axes listed in a stage's ``steps_shared_by`` (a finetune's initialisation:
+the same model, data and cost per step) share one timing too, so those arms train exactly the same steps and a
+timing's noise cannot favour one of them.
 
 Runs go seed by seed (all of seed 0 first), each once: a finished run leaves ``done.json`` and is skipped
 afterwards, so a grid is picked up where it stopped. A failed run is reported and skipped with the runs that need it.
+A run is known by its name and command line, so grids sharing a root (the default, ``runs/experiments/budget-<B>min``)
+share their identical runs: the ablation's "paper" arm is the few-shot grid's LAFS 2-shot arm, trained once.
 
 **Tables** read each run's ``eval.json`` (``lafs eval --out``): rows and columns are axes (or named metrics), cells
-the mean ± sample std over the seeds present. ``results.json`` and ``results.md`` go to the grid's root, and
+the mean ± sample std over the seeds present. ``results_NAME.json`` and ``results_NAME.md`` go to the root, and
 ``--results docs/results.md`` replaces the grid's marked section of that file, so the tables there are always
 generated from the raw run folders.
 """
@@ -55,11 +59,13 @@ class Run:
     values: dict  # axis name -> value (str), seed excluded
     needs: list[str] = field(default_factory=list)
     budget: float | None = None  # training minutes (training commands only)
+    steps_shared_by: tuple = ()  # axes whose values cost the same per step (the stage's ``steps_shared_by``)
 
     @property
     def arm(self) -> tuple:
-        """Same stage and axis values, any seed: the runs that train the same number of steps."""
-        return (self.stage, tuple(sorted(self.values.items())))
+        """The runs that train the same number of steps: same stage and axis values, any seed and any value of the
+        ``steps_shared_by`` axes (e.g. the initialisation of a finetune, which does not change its cost per step)."""
+        return (self.stage, tuple(sorted((k, v) for k, v in self.values.items() if k not in self.steps_shared_by)))
 
 
 # ------------------------------------------------------------------------------------------------ grid files
@@ -94,9 +100,13 @@ def load_grid(path: str | Path) -> dict:
         where = f"{path}: stages[{i}]"
         if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage.get("cli"):
             raise ConfigError(f"{where} needs 'name' (a run-name template) and 'cli' (the lafs command line)")
-        unknown = set(stage) - {"name", "cli", "axes", "budget"}
+        unknown = set(stage) - {"name", "cli", "axes", "budget", "steps_shared_by"}
         if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: name, cli, axes, budget)")
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: name, cli, axes, budget, "
+                              "steps_shared_by)")
+        stray = set(stage.get("steps_shared_by") or []) - set(stage.get("axes") or {})
+        if stray:
+            raise ConfigError(f"{where}: steps_shared_by names {sorted(stray)}, which are not axes of the stage")
     for i, table in enumerate(grid["tables"]):
         if not {"title", "runs", "rows"} <= set(table) or ("metric" in table) == ("metrics" in table):
             raise ConfigError(f"{path}: tables[{i}] needs title, runs, rows and one of metric (+ columns) / metrics")
@@ -137,7 +147,7 @@ def expand(grid: dict, root: str | Path, seeds=None, budget: float | None = None
                 fmt["out"] = str(root / name)
                 argv = [_format(a, fmt, name) for a in stage["cli"]]
                 argv += [_format(a, fmt, name) for _, (_, extra) in zip(axes, combo) for a in extra]
-                run = Run(name, stage["name"], argv, seed, values)
+                run = Run(name, stage["name"], argv, seed, values, steps_shared_by=tuple(stage.get("steps_shared_by") or ()))
                 if argv[0] in TRAINING:
                     run.budget = budget * float(stage.get("budget", 1.0))
                     argv += [f"out_dir={fmt['out']}", f"train.seed={seed}"]
@@ -189,12 +199,19 @@ def budget_steps(run_dir: Path) -> int | None:
     return None
 
 
+def _portable(argv: list[str], root: Path) -> list[str]:
+    """The command line with the root folder as ``<root>``: a root can move (or be reached by another path)."""
+    where = re.compile(r"(?:(?<=^)|(?<=[=\[, ]))" + re.escape(str(root)) + r"(?=/|$)")
+    return [where.sub("<root>", a) for a in argv]
+
+
 def _done(root: Path, run: Run) -> dict | None:
     path = root / run.name / "done.json"
     if not path.is_file():
         return None
     done = json.loads(path.read_text())
-    if done.get("spec") != run.argv:
+    spec = _portable(done.get("spec") or [], root)
+    if spec != _portable(run.argv, root) or done.get("budget", run.budget) != run.budget:
         raise ConfigError(f"{path}: this run was made by another command line ({done.get('spec')}); the grid or "
                           f"its root changed. Use another --out, or delete {path.parent} to run it again")
     return done
@@ -245,7 +262,7 @@ def run_grid(runs: list[Run], root: str | Path, log=print, only=None) -> dict:
             continue
         if run.budget is not None and run.arm not in steps_by_arm:
             steps_by_arm[run.arm] = budget_steps(folder)
-        record = {"spec": run.argv, "argv": argv, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        record = {"spec": _portable(run.argv, root), "budget": run.budget, "argv": argv, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "steps": budget_steps(folder) if run.budget is not None else None}
         atomic_write_bytes(folder / "done.json", json.dumps(record, indent=2).encode())
         status["ran"].append(run.name)
@@ -300,13 +317,14 @@ def aggregate(grid: dict, runs: list[Run], root: str | Path) -> dict:
         metrics = spec.get("metrics") or {spec["metric"]: spec["metric"]}
         column_axis = spec.get("columns")
         rows, columns, cells = [], [], {}
+        labels = {str(k): str(v) for k, v in (spec.get("labels") or {}).items()}
         for run in members:
-            row = " / ".join(run.values[a] for a in spec["rows"])
+            row = " / ".join(labels.get(run.values[a], run.values[a]) for a in spec["rows"])
             rows.append(row)
             path = root / run.name / spec.get("file", "eval.json")
             data = json.loads(path.read_text()) if (root / run.name / "done.json").is_file() and path.is_file() else None
             for label, metric in metrics.items():
-                column = run.values[column_axis] if column_axis else label
+                column = labels.get(run.values[column_axis], run.values[column_axis]) if column_axis else label
                 columns.append(column)
                 cell = cells.setdefault(row, {}).setdefault(column, {"values": [], "seeds": []})
                 if data is not None:
@@ -365,7 +383,7 @@ def machine() -> str:
 
 
 def report(grid: dict, runs: list[Run], root: str | Path, command: str) -> tuple[dict, str]:
-    """``results.json`` + ``results.md`` in the grid's root; returns the data and the Markdown section."""
+    """``results_NAME.json`` + ``results_NAME.md`` in the root; returns the data and the Markdown section."""
     root = Path(root)
     result = aggregate(grid, runs, root)
     done = [json.loads((root / r.name / "done.json").read_text()) | {"name": r.name}
@@ -382,8 +400,8 @@ def report(grid: dict, runs: list[Run], root: str | Path, command: str) -> tuple
         f"Runs: {len(done)} of {len(runs)} done, {minutes:.0f} min of run time in all (sum of the runs' wall "
         f"times, evaluation included). Machine: {result['machine']}.",
     ])
-    atomic_write_bytes(root / "results.json", json.dumps(result, indent=2).encode())
-    atomic_write_bytes(root / "results.md", (md + "\n").encode())
+    atomic_write_bytes(root / f"results_{grid['name']}.json", json.dumps(result, indent=2).encode())
+    atomic_write_bytes(root / f"results_{grid['name']}.md", (md + "\n").encode())
     return result, md
 
 
