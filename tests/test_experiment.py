@@ -237,3 +237,7 @@ def test_steps_shared_by_gives_arms_one_timing(tmp_path):
     bad = dict(grid, stages=[dict(grid["stages"][0], steps_shared_by=["seed"])])
     with pytest.raises(ConfigError, match="steps_shared_by names.*seed"):
         _grid(tmp_path, bad)
+    # a run that was given train.steps (no timing of its own) counts by its summary
+    (tmp_path / "given").mkdir()
+    (tmp_path / "given" / "summary.json").write_text(json.dumps({"step": 55}))
+    assert ex.budget_steps(tmp_path / "given") is None and ex.trained_steps(tmp_path / "given") == 55

@@ -199,6 +199,15 @@ def budget_steps(run_dir: Path) -> int | None:
     return None
 
 
+def trained_steps(run_dir: Path) -> int | None:
+    """The steps a finished training run made: its budget timing's count, else its ``summary.json`` (a run that
+    was given ``train.steps``, e.g. by another grid sharing the root)."""
+    steps = budget_steps(run_dir)
+    if steps is None and (run_dir / "summary.json").is_file():
+        steps = json.loads((run_dir / "summary.json").read_text()).get("step")
+    return steps
+
+
 def _portable(argv: list[str], root: Path) -> list[str]:
     """The command line with the root folder as ``<root>``: a root can move (or be reached by another path)."""
     where = re.compile(r"(?:(?<=^)|(?<=[=\[, ]))" + re.escape(str(root)) + r"(?=/|$)")
@@ -237,8 +246,8 @@ def run_grid(runs: list[Run], root: str | Path, log=print, only=None) -> dict:
         done = _done(root, run)
         if done is not None:
             status["done"].append(run.name)
-            if run.budget is not None and run.arm not in steps_by_arm:
-                steps_by_arm[run.arm] = budget_steps(root / run.name)
+            if run.budget is not None and steps_by_arm.get(run.arm) is None:
+                steps_by_arm[run.arm] = trained_steps(root / run.name)
             continue
         if run.name not in wanted:
             continue
@@ -260,8 +269,8 @@ def run_grid(runs: list[Run], root: str | Path, log=print, only=None) -> dict:
             status["failed"][run.name] = rc
             log(f"    failed (exit {rc}) after {seconds:.0f} s; see {folder / 'log.txt'}")
             continue
-        if run.budget is not None and run.arm not in steps_by_arm:
-            steps_by_arm[run.arm] = budget_steps(folder)
+        if run.budget is not None and steps_by_arm.get(run.arm) is None:
+            steps_by_arm[run.arm] = trained_steps(folder)
         record = {"spec": _portable(run.argv, root), "budget": run.budget, "argv": argv, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "steps": budget_steps(folder) if run.budget is not None else None}
         atomic_write_bytes(folder / "done.json", json.dumps(record, indent=2).encode())
@@ -392,7 +401,8 @@ def report(grid: dict, runs: list[Run], root: str | Path, command: str) -> tuple
     minutes = sum(d["seconds"] for d in done) / 60
     result.update({"command": command, "machine": machine(), "runs_done": len(done), "runs_total": len(runs),
                    "run_minutes": minutes, "seeds": seeds,
-                   "steps": {d["name"]: d["steps"] for d in done if d.get("steps")}})
+                   "steps": {d["name"]: d.get("steps") or trained_steps(root / d["name"]) for d in done
+                             if d.get("steps") or trained_steps(root / d["name"])}})
     md = "\n".join([
         format_tables(result, len(seeds)),
         f"Command: `{command}`. Seeds {', '.join(map(str, seeds))}; cells are mean ± sample std over the seeds "
