@@ -353,7 +353,7 @@ def cmd_data_bin(args: argparse.Namespace) -> int:
 
 def cmd_data_subset(args: argparse.Namespace) -> int:
     from .data.datasets import RecordDataset
-    from .data.fewshot import fewshot_index, holdout_identities, save_index
+    from .data.fewshot import fewshot_index, holdout_identities, save_index, unlabelled_index
     from .data.pairs import bin_from_dataset, pairs_from_labels
 
     dataset = RecordDataset(args.rec, keypoints=bool(args.holdout_pairs))
@@ -364,7 +364,7 @@ def cmd_data_subset(args: argparse.Namespace) -> int:
     elif args.holdout_pairs:
         raise ConfigError("--holdout-pairs needs --holdout K (the identities the pairs are drawn from)")
     if args.unlabelled:
-        positions, report = fewshot_index(labels, args.fraction, 1, args.seed, exclude=held)
+        positions, report = unlabelled_index(labels, args.seed, args.fraction, exclude=held)
     else:
         shots = None if args.shots == "all" else int(args.shots)
         positions, report = fewshot_index(labels, args.fraction, shots, args.seed, allow_fewer=args.allow_fewer,

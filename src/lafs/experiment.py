@@ -318,7 +318,16 @@ def metric_value(eval_json: dict, path: str) -> float:
 def aggregate(grid: dict, runs: list[Run], root: str | Path) -> dict:
     """The grid's tables from the run folders: per cell the values, seeds, mean and sample std (ddof 1)."""
     root = Path(root)
-    tables = []
+    tables, loaded = [], {}
+
+    def load(run: Run, name: str) -> dict | None:
+        """A done run's metrics file, read once for every table that uses it."""
+        path = root / run.name / name
+        if path not in loaded:
+            done = (root / run.name / "done.json").is_file() and path.is_file()
+            loaded[path] = json.loads(path.read_text()) if done else None
+        return loaded[path]
+
     for spec in grid["tables"]:
         members = [r for r in runs if r.stage == spec["runs"]]
         if not members:
@@ -330,8 +339,7 @@ def aggregate(grid: dict, runs: list[Run], root: str | Path) -> dict:
         for run in members:
             row = " / ".join(labels.get(run.values[a], run.values[a]) for a in spec["rows"])
             rows.append(row)
-            path = root / run.name / spec.get("file", "eval.json")
-            data = json.loads(path.read_text()) if (root / run.name / "done.json").is_file() and path.is_file() else None
+            data = load(run, spec.get("file", "eval.json"))
             for label, metric in metrics.items():
                 column = labels.get(run.values[column_axis], run.values[column_axis]) if column_axis else label
                 columns.append(column)
@@ -377,14 +385,10 @@ def format_tables(result: dict, seeds: int) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.is_file() else [])
+             if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
     import torch
 
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, " \
@@ -397,12 +401,12 @@ def report(grid: dict, runs: list[Run], root: str | Path, command: str) -> tuple
     result = aggregate(grid, runs, root)
     done = [json.loads((root / r.name / "done.json").read_text()) | {"name": r.name}
             for r in runs if (root / r.name / "done.json").is_file()]
+    steps = {d["name"]: d.get("steps") or trained_steps(root / d["name"]) for d in done}
     seeds = sorted({r.seed for r in runs})
     minutes = sum(d["seconds"] for d in done) / 60
     result.update({"command": command, "machine": machine(), "runs_done": len(done), "runs_total": len(runs),
                    "run_minutes": minutes, "seeds": seeds,
-                   "steps": {d["name"]: d.get("steps") or trained_steps(root / d["name"]) for d in done
-                             if d.get("steps") or trained_steps(root / d["name"])}})
+                   "steps": {name: n for name, n in steps.items() if n}})
     md = "\n".join([
         format_tables(result, len(seeds)),
         f"Command: `{command}`. Seeds {', '.join(map(str, seeds))}; cells are mean ± sample std over the seeds "

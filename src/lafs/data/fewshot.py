@@ -170,14 +170,14 @@ def fewshot_index(
     return positions, report
 
 
-def unlabelled_index(labels, seed: int = 0, fraction: float = 1.0) -> tuple[np.ndarray, SubsetReport]:
+def unlabelled_index(labels, seed: int = 0, fraction: float = 1.0, exclude=None) -> tuple[np.ndarray, SubsetReport]:
     """The "unlabelled" LAFS pretraining set: one random image of each of ``fraction`` of the identities.
 
     The labels are still needed here, to pick one image per identity; the consumer must drop them (train
     with a self-supervised loss only), otherwise this is just a 1-shot labelled subset. Equivalent to
     ``fewshot_index(labels, fraction, shots=1, seed=seed)``; every identity has at least one image.
     """
-    return fewshot_index(labels, fraction, shots=1, seed=seed)
+    return fewshot_index(labels, fraction, shots=1, seed=seed, exclude=exclude)
 
 
 def _sidecar(path: Path) -> Path:

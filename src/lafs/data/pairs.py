@@ -8,13 +8,12 @@ uint8 buffers (older files); both are accepted and returned as ``bytes``. Writin
 from __future__ import annotations
 
 import csv
-import io
 import pickle
 from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_write, atomic_write_bytes
+from ..io import atomic_write
 
 
 def _as_bytes(item, path, i: int) -> bytes:
@@ -141,7 +140,6 @@ def bin_from_dataset(dataset, pairs: np.ndarray, issame, out: str | Path) -> Pat
     out = write_bin(out, [dataset.raw(int(i)) for i in order], issame)
     kps = getattr(dataset, "keypoints", None)
     if kps is not None:
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(kps)[order].astype(np.float32))
-        atomic_write_bytes(out.with_name(out.stem + "_kps.npy"), buf.getvalue())
+        rows = np.asarray(kps)[order].astype(np.float32)
+        atomic_write(out.with_name(out.stem + "_kps.npy"), lambda fh: np.save(fh, rows))
     return out
