@@ -241,3 +241,63 @@ def test_steps_shared_by_gives_arms_one_timing(tmp_path):
     (tmp_path / "given").mkdir()
     (tmp_path / "given" / "summary.json").write_text(json.dumps({"step": 55}))
     assert ex.budget_steps(tmp_path / "given") is None and ex.trained_steps(tmp_path / "given") == 55
+
+
+def test_runners_side_by_side_share_the_work(tmp_path, monkeypatch):
+    """A run claimed by another live runner is deferred, with the runs that need it and the later seeds of its arm
+    (which take its step count); the free runs go first; the held run counts as done once the other runner
+    finishes it, and is not trained twice. A claim left by a dead runner is taken over."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    runs = ex.expand(_grid(tmp_path), tmp_path)
+    held = "train_a_s0"
+    order = []
+
+    def checkpoint(folder):
+        (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (folder / "checkpoints" / "best.pt").touch()
+
+    def fake_run(run, root, i, total, steps_by_arm, status, log):
+        order.append((run.name, ex.command_line(run, root, steps_by_arm)))
+        checkpoint(root / run.name)
+        (root / run.name / "done.json").write_text(json.dumps({"spec": ex._portable(run.argv, root), "budget": run.budget}))
+        status["ran"].append(run.name)
+
+    monkeypatch.setattr(ex, "_run_one", fake_run)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / held).mkdir()
+        (tmp_path / held / ex.CLAIM).write_text(str(other.pid))
+        assert ex.claim(tmp_path / held) == other.pid
+
+        def finish():  # the other runner finishes its run (7 steps) and lets go of it
+            run = next(r for r in runs if r.name == held)
+            checkpoint(tmp_path / held)
+            (tmp_path / held / "summary.json").write_text(json.dumps({"step": 7}))
+            (tmp_path / held / "done.json").write_text(json.dumps({"spec": ex._portable(run.argv, tmp_path),
+                                                                   "budget": run.budget}))
+            (tmp_path / held / ex.CLAIM).unlink()
+
+        timer = threading.Timer(0.3, finish)
+        timer.start()
+        logged = []
+        status = ex.run_grid(runs, tmp_path, log=logged.append, only=["eval_a_1_s0", "train_b_s0", "train_a_s1"],
+                             poll=0.05)
+        timer.join()
+    finally:
+        other.kill()
+        other.wait()
+    names = [name for name, _ in order]
+    assert names == ["train_b_s0", "eval_a_1_s0", "train_a_s1"]  # the free run first, then what waited
+    assert held in status["done"] and held not in names and status["failed"] == {}
+    assert "train.steps=7" in dict(order)["train_a_s1"]  # the arm's count from the other runner's timing
+    assert sum(f"pid {other.pid}" in line for line in logged) == 1
+    assert not any((tmp_path / r.name / ex.CLAIM).exists() for r in runs)
+    # the other runner died holding a claim: it is stale, and this runner takes it
+    (tmp_path / "train_b_s1").mkdir()
+    (tmp_path / "train_b_s1" / ex.CLAIM).write_text(str(other.pid))
+    assert ex.claim(tmp_path / "train_b_s1") is None
+    assert (tmp_path / "train_b_s1" / ex.CLAIM).read_text() == str(os.getpid())

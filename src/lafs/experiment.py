@@ -17,6 +17,8 @@ timing's noise cannot favour one of them.
 
 Runs go seed by seed (all of seed 0 first), each once: a finished run leaves ``done.json`` and is skipped
 afterwards, so a grid is picked up where it stopped. A failed run is reported and skipped with the runs that need it.
+Several runners may work on one root at once (lanes): each claims the run it trains and defers the runs another
+live runner holds (:func:`run_grid`).
 A run is known by its name and command line, so grids sharing a root (the default, ``runs/experiments/budget-<B>min``)
 share their identical runs: the ablation's "paper" arm is the few-shot grid's LAFS 2-shot arm, trained once.
 
@@ -235,48 +237,121 @@ def command_line(run: Run, root: Path, steps_by_arm: dict) -> list[str]:
     return argv
 
 
-def run_grid(runs: list[Run], root: str | Path, log=print, only=None) -> dict:
-    """Run what is not done yet, in order; returns ``{"done": [...], "ran": [...], "failed": {...}, "skipped": [...]}``."""
+CLAIM = "running.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def claim(folder: Path) -> int | None:
+    """Claim a run folder for this runner: ``None`` when claimed, else the pid of the live runner holding it.
+
+    Runners started side by side on one machine (grids sharing a root, or one grid's seeds in two lanes) must not
+    train the same run twice at once; a claim whose runner has died is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CLAIM
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                return pid
+            path.unlink(missing_ok=True)  # stale: its runner is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return None
+
+
+def run_grid(runs: list[Run], root: str | Path, log=print, only=None, poll: float = 30.0) -> dict:
+    """Run what is not done yet, in order; returns ``{"done": [...], "ran": [...], "failed": {...}, "skipped": [...]}``.
+
+    Runners may work side by side on one root (two lanes of one grid, or grids sharing runs): a run another live
+    runner holds (see :func:`claim`) is deferred, with the runs that need it and the later seeds of an arm it is
+    timing, and this runner goes on with the next free run; deferred runs are taken up again (every ``poll``
+    seconds while nothing else is left) and count as done once the other runner finishes them."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     wanted = _with_needs(runs, only)
     status = {"done": [], "ran": [], "failed": {}, "skipped": []}
     steps_by_arm: dict = {}
-    for i, run in enumerate(runs):
-        done = _done(root, run)
-        if done is not None:
-            status["done"].append(run.name)
-            if run.budget is not None and steps_by_arm.get(run.arm) is None:
-                steps_by_arm[run.arm] = trained_steps(root / run.name)
-            continue
-        if run.name not in wanted:
-            continue
-        blocked = [n for n in run.needs if n in status["failed"] or n in status["skipped"]
-                   or n not in status["done"] + status["ran"]]
-        if blocked:
-            status["skipped"].append(run.name)
-            log(f"[{i + 1}/{len(runs)}] {run.name}: skipped, needs {blocked}")
-            continue
-        folder = root / run.name
-        folder.mkdir(parents=True, exist_ok=True)
-        argv = command_line(run, root, steps_by_arm)
-        log(f"[{i + 1}/{len(runs)}] {run.name}: lafs {' '.join(argv)}")
-        start = time.perf_counter()
-        with open(folder / "log.txt", "a") as out:
-            rc = subprocess.call([sys.executable, "-m", "lafs", *argv], stdout=out, stderr=subprocess.STDOUT)
-        seconds = time.perf_counter() - start
-        if rc != 0:
-            status["failed"][run.name] = rc
-            log(f"    failed (exit {rc}) after {seconds:.0f} s; see {folder / 'log.txt'}")
-            continue
-        if run.budget is not None and steps_by_arm.get(run.arm) is None:
-            steps_by_arm[run.arm] = trained_steps(folder)
-        record = {"spec": _portable(run.argv, root), "budget": run.budget, "argv": argv, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "steps": budget_steps(folder) if run.budget is not None else None}
-        atomic_write_bytes(folder / "done.json", json.dumps(record, indent=2).encode())
-        status["ran"].append(run.name)
-        log(f"    done in {seconds:.0f} s")
+    pending, told = list(enumerate(runs)), set()
+    while pending:
+        deferred: list = []
+        progressed = False
+        for i, run in pending:
+            later = {r.name for _, r in deferred}
+            timing = {r.arm for _, r in deferred if r.budget is not None and steps_by_arm.get(r.arm) is None}
+            if _done(root, run) is None and run.name in wanted:
+                if later & set(run.needs) or (run.budget is not None and run.arm in timing
+                                              and steps_by_arm.get(run.arm) is None):
+                    deferred.append((i, run))
+                    continue
+                holder = claim(root / run.name)
+                if holder is not None:
+                    if run.name not in told:
+                        log(f"[{i + 1}/{len(runs)}] {run.name}: another runner (pid {holder}) has it; later")
+                        told.add(run.name)
+                    deferred.append((i, run))
+                    continue
+                if _done(root, run) is not None:  # finished by the other runner just now
+                    (root / run.name / CLAIM).unlink(missing_ok=True)
+            progressed = True
+            if _done(root, run) is not None:
+                status["done"].append(run.name)
+                if run.budget is not None and steps_by_arm.get(run.arm) is None:
+                    steps_by_arm[run.arm] = trained_steps(root / run.name)
+                continue
+            if run.name not in wanted:
+                continue
+            try:
+                _run_one(run, root, i, len(runs), steps_by_arm, status, log)
+            finally:
+                (root / run.name / CLAIM).unlink(missing_ok=True)
+        if deferred and not progressed:
+            time.sleep(poll)
+        pending = deferred
     return status
+
+
+def _run_one(run: Run, root: Path, i: int, total: int, steps_by_arm: dict, status: dict, log) -> None:
+    """One claimed run through the CLI, and its ``done.json`` when it succeeds."""
+    blocked = [n for n in run.needs if n in status["failed"] or n in status["skipped"]
+               or n not in status["done"] + status["ran"]]
+    if blocked:
+        status["skipped"].append(run.name)
+        log(f"[{i + 1}/{total}] {run.name}: skipped, needs {blocked}")
+        return
+    folder = root / run.name
+    argv = command_line(run, root, steps_by_arm)
+    log(f"[{i + 1}/{total}] {run.name}: lafs {' '.join(argv)}")
+    start = time.perf_counter()
+    with open(folder / "log.txt", "a") as out:
+        rc = subprocess.call([sys.executable, "-m", "lafs", *argv], stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if rc != 0:
+        status["failed"][run.name] = rc
+        log(f"    failed (exit {rc}) after {seconds:.0f} s; see {folder / 'log.txt'}")
+        return
+    if run.budget is not None and steps_by_arm.get(run.arm) is None:
+        steps_by_arm[run.arm] = trained_steps(folder)
+    record = {"spec": _portable(run.argv, root), "budget": run.budget, "argv": argv, "seconds": seconds,
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "steps": budget_steps(folder) if run.budget is not None else None}
+    atomic_write_bytes(folder / "done.json", json.dumps(record, indent=2).encode())
+    status["ran"].append(run.name)
+    log(f"    done in {seconds:.0f} s")
 
 
 def _with_needs(runs: list[Run], only) -> set[str]:
