@@ -301,3 +301,23 @@ def test_runners_side_by_side_share_the_work(tmp_path, monkeypatch):
     (tmp_path / "train_b_s1" / ex.CLAIM).write_text(str(other.pid))
     assert ex.claim(tmp_path / "train_b_s1") is None
     assert (tmp_path / "train_b_s1" / ex.CLAIM).read_text() == str(os.getpid())
+
+
+def test_fixed_steps_stage_trains_a_given_count(tmp_path):
+    """A stage with ``steps`` (an equal-steps comparison) trains that count, with no budget and no timing, and a
+    done run of another count is refused."""
+    grid = dict(GRID, stages=[{"name": "ft_{init}_s{seed}", "cli": ["finetune", "c.yaml"], "steps": 40,
+                               "axes": {"init": ["scratch", "lafs"]}}], tables=[])
+    runs = ex.expand(_grid(tmp_path, grid), tmp_path)
+    assert all(r.steps == 40 and r.budget is None for r in runs)
+    argv = ex.command_line(runs[0], tmp_path, {runs[0].arm: 999})  # another run's timing does not count
+    assert argv[-4:] == ["train.steps=40", "train.epochs=null", "--resume", "--quiet"]
+    assert not any(a.startswith("train.budget_minutes") for a in argv)
+    (tmp_path / runs[0].name).mkdir()
+    done = {"spec": ex._portable(runs[0].argv, tmp_path), "budget": None, "fixed_steps": 30}
+    (tmp_path / runs[0].name / "done.json").write_text(json.dumps(done))
+    with pytest.raises(ConfigError, match="another command line"):
+        ex.run_grid(runs, tmp_path, only=["nothing"])
+    for bad in ({"steps": 40, "budget": 2}, {"steps": 0}, {"steps": "many"}):
+        with pytest.raises(ConfigError, match="positive step count"):
+            _grid(tmp_path, dict(grid, stages=[dict(grid["stages"][0], **bad)]))

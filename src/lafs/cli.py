@@ -127,7 +127,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         for r in runs:
             done = (root / r.name / "done.json").is_file()
             print(f"{'done' if done else 'todo'}  {r.name}: lafs {' '.join(r.argv)}"
-                  + (f"  [{r.budget:g} min]" if r.budget is not None else ""))
+                  + (f"  [{r.budget:g} min]" if r.budget is not None else "")
+                  + (f"  [{r.steps} steps]" if r.steps is not None else ""))
         return 0
     status = {"failed": {}}
     if not args.aggregate:

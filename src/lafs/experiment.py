@@ -61,6 +61,7 @@ class Run:
     values: dict  # axis name -> value (str), seed excluded
     needs: list[str] = field(default_factory=list)
     budget: float | None = None  # training minutes (training commands only)
+    steps: int | None = None  # a fixed step count instead (the stage's ``steps``: an equal-steps comparison)
     steps_shared_by: tuple = ()  # axes whose values cost the same per step (the stage's ``steps_shared_by``)
 
     @property
@@ -102,10 +103,14 @@ def load_grid(path: str | Path) -> dict:
         where = f"{path}: stages[{i}]"
         if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage.get("cli"):
             raise ConfigError(f"{where} needs 'name' (a run-name template) and 'cli' (the lafs command line)")
-        unknown = set(stage) - {"name", "cli", "axes", "budget", "steps_shared_by"}
+        unknown = set(stage) - {"name", "cli", "axes", "budget", "steps", "steps_shared_by"}
         if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: name, cli, axes, budget, "
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: name, cli, axes, budget, steps, "
                               "steps_shared_by)")
+        if "steps" in stage and ("budget" in stage or "steps_shared_by" in stage
+                                 or not isinstance(stage["steps"], int) or stage["steps"] < 1):
+            raise ConfigError(f"{where}: 'steps' is a positive step count for every run of the stage, instead of "
+                              "a budget (so neither 'budget' nor 'steps_shared_by' goes with it)")
         stray = set(stage.get("steps_shared_by") or []) - set(stage.get("axes") or {})
         if stray:
             raise ConfigError(f"{where}: steps_shared_by names {sorted(stray)}, which are not axes of the stage")
@@ -151,7 +156,10 @@ def expand(grid: dict, root: str | Path, seeds=None, budget: float | None = None
                 argv += [_format(a, fmt, name) for _, (_, extra) in zip(axes, combo) for a in extra]
                 run = Run(name, stage["name"], argv, seed, values, steps_shared_by=tuple(stage.get("steps_shared_by") or ()))
                 if argv[0] in TRAINING:
-                    run.budget = budget * float(stage.get("budget", 1.0))
+                    if "steps" in stage:
+                        run.steps = stage["steps"]
+                    else:
+                        run.budget = budget * float(stage.get("budget", 1.0))
                     argv += [f"out_dir={fmt['out']}", f"train.seed={seed}"]
                 run.needs = list(dict.fromkeys(m.group(1) for a in argv for m in REF.finditer(a)))
                 runs.append(run)
@@ -222,7 +230,8 @@ def _done(root: Path, run: Run) -> dict | None:
         return None
     done = json.loads(path.read_text())
     spec = _portable(done.get("spec") or [], root)
-    if spec != _portable(run.argv, root) or done.get("budget", run.budget) != run.budget:
+    if (spec != _portable(run.argv, root) or done.get("budget", run.budget) != run.budget
+            or done.get("fixed_steps") != run.steps):
         raise ConfigError(f"{path}: this run was made by another command line ({done.get('spec')}); the grid or "
                           f"its root changed. Use another --out, or delete {path.parent} to run it again")
     return done
@@ -230,8 +239,8 @@ def _done(root: Path, run: Run) -> dict | None:
 
 def command_line(run: Run, root: Path, steps_by_arm: dict) -> list[str]:
     argv = resolve(run.argv, root)
-    if run.budget is not None:
-        steps = steps_by_arm.get(run.arm)
+    if run.budget is not None or run.steps is not None:
+        steps = run.steps or steps_by_arm.get(run.arm)
         argv += [f"train.steps={steps}", "train.epochs=null"] if steps else [f"train.budget_minutes={run.budget:.4g}"]
         argv += ["--resume", "--quiet"]
     return argv
@@ -346,7 +355,8 @@ def _run_one(run: Run, root: Path, i: int, total: int, steps_by_arm: dict, statu
         return
     if run.budget is not None and steps_by_arm.get(run.arm) is None:
         steps_by_arm[run.arm] = trained_steps(folder)
-    record = {"spec": _portable(run.argv, root), "budget": run.budget, "argv": argv, "seconds": seconds,
+    record = {"spec": _portable(run.argv, root), "budget": run.budget, "fixed_steps": run.steps, "argv": argv,
+              "seconds": seconds,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "steps": budget_steps(folder) if run.budget is not None else None}
     atomic_write_bytes(folder / "done.json", json.dumps(record, indent=2).encode())
