@@ -209,6 +209,9 @@ def test_run_grid_end_to_end_on_synthetic_records(tmp_path, monkeypatch):
     done1 = json.loads(Path("root/train_micro_s1/done.json").read_text())
     assert any(a.startswith("train.budget_minutes=0.02") for a in done0["argv"])
     assert f"train.steps={done0['steps']}" in done1["argv"] and done1["steps"] is None  # no timing of its own
+    import torch
+
+    assert done0["threads"] == torch.get_num_threads()  # the run's environment, recorded with it
     summary = json.loads(Path("root/train_micro_s1/summary.json").read_text())
     assert summary["step"] == done0["steps"] >= 3
     assert Path("root/eval_s1/eval.json").is_file()

@@ -356,12 +356,19 @@ def _run_one(run: Run, root: Path, i: int, total: int, steps_by_arm: dict, statu
     if run.budget is not None and steps_by_arm.get(run.arm) is None:
         steps_by_arm[run.arm] = trained_steps(folder)
     record = {"spec": _portable(run.argv, root), "budget": run.budget, "fixed_steps": run.steps, "argv": argv,
-              "seconds": seconds,
+              "seconds": seconds, "threads": _threads(),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "steps": budget_steps(folder) if run.budget is not None else None}
     atomic_write_bytes(folder / "done.json", json.dumps(record, indent=2).encode())
     status["ran"].append(run.name)
     log(f"    done in {seconds:.0f} s")
+
+
+def _threads() -> int:
+    """The torch threads a run started from this runner gets (its environment's OMP_NUM_THREADS, else torch's)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _with_needs(runs: list[Run], only) -> set[str]:
@@ -476,8 +483,8 @@ def machine() -> str:
     cpu = names[0] if names else platform.processor() or platform.machine()
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, " \
-           f"Python {platform.python_version()}"
+    # no thread count: that is each run's own (done.json "threads"), not this aggregating process's
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def report(grid: dict, runs: list[Run], root: str | Path, command: str) -> tuple[dict, str]:
