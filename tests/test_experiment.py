@@ -324,3 +324,25 @@ def test_fixed_steps_stage_trains_a_given_count(tmp_path):
     for bad in ({"steps": 40, "budget": 2}, {"steps": 0}, {"steps": "many"}):
         with pytest.raises(ConfigError, match="positive step count"):
             _grid(tmp_path, dict(grid, stages=[dict(grid["stages"][0], **bad)]))
+
+
+def test_shipped_grids_expand_and_agree_on_shared_runs(tmp_path):
+    """Every grid in experiments/ loads and expands (references checked), and a run name two grids share means the
+    same run in both (command line, budget, step count), or one grid would refuse the other's finished run."""
+    folder = Path(__file__).resolve().parents[1] / "experiments"
+    grids = sorted(folder.glob("*.yaml"))
+    assert {"fewshot", "lafs-ablation", "kprpe-robustness"} <= {g.stem for g in grids}
+    seen, users = {}, {}
+    for path in grids:
+        grid = ex.load_grid(path)
+        runs = ex.expand(grid, tmp_path)
+        assert len({r.seed for r in runs}) == len(grid["seeds"])
+        for run in runs:
+            key = (ex._portable(run.argv, tmp_path), run.budget, run.steps)
+            other = seen.setdefault(run.name, (path.stem, key))
+            assert other[1] == key, f"{run.name}: {path.stem} and {other[0]} define it differently"
+            users.setdefault(run.name, set()).add(path.stem)
+    # the sharing the grids' comments promise
+    assert {"fewshot", "lafs-ablation", "fewshot-equal-steps"} <= users["pretrain_lafs_part_fvit_s0"]
+    assert {"lafs-ablation", "fewshot-equal-steps"} <= users["finetune678_part_fvit_lafs_2shot_s0"]
+    assert {"fewshot", "dino-drift"} <= users["finetune_fvit_dino_2shot_s0"]

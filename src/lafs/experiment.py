@@ -20,7 +20,7 @@ afterwards, so a grid is picked up where it stopped. A failed run is reported an
 Several runners may work on one root at once (lanes): each claims the run it trains and defers the runs another
 live runner holds (:func:`run_grid`).
 A run is known by its name and command line, so grids sharing a root (the default, ``runs/experiments/budget-<B>min``)
-share their identical runs: the ablation's "paper" arm is the few-shot grid's LAFS 2-shot arm, trained once.
+share their identical runs: the ablation's "paper" pretrainings are the few-shot grid's LAFS runs, trained once.
 
 **Tables** read each run's ``eval.json`` (``lafs eval --out``): rows and columns are axes (or named metrics), cells
 the mean ± sample std over the seeds present. ``results_NAME.json`` and ``results_NAME.md`` go to the root, and
