@@ -302,7 +302,8 @@ def run_grid(runs: list[Run], root: str | Path, log=print, only=None, poll: floa
         for i, run in pending:
             later = {r.name for _, r in deferred}
             timing = {r.arm for _, r in deferred if r.budget is not None and steps_by_arm.get(r.arm) is None}
-            if _done(root, run) is None and run.name in wanted:
+            done = _done(root, run)
+            if done is None and run.name in wanted:
                 if later & set(run.needs) or (run.budget is not None and run.arm in timing
                                               and steps_by_arm.get(run.arm) is None):
                     deferred.append((i, run))
@@ -314,10 +315,11 @@ def run_grid(runs: list[Run], root: str | Path, log=print, only=None, poll: floa
                         told.add(run.name)
                     deferred.append((i, run))
                     continue
-                if _done(root, run) is not None:  # finished by the other runner just now
+                done = _done(root, run)  # the other runner may have finished it just before the claim
+                if done is not None:
                     (root / run.name / CLAIM).unlink(missing_ok=True)
             progressed = True
-            if _done(root, run) is not None:
+            if done is not None:
                 status["done"].append(run.name)
                 if run.budget is not None and steps_by_arm.get(run.arm) is None:
                     steps_by_arm[run.arm] = trained_steps(root / run.name)
