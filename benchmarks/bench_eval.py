@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     if "ijb" in result:
         j = result["ijb"]
         print(f"  IJB-C x {j['scale']:g} scoring ({j['pairs']:,} pairs, {j['templates']:,} templates): pooling "
-              f"{j['ratios']['pooling']:.1f}x, pair scores {j['ratios']['pairs']:.1f}x vs per-template / per-pair "
-              f"loops (extrapolated), {j['ratios']['pairs_vs_insightface']:.1f}x vs insightface numpy; vectorised "
+              f"{j['ratios']['pooling']:.1f}x vs insightface's pooling, pair scores {j['ratios']['pairs']:.1f}x vs a "
+              f"per-pair loop (extrapolated), {j['ratios']['pairs_vs_insightface']:.1f}x vs insightface numpy; vectorised "
               f"{j['vectorised']['pooling_s'] + j['vectorised']['pairs_s']:.2f} s, peak "
               f"{max(j['vectorised']['pooling_peak_mib'], j['vectorised']['pairs_peak_mib']):.0f} MiB above start")
     if args.json:

@@ -54,6 +54,28 @@ def test_checkpoint_eval_writes_report_and_cache_is_reused(setup, tmp_path, caps
     assert len(list(cache.glob("toy-*.npz"))) == 2
 
 
+def test_bf16_eval_embeds_like_fp32_and_caches_apart(setup, tmp_path, capsys):
+    root, ckpt, bin_path = setup
+    fp32, bf16 = load_embedder(ckpt), load_embedder(ckpt, amp="bf16")
+    assert bf16.precision == "bf16" and "[bf16]" in bf16.description
+    x = torch.rand(6, 3, 56, 56) * 2 - 1
+    with torch.no_grad():
+        a, b = fp32(x), bf16(x)
+    assert b.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(a, b)
+    assert cos.min().item() > 0.99, cos  # bf16 rounding, not another model
+    cache = tmp_path / "cache"
+    for amp in ("none", "bf16"):
+        code, out = run_eval([str(ckpt), "--sets", str(bin_path), "--amp", amp, "--cache", str(cache),
+                              "--out", str(tmp_path / amp)], capsys)
+        assert code == 0, out.err
+    assert len(list(cache.glob("toy-*.npz"))) == 2  # the two precisions never share cached embeddings
+    meta = json.loads((tmp_path / "bf16" / "eval.json").read_text())["meta"]
+    assert meta["precision"] == "bf16"
+    with pytest.raises(ValueError, match="amp must be none, bf16 or fp16"):
+        load_embedder(ckpt, amp="int8")
+
+
 def test_embeddings_file_scores_like_the_model(setup, tmp_path, capsys):
     root, ckpt, bin_path = setup
     run_eval([str(ckpt), "--sets", str(bin_path), "--out", str(tmp_path / "m"), "--no-cache"], capsys)

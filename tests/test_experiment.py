@@ -141,6 +141,40 @@ def test_aggregate_fake_run_folders_by_hand(tmp_path):
     assert (root / "results_toy.md").read_text().strip() == md.strip()
 
 
+def test_tables_show_the_steps_each_arm_trained(tmp_path):
+    """Issue 18: every table gives the steps its arms trained (the training run behind each evaluated model): a
+    steps column when a row's cells share a count, else a table of the steps per cell below it."""
+    by_shots = {"title": "by shots", "runs": "eval_{arm}_{shots}_s{seed}", "rows": ["shots"], "columns": "arm",
+                "metric": "lfw:accuracy", "scale": 100}
+    grid = _grid(tmp_path, dict(GRID, tables=GRID["tables"] + [by_shots]))
+    root = tmp_path / "root"
+    runs = ex.expand(grid, root)
+    _fake_folders(root, runs, skip={"eval_b_all_s2"})
+    for r in runs:
+        if r.argv[0] == "train":  # arm a timed 7 steps; arm b 9, seed 1 as a given train.steps (summary.json only)
+            steps = {"a": 7, "b": 9}[r.values["arm"]]
+            fixed = r.values["arm"] == "b" and r.seed == 1
+            (root / r.name / "done.json").write_text(json.dumps({"spec": r.argv, "seconds": 30.0,
+                                                                 "steps": None if fixed else steps}))
+            if fixed:
+                (root / r.name / "summary.json").write_text(json.dumps({"step": steps}))
+    by_name = {r.name: r for r in runs}
+    assert ex.model_run(by_name["eval_b_1_s1"], by_name).name == "train_b_s1"
+    result, md = ex.report(grid, runs, root, "lafs experiment toy --budget 2")
+
+    assert result["tables"][0]["cells"]["b"]["1"]["steps"] == [9, 9, 9]
+    assert result["tables"][0]["cells"]["b"]["all"]["steps"] == [9, 9]  # seed 2 not evaluated
+    assert "| arm | shots 1 | shots all | steps |" in md
+    assert "| a | 51.00 ± 1.00 | 56.00 ± 1.00 | 7 |" in md
+    assert "| b | 61.00 ± 1.00 | 65.50 ± 0.71 (n=2) | 9 |" in md
+    assert "| arm / shots | t=0 | tar | steps |" in md
+    assert "| b / every image | 0.2 ± 0.0 (n=2) | 0.3 ± 0.0 (n=2) | 9 |" in md
+    # a row of the by-shots table reads arms of 7 and 9 steps: the steps per cell, below the table
+    assert "| shots | arm a | arm b |\n|---|---|---|\n| 1 | 51.00 ± 1.00 | 61.00 ± 1.00 |" in md
+    assert ("Steps trained:\n\n| shots | arm a | arm b |\n|---|---|---|\n| 1 | 7 | 9 |\n| all | 7 | 9 |"
+            in md)
+
+
 def test_update_section_keeps_the_hand_written_text(tmp_path):
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nintro\n")

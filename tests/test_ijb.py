@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+import lafs.eval.ijb as ijb_module
 from lafs.data.align import ARCFACE_TEMPLATE, align_face
 from lafs.eval.ijb import (
+    FARS,
     evaluate_ijb,
     format_ijb_result,
     identification_1n,
@@ -22,10 +24,13 @@ from lafs.eval.ijb import (
     mode_string,
     pair_scores,
     pair_scores_loop,
+    roc_1to1,
+    roc_1to1_pairs,
     roc_curve,
     score_ijb,
     tar_at_far,
     template_groups,
+    template_rows,
 )
 
 # --- fixture ----------------------------------------------------------------------------------------------------------
@@ -331,6 +336,137 @@ def test_tar_at_far_by_hand_drop_intermediate_matters():
         tar_at_far([0.1, 0.2], [1, 1])
     with pytest.raises(ValueError, match="rule must be"):
         tar_at_far(scores, labels, rule="interp")
+
+
+# --- 1:1 from template features: float32 scores, float64 TAR -------------------------------------------------------
+
+
+def _float64_reference(f, r1, r2, labels, fars, rule):
+    """roc_1to1 of every pair scored in float64 by the row-wise dot roc_1to1_pairs rescores with."""
+    s = ijb_module._dot_rows_(f[torch.from_numpy(np.asarray(r1))], f[torch.from_numpy(np.asarray(r2))]).numpy()
+    np.testing.assert_allclose(s, pair_scores_loop(f.numpy(), r1, r2), rtol=0, atol=1e-14)
+    return roc_1to1(s, labels, fars, rule), s
+
+
+def _pairs_case(seed, kind, n_templates=300, n_gallery=40, dim=32, n_pairs=20_000):
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    if kind == "integer":  # every score a multiple of 1/16, exact in float32 and float64: ties everywhere
+        f = torch.from_numpy(rng.integers(-2, 3, (n_templates, dim)).astype(np.float64) / 4)
+    else:
+        f = torch.nn.functional.normalize(torch.randn(n_templates, dim, dtype=torch.float64, generator=g), dim=1)
+    if kind == "duplicates":  # probe templates equal to gallery ones: equal float64 scores that float32 may split
+        f[n_gallery : 2 * n_gallery] = f[:n_gallery]
+    r1 = rng.integers(0, n_gallery, n_pairs)  # drawn with replacement: repeated pairs too
+    r2 = rng.integers(n_gallery, n_templates, n_pairs)
+    s = (f[torch.from_numpy(r1)] * f[torch.from_numpy(r2)]).sum(1).numpy()
+    if kind == "separated":  # genuine pairs mostly in the high tail, as with a trained model
+        labels = ((s > np.quantile(s, 0.97)) & (rng.random(n_pairs) < 0.7)).astype(np.int8)
+    else:
+        labels = (rng.random(n_pairs) < 0.01).astype(np.int8)
+    labels[:2] = (1, 0)
+    n_neg = int((labels == 0).sum())
+    fars = [*FARS, 0.0, 1.0, 0.3, 1 / n_neg, 3 / n_neg, 50 / n_neg, float(rng.random())]
+    return f, r1, r2, labels, fars
+
+
+@pytest.mark.parametrize("kind", ["random", "separated", "integer", "duplicates"])
+@pytest.mark.parametrize("rule", ["nearest", "floor"])
+def test_roc_1to1_pairs_equals_float64_scores(kind, rule):
+    for seed in range(2):
+        f, r1, r2, labels, fars = _pairs_case(seed, kind)
+        want = _float64_reference(f, r1, r2, labels, fars, rule)[0]
+        stats = {}
+        got = roc_1to1_pairs(f, r1, r2, labels, fars, rule, max_refine=len(labels), stats=stats)
+        for key in ("tar_at_far", "fpr_at_far", "threshold_at_far"):  # exactly, not approximately
+            assert got[key] == want[key], (seed, key)
+        if kind != "duplicates":  # the float64 GEMM path: the same points (its thresholds can differ in the last bit)
+            gemm = roc_1to1(pair_scores(f, r1, r2).numpy(), labels, fars, rule)
+            assert got["tar_at_far"] == gemm["tar_at_far"] and got["fpr_at_far"] == gemm["fpr_at_far"]
+        assert not stats["float64_fallback"] and 0 < stats["refined_pairs"] < len(labels)
+        assert stats["sample_error"] <= stats["error_bound"] / 2
+        # AUC: that of the float32 scores, exactly (roc_1to1 of them), hence close to the float64 one
+        s32 = pair_scores(f, r1, r2, dtype=torch.float32).numpy()
+        assert got["auc"] == roc_1to1(s32, labels)["auc"]
+        if kind in ("random", "separated", "integer"):
+            assert abs(got["auc"] - want["auc"]) < 1e-6
+
+
+def test_roc_1to1_pairs_matches_insightface_reference():
+    f, r1, r2, labels, fars = _pairs_case(5, "separated", n_pairs=3000)
+    s64 = _float64_reference(f, r1, r2, labels, fars, "nearest")[1]
+    got = roc_1to1_pairs(f, r1, r2, labels, fars, max_refine=3000)["tar_at_far"]
+    assert list(got.values()) == [_insightface_tar_py(s64.tolist(), labels.tolist(), far) for far in fars]
+
+
+def test_roc_1to1_pairs_falls_back_to_float64(monkeypatch):
+    f, r1, r2, labels, fars = _pairs_case(1, "random", n_pairs=5000)
+    want = _float64_reference(f, r1, r2, labels, fars, "nearest")[0]
+    for key in ("tar_at_far", "fpr_at_far"):
+        stats = {}
+        got = roc_1to1_pairs(f, r1, r2, labels, fars, max_refine=0, stats=stats)  # over budget at once
+        assert stats["float64_fallback"] and got[key] == want[key]
+    # A float32 product outside the bound (as TF32 or bf16 matmul would be): every pair in float64.
+    monkeypatch.setattr(ijb_module, "_f32_score_error_bound", lambda features: 1e-12)
+    stats = {}
+    got = roc_1to1_pairs(f, r1, r2, labels, fars, stats=stats)
+    assert stats["float64_fallback"] and stats["refined_pairs"] == 0 and got["tar_at_far"] == want["tar_at_far"]
+    with pytest.raises(ValueError, match="genuine and impostor"):
+        roc_1to1_pairs(f, r1, r2, np.zeros(len(r1)))
+    with pytest.raises(ValueError, match="rule must be"):
+        roc_1to1_pairs(f, r1, r2, labels, rule="interp")
+
+
+def test_float32_error_bound_holds():
+    # The bound covers the worst case; on unit rows the float32 error is 2-3 orders of magnitude below it.
+    f, r1, r2, _, _ = _pairs_case(2, "random", dim=512, n_pairs=20_000)
+    s32 = pair_scores(f, r1, r2, dtype=torch.float32).double().numpy()
+    s64 = pair_scores_loop(f.numpy(), r1, r2)
+    bound = ijb_module._f32_score_error_bound(f)
+    assert 5e-5 < bound < 7e-5 and np.abs(s32 - s64).max() < bound / 100
+
+
+def test_template_rows_lookup_and_search_agree():
+    uniq = np.array([3, 7, 8, 120])
+    ids = np.array([8, 3, 120, 120, 7])
+    np.testing.assert_array_equal(template_rows(uniq, ids), [2, 0, 3, 3, 1])
+    far = uniq * 10**9  # too spread out for a table: binary search
+    np.testing.assert_array_equal(template_rows(far, ids * 10**9), [2, 0, 3, 3, 1])
+    for bad in ([8, 5, 3], [8, -1], [8, 121]):
+        with pytest.raises(ValueError, match=f"template {bad[1]} \\(entry 1\\)"):
+            template_rows(uniq, bad)
+
+
+def test_pooling_adds_flip_features_like_the_sum():
+    rng = np.random.default_rng(4)
+    templates, medias = _random_groups(rng)
+    feats = torch.from_numpy(rng.normal(size=(len(templates), 16)).astype(np.float32))
+    flip = torch.from_numpy(rng.normal(size=(len(templates), 16)).astype(np.float32))
+    det = rng.uniform(0.1, 1, len(templates)).astype(np.float32)
+    for norm in (True, False):
+        want = image2template_feature(feats + flip, templates, medias, detector_scores=det, use_detector_score=True,
+                                      use_norm_score=norm, chunk_size=37)[0]
+        got = image2template_feature(feats, templates, medias, detector_scores=det, use_detector_score=True,
+                                     use_norm_score=norm, chunk_size=37, flip_features=flip)[0]
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="flip features"):
+        image2template_feature(feats, templates, medias, flip_features=flip[:-1])
+
+
+def test_score_ijb_float64_scores_and_stats(ijb):
+    root, _ = ijb
+    meta = load_ijb_meta(root, "ijbc")
+    feats = torch.from_numpy(np.random.default_rng(6).normal(size=(40, 12)).astype(np.float32))
+    stats = {}
+    got = score_ijb(feats, meta, fars=(0.05, 0.2, 0.5), far_rule="floor", stats=stats)
+    assert {"pooling_s", "prep_s", "pairs_s", "roc_s", "refined_pairs", "float64_fallback"} <= set(stats)
+    tf, ids = image2template_feature(feats, meta.templates, meta.medias, detector_scores=meta.detector_scores,
+                                     use_detector_score=True)
+    s64 = pair_scores(tf, template_rows(ids, meta.pairs[:, 0]), template_rows(ids, meta.pairs[:, 1])).numpy()
+    want = roc_1to1(s64, meta.labels, (0.05, 0.2, 0.5), "floor")
+    assert got["tar_at_far"] == want["tar_at_far"] and got["fpr_at_far"] == want["fpr_at_far"]
+    got32 = score_ijb(feats, meta, fars=(0.05, 0.2, 0.5), far_rule="floor", dtype=torch.float32)  # as before
+    assert got32["tar_at_far"] == got["tar_at_far"]
 
 
 # --- 1:N -------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from lafs.data.datasets import ImageFolderDataset, RecordDataset, decode_image, encode_image
+from lafs.data.datasets import ImageFolderDataset, RecordDataset, decode_image, decode_image_chw, encode_image
 from lafs.data.pairs import bin_from_csv, bin_from_lfw_pairs, read_bin, write_bin
 from lafs.data.recordio import (
     MAGIC,
@@ -141,6 +141,30 @@ def test_reader_is_fork_safe_by_reopening(tmp_path):
     assert clone._fh is None and clone.read(2) == r.read(2)
 
 
+def _reference_item_image(data: bytes, color: str) -> np.ndarray:
+    """The data path before decode_image_chw: decode_image (BGR->RGB by cv2.cvtColor), then a CHW copy."""
+    return np.ascontiguousarray(decode_image(data, color).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("color", ["rgb", "bgr"])
+def test_chw_decode_and_dataset_items_are_unchanged(tmp_path, color):
+    rng = np.random.default_rng(0)
+    blobs = [encode_image(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((32, 32), (17, 29), (64, 48))]
+    blobs.append(encode_image(np.full((9, 9, 3), 77, np.uint8)))
+    for data in blobs:
+        got = decode_image_chw(data, color)
+        assert got.flags.c_contiguous and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, _reference_item_image(data, color))
+    with pytest.raises(ValueError, match="cannot decode"):
+        decode_image_chw(b"not a jpeg")
+    write_face_records(tmp_path / "s.rec", [(0, blobs[0]), (0, blobs[1]), (1, blobs[2])])
+    ds = RecordDataset(tmp_path / "s.rec", color=color)
+    for i in range(len(ds)):
+        image = ds[i]["image"]
+        assert image.is_contiguous()
+        np.testing.assert_array_equal(image.numpy(), _reference_item_image(blobs[i], color))
+
+
 # --- MXNet-written files in ../shared/data -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["lfw_train", "celeba200"])
@@ -177,6 +201,13 @@ def test_shared_rec_dataset_colours_and_keypoints(shared_data):
     # Keypoints of aligned faces lie near the ArcFace template.
     assert np.abs(ds.keypoints.mean(0) - np.array([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4],
                                                    [70.7, 92.2]])).max() < 6
+
+
+@pytest.mark.parametrize("name", ["celeba64_train", "celeba200"])
+def test_shared_rec_items_unchanged_by_the_one_pass_decode(shared_data, name):
+    ds = RecordDataset(shared_data / "train" / f"{name}.rec")
+    for i in np.linspace(0, len(ds) - 1, 40).astype(int):
+        np.testing.assert_array_equal(ds[int(i)]["image"].numpy(), _reference_item_image(ds.raw(int(i)), "rgb"))
 
 
 def test_shared_lfw_bin_reads(shared_data, tmp_path):
@@ -233,6 +264,7 @@ def test_image_folder_dataset(tmp_path):
     ds = ImageFolderDataset(_folder(tmp_path))
     assert ds.identities == ["alice", "bob"] and ds.labels.tolist() == [0, 0, 1, 1, 1]
     assert ds[4]["label"] == 1 and ds[4]["image"].dtype.is_floating_point is False
+    np.testing.assert_array_equal(ds[3]["image"].numpy(), _reference_item_image(ds.raw(3), "rgb"))
     assert {k: v.tolist() for k, v in ds.identity_index().items()} == {0: [0, 1], 1: [2, 3, 4]}
 
 

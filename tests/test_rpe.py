@@ -1,6 +1,8 @@
 """iRPE buckets and KP-RPE f(P): the spec's bucket table, shapes and parameter counts, zero-init equivalence, the
 gathered bias and the contextual terms against naive loops, and where gradients go."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -211,3 +213,196 @@ def test_part_fvit_with_kprpe_on_landmark_tokens(source):
     b = m.encoder._buckets(49, lm, "cpu")
     assert b.shape == (2, 50, 50) and torch.equal(b[:, 1:, 1:], position_buckets(lm.flip(-1) / 8))
     assert (b[:, 0] == 49).all() and (b[:, :, 0] == 49).all()
+
+
+# ---- the fused KP-RPE attention (issue 18) against the implementation it replaced ----------------------------------
+# The reference is the previous code, kept here: one W_L product for all layers cut into per-layer views, the
+# B x H x N x N bias built by an index_select, and scaled_dot_product_attention with that bias as its float mask.
+
+
+def _reference_tables(self, keypoints, token_positions):
+    bsz = keypoints.shape[0]
+    n = token_positions.shape[-2]
+    with torch.no_grad():
+        p = keypoints.detach().to(self.linear.weight.dtype)
+        if self.variant == "absolute":
+            d = p.reshape(bsz, 1, -1)
+        else:
+            m = token_positions.to(p.dtype)
+            m = m.expand(bsz, n, 2) if m.ndim == 2 else m
+            d = (m[:, :, None, :] - p[:, None, :, :]).reshape(bsz, n, -1)
+    f = self.linear(d)
+    if self.variant == "absolute":
+        return [f.view(bsz, 1, 1, self.k).expand(bsz, 1, n, self.k)] * self.depth
+    if self.variant == "relative":
+        return [f.view(bsz, 1, n, self.k)] * self.depth
+    f = f.view(bsz, n, self.depth * self.heads, self.k).transpose(1, 2)
+    return list(f.chunk(self.depth, dim=1))
+
+
+def _reference_gather(table, buckets):
+    bsz, heads, n, k = table.shape
+    if buckets.ndim == 2:
+        flat = (torch.arange(n, device=buckets.device)[:, None] * k + buckets).reshape(-1)
+        return table.reshape(bsz, heads, n * k).index_select(2, flat).view(bsz, heads, n, n)
+    return table.gather(3, buckets[:, None].expand(bsz, heads, n, n))
+
+
+@pytest.fixture
+def reference_kprpe(monkeypatch):
+    """Within ``with reference_kprpe():`` the models compute KP-RPE exactly as the previous code did."""
+    from lafs.models import rpe
+
+    @contextlib.contextmanager
+    def use():
+        with monkeypatch.context() as m:
+            m.setattr(rpe, "FUSED_TABLE_ATTENTION", False)
+            m.setattr(rpe.KPRPE, "forward", _reference_tables)
+            m.setattr(rpe.TableBias, "materialize", lambda self: _reference_gather(self.table, self.buckets))
+            yield
+
+    return use
+
+
+def _train_step(model, x, kp, seed=3):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same DropPath masks in both runs
+    out = model(x, keypoints=kp)["embedding"]
+    (out * torch.linspace(-1, 1, out.shape[1])).square().sum().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("size,variant,threads", [("micro", "multihead", 0), ("micro", "multihead", 1),
+                                                  ("micro", "relative", 0), ("micro", "absolute", 0),
+                                                  ("small", "multihead", 0)])
+def test_kprpe_outputs_and_gradients_equal_the_previous_implementation(reference_kprpe, size, variant, threads):
+    """Train step (forward, backward; DropPath on) and evaluation of whole KP-RPE models: the fused path against the
+    previous code, every parameter's gradient included.
+
+    GELU instead of the face ViT's ReLU6 here: at ReLU6's kinks a one-ulp difference in the forward flips a unit's
+    gradient (measured on ViT-S: one flipped unit moves a weight row's gradient by 3 %, then every layer below by
+    1e-3), whichever float32 implementation runs. 4 images: train-mode BatchNorm over 2 is so ill-conditioned that
+    both implementations are 1e-4 away from a float64 run. The ReLU6 model's outputs are compared below.
+    """
+    from lafs.models import rpe
+
+    batch = 4
+    torch.manual_seed(0)
+    model = build_backbone("vit_kprpe", size, kprpe_variant=variant, mlp_act="gelu").train()
+    with torch.no_grad():  # a trained-looking W_L: biases of the logits' own scale
+        torch.nn.init.normal_(model.encoder.kprpe.linear.weight, std=0.5)
+        torch.nn.init.normal_(model.encoder.kprpe.linear.bias, std=0.5)
+    s = model.img_size
+    x = torch.rand(batch, 3, s, s) * 2 - 1
+    kp = torch.rand(batch, 5, 2) * (s - 1)
+    calls = []
+    fused = rpe.table_bias_attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return fused(*a, **k)
+
+    default_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or default_threads)  # 1 thread: one image at a time (table_bias_attention)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("lafs.models.vit.table_bias_attention", counting)
+            out, grads = _train_step(model, x, kp)
+    finally:
+        torch.set_num_threads(default_threads)
+    assert len(calls) == model.encoder.depth  # the fused path ran in every layer
+    with reference_kprpe():
+        ref_out, ref_grads = _train_step(model, x, kp)
+    _assert_close_to_scale(out, ref_out, "embedding")
+    assert grads.keys() == ref_grads.keys() and "encoder.kprpe.linear.weight" in grads
+    for name, g in grads.items():
+        _assert_close_to_scale(g, ref_grads[name], name)
+    model.eval()  # evaluation: no gradient, the gathered bias through scaled_dot_product_attention, as before
+    with torch.no_grad():
+        ev = model(x, keypoints=kp)["embedding"]
+        with reference_kprpe():
+            ref_ev = model(x, keypoints=kp)["embedding"]
+    _assert_close_to_scale(ev, ref_ev, "eval embedding")
+
+
+def _assert_close_to_scale(a, ref, name, tol=2e-4):
+    """float32 agreement relative to the tensor's own scale (train-mode BatchNorm over 2-3 images amplifies rounding;
+    against a float64 run the fused path's error is the smaller of the two), with a floor for gradients that are zero
+    in exact arithmetic (biases in front of a BatchNorm: both runs give rounding noise ~1e-9 there)."""
+    err = float((a - ref).abs().max())
+    assert err <= tol * float(ref.abs().max()) + 1e-5, f"{name}: max |diff| {err:.3g}, max |ref| {float(ref.abs().max()):.3g}"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, None])
+@pytest.mark.parametrize("heads_in_table,per_image", [(4, False), (1, False), (4, True), ("expanded", False)])
+def test_table_bias_attention_equals_sdpa_with_the_gathered_bias(heads_in_table, per_image, chunk):
+    """Output and qkv / table gradients of the fused function against SDPA with the materialised bias (float64 and
+    float32), for per-head, head-shared and expanded (absolute) tables, grid and per-image buckets, 1, 2 (3 images:
+    a short last chunk) or all images at a time."""
+    import torch.nn.functional as F
+
+    from lafs.models.rpe import TableBias, table_bias_attention
+
+    g = torch.Generator().manual_seed(0)
+    bsz, heads, n, d, k = 3, 4, 16, 8, 49
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        qkv = torch.randn(bsz, n, 3, heads, d, generator=g, dtype=dtype).requires_grad_(True)
+        if heads_in_table == "expanded":  # the absolute variant: one row for every query
+            table = torch.randn(bsz, 1, 1, k, generator=g, dtype=dtype).requires_grad_(True)
+            used = table.expand(bsz, 1, n, k)
+        else:
+            table = torch.randn(bsz, heads_in_table, n, k, generator=g, dtype=dtype).requires_grad_(True)
+            used = table
+        buckets = position_buckets(torch.randint(0, 4, (bsz, n, 2) if per_image else (n, 2), generator=g).float())
+        grad = torch.randn(bsz, n, heads * d, generator=g, dtype=dtype)
+        bias = TableBias(used, buckets)
+        out = table_bias_attention(qkv, bias, 0.3, chunk)
+        q, kk, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        ref = F.scaled_dot_product_attention(q, kk, v, attn_mask=bias.materialize(), scale=0.3)
+        ref = ref.transpose(1, 2).reshape(bsz, n, heads * d)
+        for a, b in zip([out, *torch.autograd.grad(out, (qkv, table), grad)],
+                        [ref, *torch.autograd.grad(ref, (qkv, table), grad)]):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_fused_path_only_where_it_applies():
+    from lafs.models.rpe import TableBias, can_fuse_table_attention
+
+    q = torch.zeros(1, 4, 16)  # the attention's input, B x N x C
+    table = torch.zeros(1, 2, 4, 49, requires_grad=True)
+    bias = TableBias(table, torch.zeros(4, 4, dtype=torch.long))
+    assert can_fuse_table_attention(q, bias, 0.0)
+    assert not can_fuse_table_attention(q, bias, 0.1)  # attention dropout: SDPA
+    assert not can_fuse_table_attention(q.double(), bias, 0.0)
+    assert not can_fuse_table_attention(q, TableBias(table.detach(), bias.buckets), 0.0)  # no gradient wanted
+    with torch.no_grad():
+        assert not can_fuse_table_attention(q, bias, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not can_fuse_table_attention(q, bias, 0.0)
+
+
+def test_kprpe_trains_under_bf16_autocast_through_the_materialised_bias():
+    model = build_backbone("vit_kprpe", "micro").train()
+    x = torch.rand(2, 3, 56, 56) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, keypoints=torch.rand(2, 5, 2) * 55)["embedding"]
+    out.float().square().sum().backward()
+    assert model.encoder.kprpe.linear.weight.grad.abs().sum() > 0
+
+
+def test_face_vit_kprpe_outputs_equal_the_previous_implementation(reference_kprpe):
+    """ViT-S + KP-RPE as configured (ReLU6): train-mode forward (the fused path) and evaluation outputs."""
+    torch.manual_seed(0)
+    model = build_backbone("vit_kprpe", "small").train()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.encoder.kprpe.linear.weight, std=0.5)
+    x = torch.rand(4, 3, 112, 112) * 2 - 1
+    kp = torch.rand(4, 5, 2) * 111
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        outs = []
+        for reference in (False, True):
+            torch.manual_seed(3)
+            with reference_kprpe() if reference else contextlib.nullcontext():
+                outs.append(model(x, keypoints=kp)["embedding"].detach())
+        _assert_close_to_scale(*outs, f"{mode} embedding")

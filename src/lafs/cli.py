@@ -237,8 +237,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               "[--identification DIR] (or --embeddings EMB.npy --pairs SET.bin)")
         from .embedder import load_embedder
 
-        embedder = load_embedder(args.model, args.device)
-        meta.update(model=embedder.description, model_hash=embedder.file_hash)
+        embedder = load_embedder(args.model, args.device, amp=args.amp, compile=args.compile)
+        meta.update(model=embedder.description, model_hash=embedder.file_hash, precision=embedder.precision)
         cache = None if args.no_cache else (args.cache or str(Path.home() / ".cache" / "lafs" / "embeddings"))
         common = dict(batch_size=args.batch_size, device=args.device, flip=flip, flip_mode=args.flip_mode)
         for path in args.sets.split(",") if args.sets else []:
@@ -526,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", choices=("rgb", "bgr"), default="rgb", help="channel order the .bin stores")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="lafs checkpoints under autocast (bf16: CPU or GPU; fp16: GPU); fp32 embeddings out")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (lafs checkpoints; compiles first)")
     p.add_argument("--cache", help="embedding cache folder (default ~/.cache/lafs/embeddings)")
     p.add_argument("--no-cache", action="store_true")
     p.set_defaults(func=cmd_eval)

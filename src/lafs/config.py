@@ -104,6 +104,9 @@ class OptimConfig:
     clip_mode: str = choice("global", ("global", "per_param"), "per_param: DINO's clip_gradients, each tensor on its own")
     weight_decay_end: Optional[float] = None  # cosine weight_decay -> weight_decay_end per step (DINO 0.04 -> 0.4)
     lr_scale_batch: Optional[int] = None  # lr x global_batch / lr_scale_batch (DINO/LAFS: lr 5e-4 at 256)
+    # AdamW's fused kernel (one pass over all parameters instead of a dozen foreach passes); None = where the
+    # device has one (CPU, CUDA). Its updates equal the foreach ones to float rounding.
+    fused: Optional[bool] = None
 
 
 @dataclass
@@ -121,8 +124,18 @@ class DataConfig:
     val_pairs: int = 200  # synthetic: pairs of held-out identities
     val_identities: int = 32  # synthetic: held-out identities for val_pairs
     seed: int = 0  # synthetic identities
-    workers: int = 2
+    # DataLoader worker processes: "auto" (sized from the cores, lafs.data.workers) or an integer >= 0
+    workers: Any = "auto"
     max_bad_records: int = 0
+
+    def __post_init__(self) -> None:
+        # "auto" resolves here, on the machine that loads the config, so the trainer always sees an integer
+        from .data.workers import resolve_workers
+
+        try:
+            self.workers = resolve_workers(self.workers)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -144,6 +157,11 @@ class TrainConfig:
     epochs: Optional[float] = None
     accumulation: int = 1
     amp: str = choice("none", ("none", "bf16", "fp16"), "fp16 uses a GradScaler (CUDA only)")
+    # torch.compile (inductor) of the task's forward (training) and embedding (validation); the first steps, which
+    # compile, are logged apart (first_steps_s) and never timed by train.budget_minutes
+    compile: bool = False
+    # NHWC conv weights and activations for the CNNs (landmark CNN, IResNet): oneDNN's faster conv kernels on CPU
+    channels_last: bool = True
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto
     log_every: int = 10

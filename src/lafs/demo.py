@@ -13,9 +13,11 @@ Every stage is an ordinary ``lafs train`` / ``pretrain`` / ``finetune`` run in i
 (``config.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` with ``MODEL_CARD.md``). The demo folder also gets
 ``demo.json`` (the table's numbers), ``roc.png``, ``landmarks.png`` (the landmark CNN before / after stage 1
 on held-out faces) and ``attention.png`` (the LAFS-finetuned model's last-layer CLS attention over its landmark
-tokens on the same faces). ``budget_minutes`` is shared out between the stages as training minutes (``BUDGET_SHARE``); every finetune arm
-and both pretrainings get the same minutes.
-Every number printed is measured in the run.
+tokens on the same faces). ``budget_minutes`` is shared out between the stages as training minutes (``BUDGET_SHARE``).
+Compared arms train **equal steps**, as in the experiment runner's ``steps_shared_by``: the first arm of a comparison
+(LAFS among the pretrainings, scratch among the finetunes) times its first steps and fixes its count from its share;
+the other arms train exactly that count (``train.steps``), so load on the machine cannot hand one arm fewer steps.
+The table and ``demo.json`` give the steps every arm trained. Every number printed is measured in the run.
 """
 
 from __future__ import annotations
@@ -38,12 +40,20 @@ MODEL = ["model.name=part_fvit", "model.size=micro", "model.dropout=0.0", "model
          "model.drop_path=0.0"]
 # each stage's share of --budget-minutes, as training minutes (train.budget_minutes: its first steps are timed and
 # fix its step count on this machine); the rest of the budget is data, evaluation (LFW included) and pictures.
-# DINO gets LAFS's share, so the two pretrainings are compared at equal CPU time.
+# Only the first arm of a comparison is timed; the others train its count (equal steps, not equal minutes).
 BUDGET_SHARE = {"stage1": 0.32, "pretrain": 0.14, "finetune": 0.05}
 
 
 def _budget(stage: str, budget_minutes: float) -> str:
     return f"train.budget_minutes={BUDGET_SHARE[stage] * budget_minutes:.4g}"
+
+
+def _steps(first: tuple[str, dict] | None, stage: str, budget_minutes: float) -> list[str]:
+    """The step count of one arm of a comparison: the first arm (``first`` is None) times its steps within its
+    budget share; every later arm trains the first arm's count, ``first = (its folder name, its stage record)``."""
+    if first is None:
+        return [_budget(stage, budget_minutes)]
+    return [f"train.steps={first[1]['steps']}", "train.epochs=null", "train.budget_minutes=null"]
 
 
 def _data(num_identities: int, val_pairs: int, seed: int) -> list[str]:
@@ -162,23 +172,28 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
                   "ssl.num_local=4", f"ssl.landmark_init={stage1}", "optim.lr=5e-4", "optim.lr_scale_batch=256",
                   "optim.warmup_steps=10", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4",
                   "optim.clip_grad=3.0", "optim.clip_mode=per_param", "train.batch_size=32",
-                  _budget("pretrain", budget_minutes), "train.log_every=10"]
-    teachers = {}
+                  "train.log_every=10"]
+    teachers, first = {}, None
     methods = ["lafs"] + (["dino"] if dino else [])
     for method in methods:
-        log(f"2/4 pretraining: {method.upper()} on unlabelled faces (the stage-1 landmark CNN frozen)")
+        log(f"2/4 pretraining: {method.upper()} on unlabelled faces (the stage-1 landmark CNN frozen)"
+            + (f", {first[1]['steps']} steps like {first[0]}" if first else ""))
         extra = ["ssl.method=lafs", "ssl.subset_size=9", "ssl.perturb_alpha=2.0", "ssl.shuffle=student"] \
             if method == "lafs" else ["ssl.method=dino"]
-        stages[f"pretrain_{method}"], teachers[method] = _run(
-            MODEL + _data(IDS_ALL, 0, seed) + pre_common + extra + [f"out_dir={out / f'pretrain_{method}'}"],
-            progress, log)
+        name = f"pretrain_{method}"
+        stages[name], teachers[method] = _run(
+            MODEL + _data(IDS_ALL, 0, seed) + pre_common + extra + _steps(first, "pretrain", budget_minutes)
+            + [f"out_dir={out / name}"], progress, log)
+        if first:
+            stages[name]["steps_of"] = first[0]
+        first = first or (name, stages[name])
 
     positions = np.array([i * IMAGES + j for i in range(IDS_STAGE1, IDS_ALL) for j in range(shots)], np.int64)
     index = save_index(out / f"fewshot_{shots}shot.npy", positions)
     fine = MODEL + _data(IDS_ALL, 0, seed) + [
         f"data.index={index}", "model.drop_path=0.1", "model.token_init=trunc_normal", "head.name=cosface",
         "optim.lr=1e-3", "optim.warmup_steps=10", "augment.preset=flip", "finetune.landmark=c",
-        "train.batch_size=32", _budget("finetune", budget_minutes), "train.log_every=10"]
+        "train.batch_size=32", "train.log_every=10"]
     arms = {"scratch": [f"finetune.landmark_init={stage1}"]}
     for method, ckpt in teachers.items():
         arms[method] = [f"finetune.init={ckpt}"]
@@ -187,10 +202,16 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
     sets = {"heldout": (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), issame)}
     if lfw_path is not None:
         sets["lfw"] = load_bin(lfw_path)
-    results, finetuned = {}, {}
+    results, finetuned, first = {}, {}, None
     for arm, extra in arms.items():
-        log(f"3/4 few-shot finetune ({shots} shots x {IDS_ALL - IDS_STAGE1} identities) from {arm}")
-        stages[f"finetune_{arm}"], ckpt = _run(fine + extra + [f"out_dir={out / f'finetune_{arm}'}"], progress, log)
+        log(f"3/4 few-shot finetune ({shots} shots x {IDS_ALL - IDS_STAGE1} identities) from {arm}"
+            + (f", {first[1]['steps']} steps like {first[0]}" if first else ""))
+        name = f"finetune_{arm}"
+        stages[name], ckpt = _run(fine + extra + _steps(first, "finetune", budget_minutes)
+                                  + [f"out_dir={out / name}"], progress, log)
+        if first:
+            stages[name]["steps_of"] = first[0]
+        first = first or (name, stages[name])
         finetuned[arm] = ckpt
         log(f"4/4 evaluating {arm}")
         results[arm] = _evaluate(ckpt, sets)
@@ -208,7 +229,9 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
     summary = {
         "budget_minutes": budget_minutes, "seconds": time.perf_counter() - start, "shots": shots, "seed": seed,
         "lfw": str(lfw_path) if lfw_path else None,
-        "results": {a: {k: v for k, v in r["heldout"].items() if not k.startswith("_")}
+        "results": {a: {"pretrain_steps": stages[f"pretrain_{a}"]["steps"] if f"pretrain_{a}" in stages else None,
+                        "finetune_steps": stages[f"finetune_{a}"]["steps"]}
+                    | {k: v for k, v in r["heldout"].items() if not k.startswith("_")}
                     | ({"lfw_accuracy": r["lfw"]["accuracy"], "lfw_auc": r["lfw"]["auc"]} if lfw_path else {})
                     for a, r in results.items()},
         "stages": stages,
@@ -220,13 +243,16 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
 
 def format_summary(s: dict) -> str:
     lfw = s["lfw"] is not None
-    head = "| pretraining | held-out accuracy | AUC | TAR@FAR=1e-2 |" + (" LFW accuracy |" if lfw else "")
+    head = ("| pretraining | pretraining steps | finetune steps | held-out accuracy | AUC | TAR@FAR=1e-2 |"
+            + (" LFW accuracy |" if lfw else ""))
     lines = [f"few-shot finetune ({s['shots']} shots) on synthetic identities, tested on {IDS_VAL} unseen ones "
-             f"(400 pairs, 10-fold); {s['seconds'] / 60:.1f} min in all", "", head,
-             "|---|---|---|---|" + ("---|" if lfw else "")]
+             f"(400 pairs, 10-fold); {s['seconds'] / 60:.1f} min in all; compared arms train equal steps", "", head,
+             "|---|---|---|---|---|---|" + ("---|" if lfw else "")]
     for arm, r in s["results"].items():
         tar = r["tar_at_far"].get("0.01")
-        row = (f"| {arm} | {100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f} % | {r['auc']:.3f} | "
+        pre = r.get("pretrain_steps")
+        row = (f"| {arm} | {'-' if pre is None else pre} | {r.get('finetune_steps', '?')} | "
+               f"{100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f} % | {r['auc']:.3f} | "
                f"{'-' if tar is None else f'{100 * tar:.1f} %'} |")
         if lfw:
             row += f" {100 * r['lfw_accuracy']:.2f} % |"

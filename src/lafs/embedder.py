@@ -11,7 +11,10 @@ Accepted files:
 - an ONNX model (``.onnx``, needs onnxruntime), same input and output.
 
 The embedding function maps float images in [-1, 1] (any size; resized to the model's input) to B x D. A
-content hash of the file keys the embedding cache of ``lafs eval``.
+content hash of the file (and the precision, see below) keys the embedding cache of ``lafs eval``.
+
+A lafs checkpoint can run under bf16 autocast (``amp="bf16"``, fp32 embeddings out) and through ``torch.compile``
+(``compile=True``): ``lafs eval --amp bf16 --compile``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Embedder:
     uses_keypoints: bool = False
     threshold: float | None = None  # cosine decision threshold stored with the model (its latest validation)
     threshold_source: str = ""
+    precision: str = "fp32"  # "bf16" under autocast: part of the embedding cache key
+
 
     def __call__(self, x: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
         width = x.shape[-1]
@@ -116,8 +121,27 @@ def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, st
     return (lambda x: backbone(x)["embedding"]), backbone.img_size, desc, False
 
 
-def load_embedder(path: str | Path, device: str | torch.device = "cpu") -> Embedder:
-    """Open a model file (see the module docstring) as an :class:`Embedder`."""
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _fast(fn: Callable[..., torch.Tensor], device, amp: str, compile: bool) -> Callable[..., torch.Tensor]:
+    """``fn`` under autocast (``amp``) and ``torch.compile``; fp32 embeddings out."""
+    if amp not in ("none", *AMP_DTYPES):
+        raise ValueError(f"amp must be none, bf16 or fp16, got {amp!r}")
+    run = torch.compile(fn) if compile else fn
+    dtype, kind = AMP_DTYPES.get(amp), torch.device(device).type
+
+    def wrapped(*args: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(kind, dtype or torch.float32, enabled=dtype is not None):
+            return run(*args).float()
+
+    return wrapped
+
+
+def load_embedder(path: str | Path, device: str | torch.device = "cpu", amp: str = "none",
+                  compile: bool = False) -> Embedder:
+    """Open a model file (see the module docstring) as an :class:`Embedder`; ``amp`` / ``compile`` apply to lafs
+    checkpoints (TorchScript and ONNX models run as they are)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
@@ -164,7 +188,10 @@ def load_embedder(path: str | Path, device: str | torch.device = "cpu") -> Embed
     state = _read_checkpoint(path, "a lafs checkpoint, TorchScript or ONNX model")
     fn, size, desc, uses_keypoints = _from_checkpoint(path, state, device)
     threshold, source = stored_threshold(state)
-    return Embedder(fn, size, desc, digest, uses_keypoints, threshold, source)
+    if amp != "none" or compile:
+        fn = _fast(fn, device, amp, compile)
+        desc += "".join(f" [{t}]" for t in ((amp,) if amp != "none" else ()) + (("compiled",) if compile else ()))
+    return Embedder(fn, size, desc, digest, uses_keypoints, threshold, source, "fp32" if amp == "none" else amp)
 
 
 def stored_threshold(state: dict) -> tuple[float | None, str]:

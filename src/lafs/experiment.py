@@ -409,10 +409,35 @@ def metric_value(eval_json: dict, path: str) -> float:
     raise KeyError(f"eval.json has no {path!r}")
 
 
+def model_run(run: Run, by_name: dict) -> Run | None:
+    """The training run whose model ``run`` reads: itself when it trains, else the nearest training run that its
+    checkpoint references (``@run``, not ``@run/file``) lead to."""
+    frontier, seen = [run], {run.name}
+    while frontier:
+        trained = [r for r in frontier if r.argv[0] in TRAINING]
+        if trained:
+            return trained[0]
+        refs = [m.group(1) for r in frontier for a in r.argv for m in REF.finditer(a) if not m.group(2)]
+        frontier = [by_name[n] for n in dict.fromkeys(refs) if n in by_name and n not in seen]
+        seen.update(r.name for r in frontier)
+    return None
+
+
 def aggregate(grid: dict, runs: list[Run], root: str | Path) -> dict:
-    """The grid's tables from the run folders: per cell the values, seeds, mean and sample std (ddof 1)."""
+    """The grid's tables from the run folders: per cell the values, seeds, mean and sample std (ddof 1), and the
+    steps trained by the model behind each value (:func:`model_run`)."""
     root = Path(root)
-    tables, loaded = [], {}
+    tables, loaded, by_name, steps_of = [], {}, {r.name: r for r in runs}, {}
+
+    def steps(run: Run) -> int | None:
+        """The steps a done run's model trained (its training run's ``done.json``, metrics or summary)."""
+        trained = model_run(run, by_name)
+        if trained is None or not (root / trained.name / "done.json").is_file():
+            return None
+        if trained.name not in steps_of:
+            done = json.loads((root / trained.name / "done.json").read_text())
+            steps_of[trained.name] = done.get("steps") or trained_steps(root / trained.name)
+        return steps_of[trained.name]
 
     def load(run: Run, name: str) -> dict | None:
         """A done run's metrics file, read once for every table that uses it."""
@@ -437,10 +462,11 @@ def aggregate(grid: dict, runs: list[Run], root: str | Path) -> dict:
             for label, metric in metrics.items():
                 column = labels.get(run.values[column_axis], run.values[column_axis]) if column_axis else label
                 columns.append(column)
-                cell = cells.setdefault(row, {}).setdefault(column, {"values": [], "seeds": []})
+                cell = cells.setdefault(row, {}).setdefault(column, {"values": [], "seeds": [], "steps": []})
                 if data is not None:
                     cell["values"].append(float(spec.get("scale", 1.0)) * metric_value(data, metric))
                     cell["seeds"].append(run.seed)
+                    cell["steps"].append(steps(run))
         for row in cells.values():
             for cell in row.values():
                 v = np.asarray(cell["values"], float)
@@ -464,14 +490,30 @@ def _cell(cell: dict, digits: int, seeds: int) -> str:
     return text
 
 
+def _steps_text(cell: dict | None) -> str:
+    """The steps behind a cell's values: one count, or every count when its seeds differ ("–": none known)."""
+    counts = sorted({n for n in (cell or {}).get("steps", []) if n})
+    return " / ".join(map(str, counts)) or "–"
+
+
 def format_tables(result: dict, seeds: int) -> str:
+    """The tables as Markdown, each with the steps its arms trained: a ``steps`` column when every cell of a row
+    reads models of one step count, else a table of the steps per cell below it."""
     out = []
     for t in result["tables"]:
         head = [t["row_label"]] + [f"{t['column_label']} {c}".strip() if t["column_label"] else str(c) for c in t["columns"]]
-        out += [f"**{t['title']}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        steps = {row: [_steps_text(t["cells"][row].get(c)) for c in t["columns"]] for row in t["rows"]}
+        per_row = all(len({s for s in v if s != "–"}) <= 1 for v in steps.values())
+        out += [f"**{t['title']}**", "", "| " + " | ".join(head + ["steps"] * per_row) + " |",
+                "|" + "---|" * (len(head) + per_row)]
         for row in t["rows"]:
+            trained = [next((s for s in steps[row] if s != "–"), "–")] if per_row else []
             out.append("| " + " | ".join([row] + [_cell(t["cells"][row][c], t["digits"], seeds)
-                                                   if c in t["cells"][row] else "–" for c in t["columns"]]) + " |")
+                                                   if c in t["cells"][row] else "–" for c in t["columns"]]
+                                         + trained) + " |")
+        if not per_row:
+            out += ["", "Steps trained:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join([row] + steps[row]) + " |" for row in t["rows"]]
         if t["note"]:
             out += ["", t["note"].strip()]
         out.append("")

@@ -36,6 +36,8 @@ def set_embeddings(embed_fn, bin_path: str | Path, model_hash: str, *, color: st
     cache = None
     if cache_dir is not None:
         parts = [model_hash, file_hash(bin_path), color, str(flip), flip_mode]
+        if getattr(embed_fn, "precision", "fp32") != "fp32":  # bf16 embeddings are other numbers
+            parts.append(embed_fn.precision)
         if getattr(embed_fn, "uses_keypoints", False):
             kp = Path(keypoints_path) if keypoints_path else sidecar_keypoints(bin_path)
             parts.append(file_hash(kp) if kp.is_file() else "no keypoints")

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .dropout import Dropout
+from .precision import cnn_precision
+
 IRESNET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
 
 
@@ -61,7 +64,7 @@ class IResNet(nn.Module):
         self.layer3 = self._make_layer(widths[2], layers[2], stride=2)
         self.layer4 = self._make_layer(widths[3], layers[3], stride=2)
         self.bn2 = nn.BatchNorm2d(widths[3], eps=1e-05)
-        self.dropout = nn.Dropout(p=dropout, inplace=True)
+        self.dropout = Dropout(dropout)
         side = img_size
         for _ in range(4):  # each stage: 3x3 conv, stride 2, padding 1
             side = (side + 1) // 2
@@ -90,7 +93,9 @@ class IResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        x = self.prelu(self.bn1(self.conv1(images)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.dropout(torch.flatten(self.bn2(x), 1))
+        with cnn_precision(images):  # fp32 convs under CPU autocast unless bf16 convs pay here (models/precision.py)
+            x = self.prelu(self.bn1(self.conv1(images.float())))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            x = torch.flatten(self.bn2(x), 1)
+        x = self.dropout(x)
         return {"embedding": self.features(self.fc(x))}

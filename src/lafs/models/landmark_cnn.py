@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dropout import Dropout
+from .precision import cnn_precision
+
 # (kernel, expansion, out, squeeze-excite, activation, stride): MobileNetV3-Large, Table 1.
 MOBILENET_V3_LARGE = (
     (3, 16, 16, False, "RE", 1),
@@ -131,7 +134,7 @@ class LandmarkCNN(nn.Module):
         self.num_landmarks = num_landmarks
         self.img_size = img_size
         self.trunk = MobileNetV3Trunk(width_mult)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         # Outside the trunk's init on purpose: the reference keeps PyTorch's default Linear init here.
         self.output_layer = nn.Linear(self.trunk.out_channels, 2 * num_landmarks)
 
@@ -140,6 +143,7 @@ class LandmarkCNN(nn.Module):
             raise ValueError(
                 f"LandmarkCNN expects {self.img_size}x{self.img_size} inputs, got {tuple(x.shape[-2:])}"
             )
-        feats = F.adaptive_avg_pool2d(self.trunk(x), 1).flatten(1)
+        with cnn_precision(x):  # fp32 convs under CPU autocast unless bf16 convs pay here (models/precision.py)
+            feats = F.adaptive_avg_pool2d(self.trunk(x.float()), 1).flatten(1)
         raw = self.output_layer(self.dropout(feats))
         return minmax_rescale(raw, self.img_size).view(-1, self.num_landmarks, 2)

@@ -28,7 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rpe import IRPE, KPRPE, gather_bias, num_buckets, position_buckets, product_buckets
+from .dropout import Dropout, dropout as apply_dropout
+from .rpe import (
+    IRPE,
+    KPRPE,
+    TableBias,
+    can_fuse_table_attention,
+    num_buckets,
+    position_buckets,
+    product_buckets,
+    table_bias_attention,
+)
 
 ATTN_SCALES = ("dim", "head_dim")
 DROP_PATH_SCHEDULES = ("constant", "linear")
@@ -82,12 +92,18 @@ class Attention(nn.Module):
         self.attn_dropout = attn_dropout
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim)
-        self.out_drop = nn.Dropout(dropout)
+        self.out_drop = Dropout(dropout)
         self.rpe = IRPE(heads, dim_head, **irpe) if irpe else None
 
-    def forward(self, x: Tensor, attn_bias: Tensor | None = None, buckets: Tensor | None = None) -> Tensor:
-        """``buckets``: the iRPE bucket id of every (query, key) token pair (N x N or B x N x N), when iRPE is on."""
+    def forward(self, x: Tensor, attn_bias: Tensor | TableBias | None = None, buckets: Tensor | None = None) -> Tensor:
+        """``attn_bias``: an additive logit bias, or a :class:`~lafs.models.rpe.TableBias` (KP-RPE's table and buckets).
+        ``buckets``: the iRPE bucket id of every (query, key) token pair (N x N or B x N x N), when iRPE is on."""
         b, n, _ = x.shape
+        if isinstance(attn_bias, TableBias):  # KP-RPE: a table and its buckets, gathered here (models/rpe.py)
+            if self.rpe is None and can_fuse_table_attention(x, attn_bias, self.attn_dropout if self.training else 0.0):
+                qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
+                return self.out_drop(self.to_out(table_bias_attention(qkv, attn_bias, self.scale)))
+            attn_bias = attn_bias.materialize()
         qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if self.rpe is not None:
@@ -97,12 +113,17 @@ class Attention(nn.Module):
             attn_bias = rpe_bias if attn_bias is None else attn_bias + rpe_bias
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
-        if self.rpe is not None and self.rpe.has_value_term:
-            # the value term needs the attention probabilities: explicit attention (iRPE's cost, kprpe_spec §1.6)
+        value_term = self.rpe is not None and self.rpe.has_value_term
+        if value_term or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
+            # Explicit attention, for two reasons: iRPE's value term needs the attention probabilities (kprpe_spec
+            # §1.6), and in bf16 on the CPU the fused kernel's backward is several times slower than these batched
+            # bf16 matrix products at face-token counts (N <= 197; benchmarks/bench_models.py measures both).
             logits = (q @ k.transpose(-2, -1)) * self.scale
             attn = (logits if attn_bias is None else logits + attn_bias).softmax(dim=-1)
-            attn = F.dropout(attn, self.attn_dropout, self.training)
-            out = attn @ v + self.rpe.value_term(attn, buckets)
+            attn = apply_dropout(attn, self.attn_dropout, self.training)
+            out = attn @ v
+            if value_term:
+                out = out + self.rpe.value_term(attn, buckets)
             out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
             return self.out_drop(self.to_out(out))
         out = F.scaled_dot_product_attention(
@@ -127,9 +148,9 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(dim, hidden),
             nn.GELU() if act == "gelu" else nn.ReLU6(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(hidden, dim),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -249,7 +270,7 @@ class ViTEncoder(nn.Module):
             if self.has_cls:
                 nn.init.trunc_normal_(self.cls_token, std=0.02)
             nn.init.trunc_normal_(self.pos_embedding, std=0.02)
-        self.emb_drop = nn.Dropout(emb_dropout)
+        self.emb_drop = Dropout(emb_dropout)
         rates = drop_path_rates(drop_path, depth, drop_path_schedule)
         irpe = None
         if rpe == "irpe":
@@ -355,12 +376,15 @@ class ViTEncoder(nn.Module):
         last_table, last_bias = None, None
         for layer, (block, bias) in enumerate(zip(self.blocks, biases)):
             if tables is not None:
-                if tables[layer] is not last_table:  # absolute / relative: one table for every layer, gathered once
+                if tables[layer] is not last_table:  # absolute / relative: one table for every layer
                     last_table = tables[layer]
-                    last_bias = gather_bias(last_table, grid_buckets)
-                    if self.has_cls:
-                        last_bias = F.pad(last_bias, (1, 0, 1, 0))
-                bias = last_bias if bias is None else bias + last_bias
+                    last_bias = TableBias(last_table, grid_buckets)  # gathered in the attention (models/rpe.py)
+                    if self.has_cls:  # the CLS token's pairs get a zero bias
+                        last_bias = F.pad(last_bias.materialize(), (1, 0, 1, 0))
+                if bias is None:
+                    bias = last_bias
+                else:
+                    bias = bias + (last_bias.materialize() if isinstance(last_bias, TableBias) else last_bias)
             x = block(x, bias, buckets)
         if self.pool == "flatten":
             return {"embedding": self.proj(self.norm(x).flatten(1)), "tokens": x}

@@ -98,12 +98,15 @@ class TrainResult:
     val: dict = field(default_factory=dict)
     best: float | None = None
     resumed_from: str | None = None
+    first_steps_s: float | None = None  # wall time of the untimed first steps (compilation included)
 
 
 class Trainer:
     def __init__(self, cfg, task: nn.Module, train_set, env: DistEnv, val_sets: dict | None = None,
                  progress: bool = True) -> None:
         self.cfg, self.task, self.env = cfg, task.to(env.device), env
+        if cfg.train.channels_last:  # only 4-D (conv) weights change layout; their outputs follow them
+            self.task.to(memory_format=torch.channels_last)
         self.train_set, self.val_sets = train_set, val_sets or {}
         self.uses_keypoints = bool(getattr(task, "uses_keypoints", False))
         self.out = Path(cfg.out_dir)
@@ -134,7 +137,8 @@ class Trainer:
         self.partial_fc = head if isinstance(head, PartialFC) else None
         named = list(task.named_parameters())
         self.optimizer = build_optimizer(
-            param_groups(named, o.weight_decay, o.landmark_weight_decay), o.name, o.lr, o.momentum, tuple(o.betas)
+            param_groups(named, o.weight_decay, o.landmark_weight_decay), o.name, o.lr, o.momentum, tuple(o.betas),
+            o.fused,
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for g in self.optimizer.param_groups:
@@ -155,6 +159,12 @@ class Trainer:
                 )
             ids = [env.device.index] if env.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        # the first step compiles: it and, with compile, the next one (a backward or guard recompile) are untimed
+        self.untimed_steps = 2 if t.compile else 1
+        self._embed = self.task.embed
+        if t.compile:
+            self.net = torch.compile(self.net)
+            self._embed = torch.compile(self.task.embed)
         self.step = 0
         self.micro_batches = 0
         self.nonfinite_steps: list[int] = []
@@ -291,7 +301,7 @@ class Trainer:
             with torch.autocast(self.env.device.type, AMP_DTYPES.get(amp, torch.float32), enabled=amp != "none"):
                 for name, (images, issame, *kps) in self.val_sets.items():
                     kp = kps[0] if kps and self.uses_keypoints else None
-                    r = evaluate_pairs(lambda x, keypoints=None: self.task.embed(x, keypoints).float(), images,
+                    r = evaluate_pairs(lambda x, keypoints=None: self._embed(x, keypoints).float(), images,
                                        issame, batch_size=256, device=self.env.device, keypoints=kp)
                     # the 10-fold threshold on squared distances of unit embeddings, as a cosine: 1 - d / 2
                     results[name] = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"],
@@ -306,7 +316,8 @@ class Trainer:
         t = self.cfg.train
         now = time.perf_counter()
         if not self.budget:
-            self.budget = {"from_step": self.step, "t0": now}
+            if self.step - self.start_step >= self.untimed_steps:
+                self.budget = {"from_step": self.step, "t0": now}
             return
         timed = self.step - self.budget["from_step"]
         if timed < t.budget_timed_steps:
@@ -334,6 +345,7 @@ class Trainer:
         if resumed_from:
             logger.write(f"resumed from {resumed_from} at step {self.step}")
         result = TrainResult(step=self.step, resumed_from=resumed_from)
+        self.start_step, run_t0 = self.step, time.perf_counter()
         amp_dtype = AMP_DTYPES.get(t.amp, torch.float32)
         ckpt_every = t.ckpt_every or self.steps_per_epoch
         stream = self._stream()
@@ -404,6 +416,11 @@ class Trainer:
                 if hasattr(self.task, "after_step"):
                     self.task.after_step(self.step, self.total_steps)
                 self.step += 1
+                first_steps = self.step - self.start_step == self.untimed_steps
+                if first_steps:
+                    # compile and warm-up time, kept apart from every timing (budget); logged with this step
+                    result.first_steps_s = time.perf_counter() - run_t0
+                    record.update(first_steps=self.untimed_steps, first_steps_s=result.first_steps_s)
                 if self.budget_pending:
                     self._time_budget(logger)
                 # the loss and every logged scalar in one all-reduce (one host sync per step)
@@ -414,7 +431,7 @@ class Trainer:
                 result.losses.append(loss_value)
                 record["epoch"] = self.micro_batches / self.batches_per_epoch
                 record["images_per_s"] = logger.progress(self.step, images, loss_value, lr)
-                if self.step % t.log_every == 0 or self.step == self.total_steps or self.step == 1:
+                if self.step % t.log_every == 0 or self.step == self.total_steps or self.step == 1 or first_steps:
                     logger.log(self.step, record)
                 improved = False
                 last = self.step == self.total_steps

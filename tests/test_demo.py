@@ -1,0 +1,144 @@
+"""``lafs demo`` end to end: run folders, the table, and equal steps for the compared arms under an uneven load.
+
+One demo run (module fixture, about 2 minutes) serves every test here: LAFS and DINO pretrainings, then the three
+few-shot finetunes, with one arm of each comparison artificially slowed (its optimizer steps take ten times as long
+on the training loop's clock)."""
+
+import contextlib
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from lafs.cli import main
+from lafs.config import load_config
+from lafs.train.logging import read_metrics
+
+# Seconds one optimizer step of each run takes on the training loop's clock (a virtual clock, so that the step
+# counts do not depend on the load of the machine running the test). One arm of each comparison, not its first, is
+# ten times slower than the others: timed on its own it would train the 6 steps a timing gives at least (1 untimed +
+# 5 timed), where the first arms' timings give 13 (1.68 s / 0.125 s) and 9 (0.6 s / 0.0625 s).
+SECONDS_PER_STEP = {"stage1_supervised": 0.5, "pretrain_lafs": 0.125, "pretrain_dino": 1.25,
+                    "finetune_scratch": 0.0625, "finetune_lafs": 0.625, "finetune_dino": 0.0625}
+SLOWED = ("pretrain_dino", "finetune_lafs")
+PRETRAININGS = ("pretrain_lafs", "pretrain_dino")
+FINETUNES = ("finetune_scratch", "finetune_lafs", "finetune_dino")
+
+
+class Clock:
+    """``time`` as the training loop sees it: ``perf_counter`` is advanced by the optimizer steps."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """``lafs demo --budget-minutes 0.2 --dino --no-lfw`` in this process, every optimizer step of a run advancing
+    the loop's clock by its SECONDS_PER_STEP; (folder, stdout, optimizer steps per run)."""
+    import lafs.train.loop
+    import lafs.train.run
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    real_train, clock, stepped = lafs.train.run.train, Clock(), {}
+
+    def train(cfg, *args, **kwargs):
+        name = Path(cfg.out_dir).name
+        stepped[name] = 0
+
+        def step(optimizer, args, kwargs):
+            stepped[name] += 1
+            clock.now += SECONDS_PER_STEP[name]
+
+        handle = register_optimizer_step_pre_hook(step)
+        try:
+            return real_train(cfg, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(lafs.train.run, "train", train)
+        mp.setattr(lafs.train.loop, "time", clock)
+        rc = main(["demo", "--out", str(out), "--budget-minutes", "0.2", "--dino", "--no-lfw", "--quiet"])
+    assert rc == 0
+    return out, stdout.getvalue(), stepped
+
+
+def _trained_steps(folder: Path) -> int:
+    """What the run folder says it trained: its summary's last step, and its metrics' last logged step."""
+    summary = json.loads((folder / "summary.json").read_text())
+    last = max(r["step"] for r in read_metrics(folder / "metrics.jsonl") if "step" in r)
+    assert summary["step"] == last, folder
+    return summary["step"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_writes_run_folder(demo):
+    out, stdout, _ = demo
+    assert ("| pretraining | pretraining steps | finetune steps | held-out accuracy | AUC | TAR@FAR=1e-2 |"
+            in stdout)
+    for stage in ("stage1_supervised", *PRETRAININGS, *FINETUNES):
+        for name in ("config.yaml", "metrics.jsonl", "checkpoints/MODEL_CARD.md"):
+            assert (out / stage / name).is_file(), (stage, name)
+        assert list((out / stage / "tb").iterdir())
+    # stage 1 trains 32 % of the budget, a finetune 5 %: their first steps are timed, the count follows
+    assert load_config(out / "stage1_supervised" / "config.yaml").train.budget_minutes == pytest.approx(0.064)
+    assert load_config(out / "finetune_scratch" / "config.yaml").train.budget_minutes == pytest.approx(0.01)
+    summary = json.loads((out / "demo.json").read_text())
+    budget = [r for r in read_metrics(out / "stage1_supervised" / "metrics.jsonl") if r["kind"] == "budget"]
+    assert len(budget) == 1 and summary["stages"]["stage1"]["steps"] == budget[0]["steps"] >= 6
+    assert set(summary["results"]) == {"scratch", "lafs", "dino"} and summary["lfw"] is None
+    for r in summary["results"].values():
+        values = [r["accuracy"], r["auc"], *r["tar_at_far"].values()]
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), r
+        assert f"| {100 * r['accuracy']:.2f} +- " in stdout
+    for pic in ("landmarks.png", "roc.png", "attention.png"):
+        assert (out / pic).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_slowed_arm_still_trains_equal_steps(demo):
+    """Issue 18: the first arm of a comparison times its steps, the others train its count, so an arm slowed by
+    load (here: ten times the seconds per step of the others on the loop's clock) trains exactly as many steps as
+    the others, and every run folder says so."""
+    out, stdout, stepped = demo
+    summary = json.loads((out / "demo.json").read_text())
+    for arms in (PRETRAININGS, FINETUNES):
+        steps = {arm: _trained_steps(out / arm) for arm in arms}
+        assert len(set(steps.values())) == 1, steps  # from the run folders themselves
+        first, *others = arms
+        timing = [r for r in read_metrics(out / first / "metrics.jsonl") if r["kind"] == "budget"]
+        assert len(timing) == 1 and timing[0]["steps"] == steps[first]  # the first arm timed its count
+        for arm in others:  # the others were given it: no timing of their own
+            cfg = load_config(out / arm / "config.yaml").train
+            assert cfg.budget_minutes is None and cfg.steps == steps[first], arm
+            assert not [r for r in read_metrics(out / arm / "metrics.jsonl") if r["kind"] == "budget"]
+            assert summary["stages"][arm]["steps_of"] == first
+        for arm in arms:
+            assert summary["stages"][arm]["steps"] == steps[arm]
+    # the first arms' timings gave more steps than a slowed arm's own timing would have (at least 6, 1 + 5 timed)
+    for first, slowed in zip((PRETRAININGS[0], FINETUNES[0]), SLOWED):
+        seconds = 60 * load_config(out / first / "config.yaml").train.budget_minutes
+        assert int(seconds / SECONDS_PER_STEP[slowed]) < 6 < _trained_steps(out / first) == int(
+            seconds / SECONDS_PER_STEP[first])
+    assert {arm: stepped[arm] for arm in (*PRETRAININGS, *FINETUNES)} == {
+        arm: _trained_steps(out / arm) for arm in (*PRETRAININGS, *FINETUNES)}  # the clock saw every step
+    # every compared arm's steps, in demo.json and in the printed table
+    r = summary["results"]
+    n_pre, n_fine = _trained_steps(out / "pretrain_lafs"), _trained_steps(out / "finetune_scratch")
+    assert {a: (v["pretrain_steps"], v["finetune_steps"]) for a, v in r.items()} == {
+        "scratch": (None, n_fine), "lafs": (n_pre, n_fine), "dino": (n_pre, n_fine)}
+    for arm in ("lafs", "dino"):
+        assert f"| {arm} | {n_pre} | {n_fine} | " in stdout
+    assert f"| scratch | - | {n_fine} | " in stdout
