@@ -71,6 +71,7 @@ from torch import nn
 
 from lafs.models.complexity import complexity
 from lafs.models.dropout import stock_dropout
+from lafs.models.precision import cpu_flags as cpu_flag_set
 from lafs.models.part_fvit import sample_patches, sample_patches_loop
 from lafs.models.registry import build_backbone, get_backbone
 
@@ -564,15 +565,11 @@ def format_table(headers: list[str], rows: list[list[str]], right: set[int] | No
 
 def cpu_flags() -> str:
     """The CPU model and the flags that decide bf16 speed (AMX tiles, AVX-512 BF16), from /proc/cpuinfo."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name") and ":" in line),
+                 platform.processor() or platform.machine())
+    flags = cpu_flag_set()  # the same reading that decides where bf16 convolutions run
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
     return f"{model}; flags: " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
 

@@ -21,13 +21,10 @@ import torch
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags of ``/proc/cpuinfo`` (empty where the file does not exist)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and ":" in line:
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags") and ":" in line), "")
+    return frozenset(flags.split())
 
 
 def convs_follow_autocast(device_type: str) -> bool:
