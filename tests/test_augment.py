@@ -8,7 +8,7 @@ import torch
 import lafs.augment.supervised as sup
 from lafs.augment import MIXUP_PRESETS, RANDAUGMENT_OPS, Mixup, SupervisedAugment, rand_augment_op
 
-PRESETS = ("none", "flip", "webface4m", "ms1mv3", "misalign")
+PRESETS = ("none", "flip", "shift", "webface4m", "ms1mv3", "misalign")
 
 
 def _op(images, name, magnitude, sign=1.0):
@@ -293,3 +293,28 @@ def test_runs_on_gpu_deterministically():
     assert a.device == x.device and torch.equal(a, aug(x))
     out, _, _, lam = Mixup(prob=1.0)(x, torch.arange(32, device="cuda"))
     assert out.device == x.device and 0 < lam < 1
+
+
+def test_shift_moves_whole_pixels_replicates_edges_and_keypoints_follow():
+    from lafs.augment.supervised import SupervisedAugment
+
+    torch.manual_seed(3)
+    aug = SupervisedAugment(flip=False, shift=1 / 16)  # 4 px at 64
+    x = torch.full((16, 3, 64, 64), -1.0)
+    x[:, :, 20, 30] = 1.0  # one bright pixel per image, at (x=30, y=20)
+    kp = torch.tensor([[30.0, 20.0]]).repeat(16, 5, 1)
+    y, moved = aug(x, kp)
+    assert set(y.unique().tolist()) <= {-1.0, 1.0}  # stored values only: no resampling
+    for i in range(16):
+        ys, xs = torch.nonzero(y[i, 0] == 1.0, as_tuple=True)
+        assert len(ys) == 1
+        assert (xs.item(), ys.item()) == tuple(moved[i, 0].int().tolist())
+        assert abs(xs.item() - 30) <= 4 and abs(ys.item() - 20) <= 4
+    assert len({tuple(m[0].tolist()) for m in moved}) > 4  # per-image shifts
+    edge = torch.zeros(1, 3, 8, 8)
+    edge[..., 0] = 1.0  # the left column: a right shift replicates it into the gap
+    torch.manual_seed(0)
+    out = SupervisedAugment(flip=False, shift=0.25)(edge)
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match=r"shift must be in \[0, 0.5\)"):
+        SupervisedAugment(shift=0.5)

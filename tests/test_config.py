@@ -72,11 +72,10 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_every_shipped_config_loads_and_builds():
-    from pathlib import Path
-
     from lafs.models import build_backbone
+    from lafs.presets import folder
 
-    files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    files = sorted(folder("configs").rglob("*.yaml"))
     assert files, "no configs shipped"
     for f in files:
         cfg = load_config(f)
@@ -84,8 +83,9 @@ def test_every_shipped_config_loads_and_builds():
 
 
 def test_package_does_not_require_torchvision_or_timm():
-    from importlib.metadata import requires
+    from importlib.metadata import packages_distributions, requires
 
-    reqs = " ".join(requires("lafs") or [])
+    # the distribution that provides `import lafs` (lafs-face; an old development install may still say lafs)
+    reqs = " ".join(requires(packages_distributions()["lafs"][0]) or [])
     assert "torch" in reqs
     assert "torchvision" not in reqs and "timm" not in reqs and "mxnet" not in reqs

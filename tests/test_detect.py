@@ -15,9 +15,9 @@ GREY = np.full((200, 200, 3), 128, np.uint8)
 
 @pytest.fixture
 def detector():
-    pytest.importorskip("dlib", reason='face detector not installed: pip install "lafs[detect]"')
+    pytest.importorskip("dlib", reason='face detector not installed: pip install "lafs-face[detect]"')
     if importlib.util.find_spec("face_recognition_models") is None:
-        pytest.skip('face_recognition_models not installed: pip install "lafs[detect]"')
+        pytest.skip('face_recognition_models not installed: pip install "lafs-face[detect]"')
     return detect
 
 
@@ -72,7 +72,7 @@ def test_missing_package_names_the_pip_command(monkeypatch, missing):
         monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == missing else real(n, *a))
     with pytest.raises(ImportError) as info:
         detect.detect_faces(GREY)
-    assert 'pip install "lafs[detect]"' in str(info.value)
+    assert 'pip install "lafs-face[detect]"' in str(info.value)
 
 
 def test_bad_image_is_rejected_before_loading_anything():

@@ -363,7 +363,9 @@ def test_fixed_steps_stage_trains_a_given_count(tmp_path):
 def test_shipped_grids_expand_and_agree_on_shared_runs(tmp_path):
     """Every grid in experiments/ loads and expands (references checked), and a run name two grids share means the
     same run in both (command line, budget, step count), or one grid would refuse the other's finished run."""
-    folder = Path(__file__).resolve().parents[1] / "experiments"
+    from lafs.presets import folder as preset_folder
+
+    folder = preset_folder("experiments")
     grids = sorted(folder.glob("*.yaml"))
     assert {"fewshot", "lafs-ablation", "kprpe-robustness"} <= {g.stem for g in grids}
     seen, users = {}, {}

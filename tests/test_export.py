@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnx", reason='needs the onnx extra: pip install "lafs[onnx]"')
-ort = pytest.importorskip("onnxruntime", reason='needs the onnx extra: pip install "lafs[onnx]"')
+pytest.importorskip("onnx", reason='needs the onnx extra: pip install "lafs-face[onnx]"')
+ort = pytest.importorskip("onnxruntime", reason='needs the onnx extra: pip install "lafs-face[onnx]"')
 
 import onnx  # noqa: E402
 
@@ -139,5 +139,5 @@ def test_failed_parity_check_names_the_numbers_and_writes_nothing(exported, tmp_
 
 def test_missing_onnxruntime_names_the_extra(exported, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
-    with pytest.raises(ImportError, match=r'pip install "lafs\[onnx\]"'):
+    with pytest.raises(ImportError, match=r'pip install "lafs-face\[onnx\]"'):
         export_onnx(exported["part_fvit"][0], tmp_path / "m.onnx")

@@ -75,7 +75,7 @@ def test_raw_photo_needs_the_detector_or_is_refused(tmp_path, capsys):
 
 @pytest.mark.shared_data
 def test_raw_photo_is_detected_and_aligned(tmp_path, shared_data):
-    pytest.importorskip("dlib", reason='face detector not installed: pip install "lafs[detect]"')
+    pytest.importorskip("dlib", reason='face detector not installed: pip install "lafs-face[detect]"')
     import pickle
 
     with open(shared_data / "lfw" / "lfw_unaligned.bin", "rb") as f:

@@ -197,6 +197,12 @@ def test_micro_run_lowers_loss_without_collapse(tmp_path, landmark_ckpt, method,
     assert loss[-8:].mean() < 0.9 * loss[:4].mean(), loss
     log_k = math.log(256)
     assert (ent[-8:] > 0.05 * log_k).all() and (ent[-8:] < 0.9 * log_k).all(), ent
+    # the learning monitors: both trunks' drift from initialisation, logged at the (final) validation and on the
+    # model card; the EMA teacher (momentum 0.99) trails the student
+    val = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "val"][-1]
+    assert 0 < val["teacher_drift"] < val["student_drift"] < 1, val
+    card = (tmp_path / "checkpoints" / "MODEL_CARD.md").read_text()
+    assert "Drift from initialisation" in card and f"teacher {val['teacher_drift']:.4f}" in card
 
 
 def test_checkpoint_teacher_is_what_finetuning_loads(tmp_path, landmark_ckpt):

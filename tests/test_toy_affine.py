@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("sklearn", reason='the toy affine experiment needs scikit-learn: pip install "lafs[toy]"')
+pytest.importorskip("sklearn", reason='the toy affine experiment needs scikit-learn: pip install "lafs-face[toy]"')
 
 from lafs import toy_affine as T  # noqa: E402
 
@@ -124,7 +124,7 @@ def test_missing_sklearn_names_the_extra(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
-    with pytest.raises(ImportError, match=r'pip install "lafs\[toy\]"'):
+    with pytest.raises(ImportError, match=r'pip install "lafs-face\[toy\]"'):
         T._sklearn_digits()
 
 

@@ -51,6 +51,72 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """k-NN and linear identification of held-out images of labelled records with a frozen model (eval/probe.py),
+    beside the same probes of raw and PCA-whitened pixels."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from .data.datasets import RecordDataset
+    from .eval.floors import PCAWhitening, raw_pixel_embeddings
+    from .eval.probe import probe_features, split_probe_gallery
+    from .eval.verification import embed_images
+    from .io import atomic_write_bytes
+
+    rec = Path(args.data)
+    if not rec.is_file():
+        raise ConfigError(f"--data: {rec} not found (a labelled .rec with its .idx)")
+    kps_path = rec.with_name(rec.stem + "_kps.npy")
+    ds = RecordDataset(rec, keypoints=str(kps_path) if kps_path.is_file() else False)
+    gal, pro = split_probe_gallery(ds.labels, args.identities, args.seed)
+    idx = np.sort(np.concatenate([gal, pro]))
+    images = torch.from_numpy(np.stack([ds._load_chw(int(i)) for i in idx]))
+    labels = ds.labels[idx]
+    ks = tuple(int(k) for k in args.k.split(","))
+    rows = {}
+    if args.model:
+        from .embedder import load_embedder
+
+        embedder = load_embedder(args.model, args.device)
+        kps = ds.keypoints[idx] if ds.keypoints is not None else None
+        seen = _probe_geometry(images, kps, embedder.geometry, rec)
+        feats = embed_images(embedder, seen, batch_size=args.batch_size, device=args.device).numpy()
+        rows[embedder.description] = probe_features(feats, labels, identities=None, seed=args.seed, ks=ks,
+                                                    linear=not args.no_linear)
+    if args.floors or not args.model:
+        rows["raw pixels"] = probe_features(raw_pixel_embeddings(images, args.floor_size), labels, seed=args.seed,
+                                            ks=ks, linear=not args.no_linear)
+        pca = PCAWhitening().fit(images, components=min(args.floor_components, len(images) - 1), size=args.floor_size)
+        rows["PCA-whitened pixels (fitted on these images)"] = probe_features(
+            pca.transform(images), labels, seed=args.seed, ks=ks, linear=not args.no_linear)
+    first = next(iter(rows.values()))
+    print(f"probe: {first['identities']} identities of {rec.name}, {first['gallery']} gallery / training images, "
+          f"one probe each (chance {100 * first['chance']:.2f} %)")
+    cols = [f"knn{k}" for k in ks] + ([] if args.no_linear else ["linear"])
+    width = max(len(n) for n in rows)
+    print(f"{'features':<{width}}  " + "  ".join(f"{c + ' %':>9}" for c in cols))
+    for name, r in rows.items():
+        print(f"{name:<{width}}  " + "  ".join(f"{100 * r[c]:9.2f}" if c in r else f"{'-':>9}" for c in cols))
+    if args.out:
+        out = Path(args.out) / "probe.json"
+        atomic_write_bytes(out, json.dumps({"data": str(rec), "seed": args.seed, "results": rows}, indent=2).encode())
+        print(f"wrote {out}")
+    return 0
+
+
+def _probe_geometry(images, kps, geometry: str | None, rec: Path):
+    """The records brought to the model's training geometry (from their keypoints; else taken as ArcFace)."""
+    from .data.geometry import get_geometry, to_geometry
+
+    if geometry is None:
+        return images
+    out, _, note = to_geometry(images, get_geometry(geometry), kps, name=rec.stem)
+    print(note)
+    return out
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     """Unit-norm embeddings of image files -> .npy (one row per file, in order) + a .txt list of the files."""
     import numpy as np
@@ -86,10 +152,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, format_export  # imported here: torch stays out of `lafs --help`
+    from .export import export_onnx, export_safetensors, format_export, format_safetensors  # torch stays out of --help
 
-    print(format_export(export_onnx(args.checkpoint, args.onnx, opset=args.opset, batch=args.batch,
-                                    check=not args.no_check)))
+    if not (args.onnx or args.safetensors):
+        raise ConfigError("lafs export CHECKPOINT --onnx OUT.onnx and/or --safetensors OUT_DIR")
+    if args.safetensors:
+        print(format_safetensors(export_safetensors(args.checkpoint, args.safetensors)))
+    if args.onnx:
+        print(format_export(export_onnx(args.checkpoint, args.onnx, opset=args.opset, batch=args.batch,
+                                        check=not args.no_check)))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Released weights -> a lafs checkpoint (+ MODEL_CARD.md beside it) that eval / embed / finetune --init take."""
+    from .convert import convert_file
+
+    conv = convert_file(args.src, args.out, args.fmt)
+    print(conv.summary())
+    print(f"wrote {args.out} ({conv.model}-{conv.size}) and {Path(args.out).parent / 'MODEL_CARD.md'}; "
+          f"try: lafs eval {args.out} --sets ../shared/data/lfw/lfw.bin")
     return 0
 
 
@@ -115,7 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    """Run a grid of experiments/NAME.yaml (what is not done yet), then write its tables."""
+    """Run a grid (a packaged experiments/NAME.yaml or a grid file; what is not done yet), then write its tables."""
     from . import experiment as ex
 
     grid = ex.load_grid(ex.find_grid(args.name))
@@ -146,6 +228,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.results:
         print(f"updated {ex.update_section(args.results, grid['name'], md)}")
     return 1 if status["failed"] else 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """The packaged configs and experiment grids: the names ``lafs train`` / ``lafs experiment`` accept."""
+    from .presets import listing
+
+    print(listing())
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -186,7 +276,7 @@ def cmd_train(args: argparse.Namespace, finetune: bool = False, pretrain: bool =
 
     cfg = _train_config(args, finetune)
     if pretrain and cfg.ssl.method == "none":
-        raise ConfigError("lafs pretrain needs ssl.method=dino or ssl.method=lafs (configs/micro/pretrain_*.yaml)")
+        raise ConfigError("lafs pretrain needs ssl.method=dino or ssl.method=lafs (presets micro/pretrain_*)")
     if not pretrain and cfg.ssl.method != "none":
         raise ConfigError(f"ssl.method={cfg.ssl.method} is self-supervised pretraining: run `lafs pretrain`")
     try:
@@ -209,25 +299,45 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return cmd_train(args, pretrain=True)
 
 
+def _prepare_floors(args: argparse.Namespace, set_paths: list[str], model_path, model_hash: str) -> dict | None:
+    """``lafs eval --floors``: fit the PCA floor and build the untrained network before any set is embedded, so a bad
+    ``--floor-fit`` fails fast; prints why a floor cannot be computed. None without ``--floors``."""
+    if not args.floors:
+        return None
+    if not set_paths:
+        raise ConfigError("--floors scores .bin pair sets: give --sets (or --pairs with --embeddings)")
+    from .eval import report
+
+    ctx = report.floor_context(model_path, model_hash, args.floor_fit, color=args.color, size=args.floor_size,
+                               components=args.floor_components, max_images=args.floor_max_images,
+                               device=args.device)
+    for note in ctx["notes"]:
+        print(note)
+    return ctx
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score a model file, or precomputed embeddings, on verification sets, the affine-sensitivity curve, IJB-B/C and
     rank-k identification; tables + eval.json + roc.png / sensitivity.png."""
     import time
-
-    import numpy as np
 
     from .eval import report
 
     thresholds = None if args.thresholds == "reference" else args.thresholds
     flip = not args.no_flip
     results, extra, meta = [], [], {"thresholds": args.thresholds, "flip": flip, "flip_mode": args.flip_mode}
+    floor_ctx, floor_sets, cache = None, [], None
     if args.embeddings:
         if args.model or not args.pairs:
             raise ConfigError("--embeddings EMB.npy goes with --pairs SET.bin (one embedding row per image, in order), "
                               "without a model file")
         from .data.pairs import read_bin
 
-        emb = np.load(args.embeddings)
+        floor_sets = [args.pairs]
+        floor_ctx = _prepare_floors(args, floor_sets, None, "")
+        from .io_safe import load_array
+
+        emb = load_array(args.embeddings, "an N x D embedding array")
         _, issame = read_bin(args.pairs)
         results.append(report.score_pairs(emb, issame, Path(args.pairs).stem, thresholds))
         meta.update(model=f"embeddings {args.embeddings}", flip="as given", flip_mode="as given")
@@ -240,10 +350,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         embedder = load_embedder(args.model, args.device, amp=args.amp, compile=args.compile)
         meta.update(model=embedder.description, model_hash=embedder.file_hash, precision=embedder.precision)
         cache = None if args.no_cache else (args.cache or str(Path.home() / ".cache" / "lafs" / "embeddings"))
-        common = dict(batch_size=args.batch_size, device=args.device, flip=flip, flip_mode=args.flip_mode)
-        for path in args.sets.split(",") if args.sets else []:
+        common = {"batch_size": args.batch_size, "device": args.device, "flip": flip, "flip_mode": args.flip_mode}
+        floor_sets = args.sets.split(",") if args.sets else []
+        for path in floor_sets:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--sets: {path} not found")
+        floor_ctx = _prepare_floors(args, floor_sets, args.model, embedder.file_hash)
+        for path in floor_sets:
             start = time.perf_counter()
             emb, issame, cached = report.set_embeddings(embedder, path, embedder.file_hash, color=args.color,
                                                         cache_dir=cache, keypoints_path=args.keypoints, **common)
@@ -273,14 +386,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
             extra.append(f"{r['name']}: {r['probes']} probes, {r['gallery']} gallery, {r['distractors']} distractors: "
                          + ", ".join(f"rank-{k} {100 * v:.2f} %" for k, v in r["rank"].items()))
             results.append(r)
+    floors = None
+    if floor_ctx is not None:
+        floors = report.floors_report(floor_ctx, floor_sets, color=args.color, flip=flip, flip_mode=args.flip_mode,
+                                      thresholds=thresholds, batch_size=args.batch_size, device=args.device,
+                                      cache_dir=cache, keypoints_path=args.keypoints)
     print(f"model: {meta['model']}; flip test: {meta['flip']} ({meta['flip_mode']}); thresholds: {args.thresholds}")
     pair_results = [r for r in results if "_dist" in r]
     if pair_results:
-        print(report.format_table(pair_results))
+        print(report.format_table(pair_results, floors["sets"] if floors else None))
+    if floors:
+        s = floors["settings"]
+        print("floors (same protocol and flip test): raw pixels at each set's own size; "
+              + (f"PCA-whitened: {s['components']} components of {s['size']} px pixels, fitted on {floors['fit']}; "
+                 if floors["fit"] else "")
+              + (f"untrained net: {floors['untrained']}" if floors["untrained"] else "")
+              + ". A model is only as good as its margin over these rows.")
     for text in extra:
         print(text)
     if args.out:
-        for path in report.write_report(results, args.out, meta):
+        for path in report.write_report(results, args.out, meta, floors):
             print(f"wrote {path}")
     return 0
 
@@ -450,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="run a declarative grid (experiments/NAME.yaml: fewshot, lafs-ablation, "
                        "kprpe-robustness) of ordinary runs over seeds, skipping finished runs, and tabulate it")
-    p.add_argument("name", help="grid name (experiments/NAME.yaml) or a grid .yaml file")
+    p.add_argument("name", help="grid name (a packaged preset, or experiments/NAME.yaml of the working folder) or "
+                   "a grid .yaml file")
     p.add_argument("--budget", type=float, help="training minutes per run, the same for every arm (default: the grid's)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the grid's, 0,1,2)")
     p.add_argument("--out", help="root folder of the runs (default: runs/experiments/budget-<budget>min, shared by "
@@ -460,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", action="store_true", help="only write the tables from the run folders")
     p.add_argument("--results", metavar="FILE.md", help="also replace this grid's section of FILE.md (docs/results.md)")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("presets", help="list the packaged configs (lafs train NAME) and experiment grids "
+                       "(lafs experiment NAME)")
+    p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("demo", help="the LAFS story on synthetic faces: stage 1, LAFS (+ DINO) pretraining, "
                        "few-shot finetune vs scratch, a table and pictures")
@@ -482,14 +612,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (helptext, func) in commands.items():
         p = sub.add_parser(name, help=helptext, description=f"{helptext}. Multi-GPU / multi-node: "
                            f"torchrun --nproc_per_node N -m lafs.cli {name} ...")
-        p.add_argument("config", nargs="?", default=None, help="YAML config (configs/*.yaml)")
+        p.add_argument("config", nargs="?", default=None,
+                       help="YAML config file, or a packaged preset name (micro/supervised_synthetic; lafs presets)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
         p.add_argument("--out", help="run folder (= out_dir=...)")
         p.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="resume from a checkpoint file, or (no value) the run folder's latest")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "finetune":
-            p.add_argument("--init", help="pretrained checkpoint (LAFS/DINO teacher or supervised)")
+            p.add_argument("--init", help="pretrained checkpoint (LAFS/DINO teacher or supervised) or safetensors folder")
             p.add_argument("--landmark-init", help="supervised Part fViT checkpoint for the landmark CNN; alone: "
                            "the few-shot 'scratch' baseline (random ViT, trained CNN)")
         p.set_defaults(func=func)
@@ -497,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="verification accuracy, AUC, EER, TAR@FAR of a model file on .bin sets",
                        description="Score a lafs checkpoint (train/finetune/pretrain), a TorchScript or an ONNX "
                        "embedding model on .bin pair sets, or precomputed embeddings of another framework.")
-    p.add_argument("model", nargs="?", help="checkpoint (.pt), TorchScript or .onnx file")
+    p.add_argument("model", nargs="?", help="checkpoint (.pt), TorchScript, .onnx file or safetensors folder")
     p.add_argument("--sets", help="comma-separated .bin files (LFW, CFP-FP, AgeDB-30, ...)")
     p.add_argument("--embeddings", help="N x D .npy, one row per image of --pairs, in its order")
     p.add_argument("--pairs", help="the .bin whose pairs --embeddings belong to")
@@ -531,19 +662,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (lafs checkpoints; compiles first)")
     p.add_argument("--cache", help="embedding cache folder (default ~/.cache/lafs/embeddings)")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--floors", action="store_true",
+                   help="also score each set's floors (raw pixels, PCA-whitened pixels, the untrained network): "
+                   "rows beside the model's accuracy and a floors block in eval.json")
+    p.add_argument("--floor-fit", metavar="PATH",
+                   help="unlabelled training images for the PCA floor: .rec, image folder, .bin or uint8 "
+                   "N x 3 x H x W .npy, crops in the geometry the model sees (default: the checkpoint run's data.train)")
+    p.add_argument("--floor-size", type=int, default=32, help="PCA floor: area-downsampled to this size (default 32)")
+    p.add_argument("--floor-components", type=int, default=256, help="PCA floor: principal directions (default 256)")
+    p.add_argument("--floor-max-images", type=int, default=20000,
+                   help="PCA floor: at most this many fit images, a seeded subsample (default 20000)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("probe", help="k-NN / linear identification of held-out images with a frozen model",
+                       description="From labelled records, each identity with >= 2 images gives one probe image "
+                       "(seeded); the rest are its gallery (k-NN) or training images (linear). Without a model, "
+                       "or with --floors, raw and PCA-whitened pixels are probed the same way.")
+    p.add_argument("model", nargs="?", help="checkpoint (.pt), TorchScript, .onnx file or safetensors folder")
+    p.add_argument("--data", required=True, help="labelled .rec (identities the model did not train on)")
+    p.add_argument("--identities", type=int, default=1000, help="identities probed, drawn with --seed")
+    p.add_argument("--k", default="1,20", help="comma-separated k of the k-NN (1 = nearest; >1 DINO's vote)")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    p.add_argument("--floors", action="store_true", help="also probe raw and PCA-whitened pixels")
+    p.add_argument("--floor-size", type=int, default=32)
+    p.add_argument("--floor-components", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for probe.json")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("embed", help="unit-norm face embeddings of image files -> .npy",
                        description="Aligned 112x112 crops are embedded as they are; other photos go through the "
                        "optional 5-point detector and alignment (extra detect).")
-    p.add_argument("model", help="checkpoint (.pt), TorchScript or .onnx file")
+    p.add_argument("model", help="checkpoint (.pt), TorchScript, .onnx file or safetensors folder")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("-o", "--out", default="embeddings.npy", help="N x D .npy (+ the file list as .txt)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-flip", action="store_true", help="no flip test")
     p.set_defaults(func=cmd_embed)
     verify_p = sub.add_parser("verify", help="cosine score of two face images and the same/different decision")
-    verify_p.add_argument("model", help="checkpoint (.pt), TorchScript or .onnx file")
+    verify_p.add_argument("model", help="checkpoint (.pt), TorchScript, .onnx file or safetensors folder")
     verify_p.add_argument("image_a")
     verify_p.add_argument("image_b")
     verify_p.add_argument("--threshold", type=float, help="cosine threshold (default: stored with the model)")
@@ -553,14 +712,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: detect + align anything that is not a 112x112 crop")
         q.add_argument("--device", default="cpu")
 
-    p = sub.add_parser("export", help="checkpoint -> ONNX embedding model, checked against onnxruntime (extra onnx)")
+    p = sub.add_parser("export", help="checkpoint -> ONNX embedding model, checked against onnxruntime (extra onnx), "
+                       "and/or a safetensors folder")
     p.add_argument("checkpoint", help="lafs train / finetune / pretrain checkpoint (.pt)")
-    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="output file (written atomically)")
+    p.add_argument("--onnx", metavar="OUT.onnx", help="output file (written atomically)")
+    p.add_argument("--safetensors", metavar="OUT_DIR", help="also or instead: a folder to share the model in, "
+                   "model.safetensors (backbone weights, no pickle) + config.yaml + MODEL_CARD.md")
     p.add_argument("--opset", type=int, default=17,
                    help="ONNX opset (default 17; Part fViT needs >= 16 for GridSample)")
     p.add_argument("--batch", type=int, default=4, help="random batch size of the parity check (default 4)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="released weights (official Part fViT / LAFS, insightface IResNet, CVLface "
+                       "ViT / KP-RPE) -> a lafs checkpoint for eval / embed / finetune --init",
+                       description="Convert a foreign state dict (.pth / .pt / .safetensors) into a lafs checkpoint "
+                       "whose config rebuilds the released network, and write MODEL_CARD.md beside it. The format "
+                       "is detected from the key names; an unknown layout is an error listing its first keys.")
+    p.add_argument("src", help="the released weights file")
+    p.add_argument("-o", "--out", required=True, help="lafs checkpoint to write (.pt)")
+    p.add_argument("--from", dest="fmt", metavar="FORMAT", help="skip detection: part_fvit_official, "
+                   "insightface_iresnet, cvlface_vit or cvlface_vit_kprpe (lafs.convert.FORMATS)")
+    p.set_defaults(func=cmd_convert)
 
     # its options belong to lafs.toy_affine (see `lafs toy-affine --help`); main() hands them over unparsed
     p = sub.add_parser("toy-affine", add_help=False, help="KP-RPE Fig. 1 toy: digits -> affine digits, Abs-PE / RPE "
@@ -588,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keypoints", help="(N, 5, 2) .npy in folder order, copied to <out>_kps.npy")
     p.set_defaults(func=cmd_data_pack)
     p = data.add_parser("detect", help="5-point keypoints of a .bin or image folder with the optional detector "
-                        '(pip install "lafs[detect]") -> <set>_kps.npy')
+                        '(pip install "lafs-face[detect]") -> <set>_kps.npy')
     p.add_argument("input", help=".bin pair file or identity/image folder")
     p.add_argument("-o", "--out", help="default: <set>_kps.npy beside the .bin (the sidecar lafs eval reads)")
     p.add_argument("--color", choices=("rgb", "bgr"), default="rgb", help="channel order the .bin stores")

@@ -21,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data.geometry import GEOMETRIES
 from .io import atomic_write_bytes
 
 
@@ -30,6 +31,13 @@ class ConfigError(ValueError):
 
 def choice(default: Any, choices: tuple, help: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "help": help})
+
+
+def fraction(replaces: tuple[str, ...], help: str = "", length_of: str | None = None) -> Any:
+    """A run-relative schedule key (``lafs.train.schedules``): None, or a fraction of the run's optimizer steps in
+    [0, 1] (one per value of the section's key ``length_of``, for a step schedule) that replaces the epoch/step
+    keys ``replaces`` of the same section. ``check_fractions`` enforces the range and refuses both set."""
+    return field(default=None, metadata={"replaces": replaces, "length_of": length_of, "help": help})
 
 
 @dataclass
@@ -99,6 +107,8 @@ class OptimConfig:
     schedule: str = choice("cosine", ("cosine", "constant"), "after the warm-up, per optimizer step")
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # added to warmup_epochs (handy for step-budgeted runs)
+    # the warm-up as a fraction of the run's optimizer steps (DINO: 10 of 100 epochs = 0.1); replaces both above
+    warmup_fraction: Optional[float] = fraction(("warmup_epochs", "warmup_steps"), "lr warm-up, share of the run")
     min_lr: float = 1e-6
     clip_grad: Optional[float] = None  # max grad norm; None = no clipping (supervised reference)
     clip_mode: str = choice("global", ("global", "per_param"), "per_param: DINO's clip_gradients, each tensor on its own")
@@ -119,6 +129,10 @@ class DataConfig:
     index: Optional[str] = None  # few-shot / subset index file (.npy of positions, `lafs data subset`)
     val: list[str] = field(default_factory=list)  # .bin verification sets evaluated during training
     val_color: str = choice("rgb", ("rgb", "bgr"))
+    # the face geometry of the training crops (lafs.data.geometry): verification sets in another geometry are
+    # brought to it by one similarity per set (from their keypoint sidecar's mean, else the ArcFace template), in
+    # training and in `lafs eval` of the checkpoint. None: sets are only resized to the model's input (no warp)
+    geometry: Optional[str] = choice(None, (None, *GEOMETRIES), "geometry of the training crops")
     num_identities: int = 16  # synthetic
     images_per_identity: int = 8  # synthetic
     val_pairs: int = 200  # synthetic: pairs of held-out identities
@@ -142,7 +156,7 @@ class DataConfig:
 class AugmentConfig:
     """lafs_spec §6.4: "w/ Aug" = webface4m (RandAugment m1, mixup 0.1) / ms1mv3 (m2, mixup 0.2); "w/o Aug" = flip."""
 
-    preset: str = choice("flip", ("none", "flip", "webface4m", "ms1mv3", "misalign"), "misalign: KP-RPE's random similarity (keypoints follow)")
+    preset: str = choice("flip", ("none", "flip", "shift", "webface4m", "ms1mv3", "misalign"), "misalign: KP-RPE's random similarity (keypoints follow)")
     mixup_alpha: Optional[float] = None  # None = the preset's (0.2)
     mixup_prob: Optional[float] = None  # None = the preset's
 
@@ -169,7 +183,20 @@ class TrainConfig:
     ckpt_every: int = 0  # optimizer steps; 0 = at the end of every epoch
     keep_last: int = 2
     max_nonfinite: int = 5  # consecutive non-finite losses that stop the run
-    sync_bn: bool = False  # SyncBatchNorm for the landmark CNN / IResNet under DDP (CUDA)
+    # log each trunk's drift from its start, ||theta - theta_0|| / ||theta_0||, at every validation
+    # (train/monitors.py; one CPU copy of the trunk's weights)
+    monitors: bool = True
+    # the validation set (file stem, e.g. celeba64_val) whose accuracy chooses best.pt; None = the first of
+    # data.val. Model selection on a test set (LFW) would report a tuned number
+    select_on: Optional[str] = None
+    # measure every validation set's floors before the first step (raw pixels, PCA-whitened pixels fitted on the
+    # run's training images, the untrained network: one extra validation), logged and on the model card. Off by
+    # default because of that cost (grids and the demo measure floors once for all their arms); the cpu presets
+    # turn it on
+    floors: bool = False
+    # batch norm over the global batch under DDP (landmark CNN, IResNet), on any backend (train/sync_bn.py): a
+    # multi-process run then normalises as one process with the same global batch does
+    sync_bn: bool = False
 
 
 @dataclass
@@ -186,6 +213,10 @@ class FinetuneConfig:
     landmark: str = choice("c", ("a", "b", "c"), "a: frozen CNN; b: trained freely (released code); c: + beta*MSE (paper)")
     beta_schedule: list[float] = field(default_factory=lambda: [1000.0, 100.0, 1.0, 0.11, 0.0])
     beta_epochs: list[int] = field(default_factory=lambda: [0, 8, 14, 21, 28])
+    # the beta steps as fractions of the run (one per beta_schedule value, from 0, increasing), applied per step;
+    # the reference's epochs 0/8/14/21/28 of its 34 are about [0, 0.235, 0.412, 0.618, 0.824]. Replaces beta_epochs
+    beta_fractions: Optional[list[float]] = fraction(  # noqa: RUF009 (a dataclasses.field whose default is None)
+        ("beta_epochs",), "option c beta steps, shares of the run", length_of="beta_schedule")
 
 
 @dataclass
@@ -208,10 +239,15 @@ class SSLConfig:
     warmup_teacher_temp: Optional[float] = None  # None = the schedule preset's
     teacher_temp: Optional[float] = None
     warmup_teacher_temp_epochs: Optional[int] = None
+    # the temperature warm-up as a fraction of the run, linear per step (DINO: 30 of 100 epochs, about 0.3)
+    warmup_teacher_temp_fraction: Optional[float] = fraction(("warmup_teacher_temp_epochs",),
+                                                             "teacher temperature warm-up, share of the run")
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996  # EMA momentum, cosine to momentum_teacher_end per step
     momentum_teacher_end: float = 1.0
     freeze_last_layer: int = 1  # epochs with the prototype layer's grads cancelled
+    # the frozen-prototype phase as a fraction of the run (DINO: 1 of 100 epochs = 0.01); replaces freeze_last_layer
+    freeze_last_layer_fraction: Optional[float] = fraction(("freeze_last_layer",), "prototype layer frozen, share")
     teacher_mode: str = choice("eval", ("eval", "train"), "train: the reference code's teacher keeps dropout/drop-path")
     num_local: int = 8  # student-only views per image (2 global views + num_local)
     global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # crop area fraction, every LAFS view
@@ -268,6 +304,44 @@ def _check_choices(node: Any, prefix: str = "") -> None:
             raise ConfigError(f"config key '{prefix}{f.name}' is {value!r}; allowed: {allowed}")
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def check_fractions(node: Any, prefix: str = "") -> None:
+    """The run-relative schedule keys (``fraction`` fields): each value in [0, 1], a step schedule's fractions one
+    per value and from 0 up, and never together with a non-default value of an epoch/step key they replace."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            check_fractions(value, f"{prefix}{f.name}.")
+            continue
+        if "replaces" not in f.metadata or value is None:
+            continue
+        key = f"{prefix}{f.name}"
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        # `not 0 <= v <= 1` also catches NaN
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0
+                             for v in values):
+            raise ConfigError(f"config key '{key}' is {value!r}; a fraction of the run must lie in [0, 1]")
+        if f.metadata.get("length_of"):
+            other = f"{prefix}{f.metadata['length_of']}"
+            n = len(getattr(node, f.metadata["length_of"]))
+            if len(values) != n:
+                raise ConfigError(f"config key '{key}' has {len(values)} fractions but '{other}' has {n} values; "
+                                  "give one fraction per value")
+            if values[0] != 0 or values != sorted(values):
+                raise ConfigError(f"config key '{key}' is {value!r}; the fractions must start at 0 and increase")
+        by_name = {g.name: g for g in dataclasses.fields(node)}
+        for name in f.metadata["replaces"]:
+            default = _field_default(by_name[name])
+            if getattr(node, name) != default:
+                raise ConfigError(
+                    f"config keys '{key}' and '{prefix}{name}' are both set ({key}={value!r}, {prefix}{name}="
+                    f"{getattr(node, name)!r}): the fraction replaces '{prefix}{name}'; set only one of them "
+                    f"(leave '{prefix}{name}' at its default {default!r})")
+
+
 def _merge(base: DictConfig, other: Any, source: str, schema: type, key: str = "?") -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -302,12 +376,16 @@ def _parse_yaml(text: str, source: str) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), schema: type = Config,
                 text: str | None = None, source: str = "config text") -> Any:
     """Schema defaults <- YAML file (or ``text``, e.g. the config stored in a checkpoint) <- dotted overrides,
-    validated; returns a ``schema`` instance."""
+    validated; returns a ``schema`` instance.
+
+    ``path`` is a file, or the name of a packaged preset (``micro/supervised_synthetic``, see ``lafs.presets``) so
+    that an installed package finds its presets from any folder; a file on disk wins over a preset of the same name.
+    """
     cfg = OmegaConf.structured(schema)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        from .presets import resolve
+
+        path = resolve(path, "configs")
         cfg = _merge(cfg, _parse_yaml(path.read_text(), f"config file {path}"), f"file {path}", schema)
     if text is not None:
         cfg = _merge(cfg, _parse_yaml(text, source), source, schema)
@@ -319,6 +397,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         cfg = _merge(cfg, nested, f"override '{item}'", schema, key)
     obj = OmegaConf.to_object(cfg)
     _check_choices(obj)
+    check_fractions(obj)
     return obj
 
 

@@ -42,6 +42,12 @@ MODEL = ["model.name=part_fvit", "model.size=micro", "model.dropout=0.0", "model
 # fix its step count on this machine); the rest of the budget is data, evaluation (LFW included) and pictures.
 # Only the first arm of a comparison is timed; the others train its count (equal steps, not equal minutes).
 BUDGET_SHARE = {"stage1": 0.32, "pretrain": 0.14, "finetune": 0.05}
+# The stages' epoch schedules as fractions of their runs (lafs.train.schedules), as in configs/micro: a stage of a
+# few dozen steps would otherwise keep the prototype layer frozen for its first epoch (64 steps of pretraining) and
+# beta at 1000 for its first 8 epochs (32 steps at 2 shots; the reference's epochs 0/8/14/21/28 of 34). The lr
+# warm-ups stay 10 steps: fixed steps are exact while a budgeted arm times its first steps (equal-step arms alike).
+SSL_SCHEDULES = ["ssl.freeze_last_layer_fraction=0.1"]
+BETA_SCHEDULE = "finetune.beta_fractions=[0.0, 0.235, 0.412, 0.618, 0.824]"
 
 
 def _budget(stage: str, budget_minutes: float) -> str:
@@ -93,7 +99,9 @@ def _landmark_picture(stage1_ckpt: Path, seed: int) -> bytes:
     from .viz import landmark_overlay, png_bytes, tile
 
     after, _ = load_backbone(stage1_ckpt)
-    state = torch.load(stage1_ckpt, map_location="cpu", weights_only=False)
+    from .io_safe import load_checkpoint
+
+    state = load_checkpoint(stage1_ckpt)
     cfg = load_config(text=state["config"], source=str(stage1_ckpt))
     torch.manual_seed(cfg.train.seed)  # the run's own initialisation
     before = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides()).eval()
@@ -172,7 +180,7 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
                   "ssl.num_local=4", f"ssl.landmark_init={stage1}", "optim.lr=5e-4", "optim.lr_scale_batch=256",
                   "optim.warmup_steps=10", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4",
                   "optim.clip_grad=3.0", "optim.clip_mode=per_param", "train.batch_size=32",
-                  "train.log_every=10"]
+                  "train.log_every=10", *SSL_SCHEDULES]
     teachers, first = {}, None
     methods = ["lafs"] + (["dino"] if dino else [])
     for method in methods:
@@ -192,7 +200,7 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
     index = save_index(out / f"fewshot_{shots}shot.npy", positions)
     fine = MODEL + _data(IDS_ALL, 0, seed) + [
         f"data.index={index}", "model.drop_path=0.1", "model.token_init=trunc_normal", "head.name=cosface",
-        "optim.lr=1e-3", "optim.warmup_steps=10", "augment.preset=flip", "finetune.landmark=c",
+        "optim.lr=1e-3", "optim.warmup_steps=10", "augment.preset=flip", "finetune.landmark=c", BETA_SCHEDULE,
         "train.batch_size=32", "train.log_every=10"]
     arms = {"scratch": [f"finetune.landmark_init={stage1}"]}
     for method, ckpt in teachers.items():

@@ -8,7 +8,12 @@ Accepted files:
   the model finetuning starts from;
 - a TorchScript module (``torch.jit.save``), called on float B x 3 x H x W in [-1, 1] and returning B x D (or a
   dict with ``embedding``);
-- an ONNX model (``.onnx``, needs onnxruntime), same input and output.
+- an ONNX model (``.onnx``, needs onnxruntime), same input and output;
+- a safetensors model folder (``lafs export CKPT --safetensors DIR``: ``model.safetensors`` + ``config.yaml``), or
+  its ``model.safetensors``: the backbone is rebuilt from ``config.yaml`` and loaded from the safetensors weights.
+
+Checkpoints open with ``weights_only=True`` (:func:`lafs.io_safe.load_checkpoint`): a file holding pickled objects
+other than tensors and plain values is refused (:class:`lafs.io_safe.UnsafeFileError`) before anything in it runs.
 
 The embedding function maps float images in [-1, 1] (any size; resized to the model's input) to B x D. A
 content hash of the file (and the precision, see below) keys the embedding cache of ``lafs eval``.
@@ -20,6 +25,7 @@ A lafs checkpoint can run under bf16 autocast (``amp="bf16"``, fp32 embeddings o
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +33,7 @@ from typing import Callable
 import torch
 
 from .data.datasets import resize_keypoints, to_model_input
+from .io_safe import CONFIG_FILE, SAFETENSORS_FILE, load_checkpoint, read_safetensors_folder, safetensors_folder
 
 
 @dataclass
@@ -45,7 +52,11 @@ class Embedder:
     threshold: float | None = None  # cosine decision threshold stored with the model (its latest validation)
     threshold_source: str = ""
     precision: str = "fp32"  # "bf16" under autocast: part of the embedding cache key
-
+    # the face geometry the model was trained in (its config's data.geometry, lafs.data.geometry): `lafs eval`
+    # brings each verification set to it first
+    geometry: str | None = None
+    # where the weights live, so that lafs.embed / lafs.verify move images there (set by lafs.load)
+    device: str = "cpu"
 
     def __call__(self, x: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
         width = x.shape[-1]
@@ -75,7 +86,9 @@ def _backbone_from_state(path: Path, state: dict, device) -> tuple[torch.nn.Modu
         raise ValueError(f"{path}: a lafs checkpoint without its config; cannot rebuild the model")
     cfg: Config = load_config(text=text, source=f"the config stored in {path}")
     backbone = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides())
-    if isinstance(state.get("teacher"), dict):
+    if isinstance(state.get("backbone"), dict):  # a safetensors folder (_folder_state): the backbone's own keys
+        weights, source = state["backbone"], "model.safetensors"
+    elif isinstance(state.get("teacher"), dict):
         weights, source = state["teacher"], "teacher"
     else:
         prefix = "backbone."
@@ -90,7 +103,8 @@ def _backbone_from_state(path: Path, state: dict, device) -> tuple[torch.nn.Modu
 
 
 def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, str]:
-    """A lafs training, finetuning or pretraining checkpoint -> (its backbone in eval mode, a description).
+    """A lafs training, finetuning or pretraining checkpoint (or a safetensors folder) -> (its backbone in eval
+    mode, a description).
 
     The backbone is rebuilt from the config stored in the checkpoint (see the module docstring for which weights
     are used); it returns ``{"embedding": B x D, ...}``. The description starts with ``name-size`` (e.g.
@@ -98,20 +112,49 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> tuple
     naming it.
     """
     path = Path(path)
+    if safetensors_folder(path) is not None:
+        return _backbone_from_state(path, _folder_state(path), device)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return _backbone_from_state(path, _read_checkpoint(path, "a lafs checkpoint"), device)
 
 
 def _read_checkpoint(path: Path, expected: str) -> dict:
-    """``torch.load`` of a lafs checkpoint; anything else is a ValueError naming the file and what was expected."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"{path}: not {expected} ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or "model" not in state:
+    """A lafs checkpoint, opened ``weights_only`` (:func:`lafs.io_safe.load_checkpoint`): a file with other pickled
+    objects is an ``UnsafeFileError``, anything else a ValueError naming the file and what was expected."""
+    state = load_checkpoint(path, expected)
+    if "model" not in state:
         raise ValueError(f"{path}: not {expected} (no 'model' entry)")
     return state
+
+
+def _folder_state(path: Path) -> dict:
+    """A safetensors folder as the checkpoint entries the loaders read: ``config``, ``backbone`` (the weights),
+    ``step`` and ``val`` (its stored validation, for the verification threshold)."""
+    weights, config, meta, _ = read_safetensors_folder(path)
+    step = meta.get("lafs_step")
+    try:
+        val = json.loads(meta.get("lafs_val") or "{}")
+    except json.JSONDecodeError:
+        val = {}
+    return {"config": config, "backbone": weights, "step": int(step) if step and step.isdigit() else step,
+            "val": val if isinstance(val, dict) else {}}
+
+
+def model_hash(path: str | Path) -> str:
+    """:func:`file_hash` of a model file; of a safetensors folder, of its weights and its config together."""
+    folder = safetensors_folder(path)
+    if folder is None:
+        return file_hash(path)
+    weights = Path(path) if Path(path).is_file() else folder / SAFETENSORS_FILE
+    both = f"{file_hash(weights)}{file_hash(folder / CONFIG_FILE)}"
+    return hashlib.sha256(both.encode()).hexdigest()[:16]
+
+
+def _checkpoint_geometry(path: Path, state: dict) -> str | None:
+    from .config import load_config
+
+    return load_config(text=state["config"], source=f"the config stored in {path}").data.geometry
 
 
 def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, str, bool]:
@@ -143,14 +186,15 @@ def load_embedder(path: str | Path, device: str | torch.device = "cpu", amp: str
     """Open a model file (see the module docstring) as an :class:`Embedder`; ``amp`` / ``compile`` apply to lafs
     checkpoints (TorchScript and ONNX models run as they are)."""
     path = Path(path)
-    if not path.is_file():
+    folder = safetensors_folder(path)
+    if folder is None and not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    digest = file_hash(path)
-    if path.suffix == ".onnx":
+    digest = model_hash(path)
+    if folder is None and path.suffix == ".onnx":
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ValueError(f'{path}: ONNX models need onnxruntime (pip install "lafs[onnx]")') from None
+            raise ValueError(f'{path}: ONNX models need onnxruntime (pip install "lafs-face[onnx]")') from None
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         meta = session.get_modelmeta().custom_metadata_map  # lafs_model, img_size, ... from lafs.export
         inputs = session.get_inputs()
@@ -173,10 +217,12 @@ def load_embedder(path: str | Path, device: str | torch.device = "cpu", amp: str
         desc = f"ONNX {path.name}" + (f" ({meta['lafs_model']})" if meta.get("lafs_model") else "")
         threshold = float(meta["lafs_threshold"]) if meta.get("lafs_threshold") else None
         return Embedder(run, size, desc, digest, kp_inp is not None, threshold, meta.get("lafs_threshold_source", ""))
-    try:
-        module = torch.jit.load(str(path), map_location=device)
-    except RuntimeError:
-        module = None
+    module = None
+    if folder is None:
+        try:
+            module = torch.jit.load(str(path), map_location=device)
+        except RuntimeError:
+            module = None
     if module is not None:
         module.eval()
 
@@ -185,13 +231,15 @@ def load_embedder(path: str | Path, device: str | torch.device = "cpu", amp: str
             return out["embedding"] if isinstance(out, dict) else out
 
         return Embedder(run_script, getattr(module, "img_size", None), f"TorchScript {path.name}", digest)
-    state = _read_checkpoint(path, "a lafs checkpoint, TorchScript or ONNX model")
+    state = _folder_state(path) if folder is not None else _read_checkpoint(
+        path, "a lafs checkpoint, TorchScript or ONNX model")
     fn, size, desc, uses_keypoints = _from_checkpoint(path, state, device)
     threshold, source = stored_threshold(state)
     if amp != "none" or compile:
         fn = _fast(fn, device, amp, compile)
         desc += "".join(f" [{t}]" for t in ((amp,) if amp != "none" else ()) + (("compiled",) if compile else ()))
-    return Embedder(fn, size, desc, digest, uses_keypoints, threshold, source, "fp32" if amp == "none" else amp)
+    return Embedder(fn, size, desc, digest, uses_keypoints, threshold, source, "fp32" if amp == "none" else amp,
+                    _checkpoint_geometry(path, state))
 
 
 def stored_threshold(state: dict) -> tuple[float | None, str]:

@@ -1,6 +1,6 @@
 """``lafs experiment NAME``: declarative grids of ordinary CLI runs, and their tables (the papers' orderings).
 
-A grid is a YAML file (``experiments/NAME.yaml``) of **stages**. A stage is a run-name template, a ``lafs`` command
+A grid is a YAML file (``experiments/NAME.yaml``, packaged in ``lafs/presets``) of **stages**. A stage is a run-name template, a ``lafs`` command
 line template and **axes**; it expands over its axes x the seeds into runs, each in its own folder
 ``<root>/<run name>/``. Templates use ``{seed}``, ``{out}`` (the run's folder) and the axis names; an axis given as a
 mapping adds its value's arguments to the command line. ``@run`` in an argument is that run's checkpoint
@@ -49,7 +49,6 @@ from .io import atomic_write_bytes
 
 TRAINING = ("train", "pretrain", "finetune")
 REF = re.compile(r"@([A-Za-z0-9_.\-]+)(/[A-Za-z0-9_.\-/]+)?")
-SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -73,18 +72,15 @@ class Run:
 
 # ------------------------------------------------------------------------------------------------ grid files
 def find_grid(name: str) -> Path:
-    """``NAME`` -> ``experiments/NAME.yaml`` (working folder, then the source tree), or a path to a YAML file."""
+    """``NAME`` -> ``experiments/NAME.yaml`` of the working folder (a local grid), else the packaged grid of that
+    name (``lafs.presets``); a path to a YAML file that exists is used as it is. Unknown: a ConfigError naming the
+    closest grids."""
+    from .presets import resolve
+
     path = Path(name)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"experiment grid not found: {path}")
-        return path
-    for base in (Path("experiments"), SOURCE_ROOT / "experiments"):
-        if (base / f"{name}.yaml").is_file():
-            return base / f"{name}.yaml"
-    known = sorted(p.stem for base in (Path("experiments"), SOURCE_ROOT / "experiments") if base.is_dir()
-                   for p in base.glob("*.yaml"))
-    raise ConfigError(f"no experiment grid named {name!r}; known: {', '.join(dict.fromkeys(known)) or 'none'}")
+    if path.suffix not in (".yaml", ".yml") and (Path("experiments") / f"{name}.yaml").is_file():
+        return Path("experiments") / f"{name}.yaml"
+    return resolve(name, "experiments")
 
 
 def load_grid(path: str | Path) -> dict:

@@ -41,7 +41,13 @@ transposed attention output in its decomposition, torch 2.13). The TorchScript e
 the requested opset with parity about 1e-6; its tracer warnings (input-size checks and grid constants recorded as
 constants, which is right for a fixed input size) are silenced.
 
-Needs the ``onnx`` extra: ``pip install "lafs[onnx]"`` (onnx, onnxruntime).
+Needs the ``onnx`` extra: ``pip install "lafs-face[onnx]"`` (onnx, onnxruntime).
+
+:func:`export_safetensors` (``lafs export CKPT --safetensors DIR``) writes the same backbone as a hub-style folder
+for sharing: ``model.safetensors`` (the backbone's weights, nothing else: raw tensors behind a JSON header, no
+pickle, so opening it cannot run code), ``config.yaml`` (the run config the backbone is rebuilt from) and
+``MODEL_CARD.md`` (the run's card when it sits beside the checkpoint, with a note on what was exported; else a short
+one). ``lafs eval / embed / verify``, ``load_embedder`` / ``load_backbone`` and ``finetune --init`` open the folder.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .embedder import file_hash, load_backbone, stored_threshold
+from .embedder import file_hash, load_backbone, model_hash, stored_threshold
 
 RELATIVE_TOLERANCE = 1e-3  # of max(1, largest |embedding| value); see the module docstring
 MIN_COSINE = 0.9999
@@ -83,13 +89,13 @@ def _require(check: bool):
     try:
         import onnx
     except ImportError:
-        raise ImportError('ONNX export needs the onnx package: pip install "lafs[onnx]"') from None
+        raise ImportError('ONNX export needs the onnx package: pip install "lafs-face[onnx]"') from None
     if not check:
         return onnx, None
     try:
         import onnxruntime
     except ImportError:
-        raise ImportError('the ONNX parity check needs onnxruntime: pip install "lafs[onnx]" '
+        raise ImportError('the ONNX parity check needs onnxruntime: pip install "lafs-face[onnx]" '
                           "(or export with check=False / --no-check)") from None
     return onnx, onnxruntime
 
@@ -108,11 +114,14 @@ def random_inputs(img_size: int, batch: int, keypoints: bool, seed: int = SEED) 
 
 def _checkpoint_threshold(path: Path) -> tuple[float | None, str]:
     """The stored cosine threshold, without reading the weights again (memory-mapped; None when unreadable)."""
+    from .embedder import _folder_state
+    from .io_safe import load_checkpoint, safetensors_folder
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
+        state = _folder_state(path) if safetensors_folder(path) else load_checkpoint(path, mmap=True)
+    except (ValueError, OSError):
         return None, ""
-    return stored_threshold(state) if isinstance(state, dict) else (None, "")
+    return stored_threshold(state)
 
 
 def _torch_export(wrapper: nn.Module, args: tuple[Tensor, ...], names: list[str], opset: int) -> bytes:
@@ -192,7 +201,7 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, opset: int = 17, b
         "lafs_model": name,
         "img_size": str(img_size),
         "uses_keypoints": "true" if uses_keypoints else "false",
-        "lafs_checkpoint_sha256": file_hash(checkpoint),
+        "lafs_checkpoint_sha256": model_hash(checkpoint),
         "lafs_description": description,
         "lafs_input": INPUT_CONTRACT,
     }
@@ -248,3 +257,97 @@ def format_export(result: dict) -> str:
     return line + (f"\nparity vs torch on {result['check_batch']} random inputs (onnxruntime CPU): max abs diff "
                    f"{result['max_abs_diff']:.2e} (tolerance {result['tolerance']:.1e}), min cosine "
                    f"{result['min_cosine']:.8f}")
+
+
+def _short_card(name: str, checkpoint: Path, meta: dict[str, str]) -> str:
+    """The card of a run without one beside its checkpoint: what the weights are and how to open them."""
+    lines = [
+        f"# {name} (lafs face embedding model)", "",
+        (f"Backbone weights exported from `{checkpoint.name}` (step {meta.get('lafs_step', '?')}, checkpoint "
+         f"sha256 {meta['lafs_checkpoint_sha256']}...): {meta['lafs_description']}."), "",
+        f"- input: {INPUT_CONTRACT}",
+        (f"- input size: {meta['img_size']} px; embedding size: {meta.get('embedding_size', '?')}; uses keypoints: "
+         f"{meta['uses_keypoints']}"),
+    ]
+    if meta.get("lafs_threshold"):
+        lines.append(f"- cosine verification threshold: {float(meta['lafs_threshold']):.4f} "
+                     f"({meta.get('lafs_threshold_source', '')})")
+    lines += ["", ("Open with `lafs eval / embed / verify FOLDER`, `lafs.embedder.load_embedder(FOLDER)` or "
+                   "`lafs finetune --init FOLDER`; `config.yaml` is the run config the backbone is rebuilt from."), ""]
+    return "\n".join(lines)
+
+
+def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> dict:
+    """The backbone of a lafs ``checkpoint`` -> ``out_dir/{model.safetensors, config.yaml, MODEL_CARD.md}``.
+
+    The backbone is rebuilt and loaded exactly as ``lafs eval`` would (the teacher of a pretraining checkpoint),
+    and its own state dict is written: the folder embeds like the checkpoint. Metadata of the safetensors file:
+    ``lafs_format``, ``lafs_model``, ``lafs_description``, ``lafs_step``, ``img_size``, ``embedding_size``,
+    ``uses_keypoints``, ``lafs_checkpoint`` and ``lafs_checkpoint_sha256``, and with a stored validation
+    ``lafs_val`` (JSON; ``lafs verify``'s threshold) and ``lafs_threshold`` / ``lafs_threshold_source``. Each file
+    is written atomically. Returns ``path``, ``files``, ``tensors``, ``bytes``, ``model``, ``description``,
+    ``threshold``, ``card`` ("copied" or "written").
+    """
+    import json
+
+    from .embedder import _backbone_from_state, _read_checkpoint
+    from .io import atomic_write_bytes
+    from .io_safe import CARD_FILE, CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_FORMAT
+
+    try:
+        from safetensors.torch import save as safetensors_bytes
+    except ImportError:
+        raise ImportError("safetensors export needs the safetensors package: pip install safetensors") from None
+    checkpoint, out = Path(checkpoint), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: --safetensors needs a folder (model.safetensors, config.yaml, MODEL_CARD.md "
+                         "are written into it)")
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    state = _read_checkpoint(checkpoint, "a lafs checkpoint")
+    backbone, description = _backbone_from_state(checkpoint, state, "cpu")
+    name = description.split(" ", 1)[0]
+    # fresh contiguous copies: safetensors refuses tensors that share memory
+    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
+    embedding_size = getattr(backbone, "embedding_size", None)
+    meta = {
+        "lafs_format": SAFETENSORS_FORMAT, "lafs_model": name, "lafs_description": description,
+        "lafs_step": str(state.get("step")), "img_size": str(int(backbone.img_size)),
+        "uses_keypoints": "true" if getattr(backbone, "uses_keypoints", False) else "false",
+        "lafs_checkpoint": checkpoint.name, "lafs_checkpoint_sha256": file_hash(checkpoint),
+    }
+    if embedding_size is not None:
+        meta["embedding_size"] = str(int(embedding_size))
+    threshold, source = stored_threshold(state)
+    if state.get("val"):
+        try:
+            meta["lafs_val"] = json.dumps(state["val"])
+        except (TypeError, ValueError):
+            pass  # not plain JSON: the threshold below still travels
+    if threshold is not None:
+        meta["lafs_threshold"], meta["lafs_threshold_source"] = repr(threshold), source
+    data = safetensors_bytes(weights, metadata=meta)
+
+    card_path = checkpoint.parent / CARD_FILE
+    if card_path.is_file():
+        card = card_path.read_text().rstrip() + (
+            f"\n\n## Export\n\n`{SAFETENSORS_FILE}` holds the backbone of `{checkpoint.name}` (step "
+            f"{meta['lafs_step']}): {description}; `{CONFIG_FILE}` is its run config. The card above was written by "
+            "the run for its latest checkpoint.\n")
+        card_how = "copied"
+    else:
+        card, card_how = _short_card(name, checkpoint, meta), "written"
+    files = [atomic_write_bytes(out / SAFETENSORS_FILE, data),
+             atomic_write_bytes(out / CONFIG_FILE, state["config"].encode()),
+             atomic_write_bytes(out / CARD_FILE, card.encode())]
+    return {"path": str(out), "files": [str(f) for f in files], "tensors": len(weights), "bytes": len(data),
+            "model": name, "description": description, "threshold": threshold, "card": card_how}
+
+
+def format_safetensors(result: dict) -> str:
+    """The line ``lafs export --safetensors`` prints."""
+    line = (f"wrote {result['path']}/: model.safetensors ({result['tensors']} tensors, {result['bytes'] / 1e6:.2f} "
+            f"MB, {result['description']}), config.yaml, MODEL_CARD.md ({result['card']})")
+    if result["threshold"] is not None:
+        line += f"; stored verification threshold {result['threshold']:.4f} (cosine) kept in the metadata"
+    return line

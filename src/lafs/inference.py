@@ -36,7 +36,7 @@ def load_face(path: str | Path, detect: str = "auto") -> tuple[np.ndarray, np.nd
     if detect == "never" or (detect == "auto" and aligned_size):
         if not aligned_size:
             raise ValueError(f"{path}: {img.shape[1]}x{img.shape[0]} is not an aligned {ALIGNED_SIZE}x{ALIGNED_SIZE} "
-                             f"face; use --detect auto (needs pip install \"lafs[detect]\")")
+                             f"face; use --detect auto (needs the detect extra: pip install \"lafs-face[detect]\")")
         return img, template(ALIGNED_SIZE), False
     from .data.detect import detect_keypoints
 
@@ -45,24 +45,60 @@ def load_face(path: str | Path, detect: str = "auto") -> tuple[np.ndarray, np.nd
     return aligned, align_keypoints(kps, m), True
 
 
-def embed_files(embedder, paths, detect: str = "auto", batch_size: int = 64, flip: bool = True,
+def embed_crops(embedder, images: torch.Tensor, keypoints=None, batch_size: int = 64, flip: bool = True,
                 device="cpu") -> np.ndarray:
-    """Unit-norm embeddings (N x D float32) of image files, in order (flip-test sum, then L2 normalisation)."""
+    """Unit-norm embeddings (N x D float32) of aligned face crops, uint8 N x 3 x H x W RGB (flip-test sum, then L2
+    normalisation), the one path that files, arrays and tensors take (``lafs embed``, ``lafs.embed``).
+
+    A keypoint model (``uses_keypoints``) gets ``keypoints`` (N x 5 x 2 pixels of ``images``) or, without them, the
+    ArcFace template at the crops' size: an aligned crop's keypoints are the template's by construction.
+    """
+    if getattr(embedder, "uses_keypoints", False):
+        if keypoints is None:
+            if images.shape[-1] != images.shape[-2]:
+                raise ValueError(f"{images.shape[-1]}x{images.shape[-2]} crops: a keypoint model needs square aligned "
+                                 "crops, or their keypoints")
+            keypoints = np.repeat(template(int(images.shape[-1]))[None], len(images), axis=0)
+    else:
+        keypoints = None
+    if getattr(embedder, "geometry", None) is not None:
+        # aligned crops are in the ArcFace geometry (or their keypoints say where the face is): bring them to the
+        # geometry the model was trained in, as lafs eval does for its sets (lafs.data.geometry)
+        from .data.geometry import get_geometry, to_geometry
+
+        images, moved, _ = to_geometry(images, get_geometry(embedder.geometry), keypoints, name="crops")
+        keypoints = moved if keypoints is not None else None
+    emb = embed_images(embedder, images, batch_size=batch_size, device=device, flip=flip, keypoints=keypoints)
+    return torch.nn.functional.normalize(emb.double(), dim=1).float().numpy()
+
+
+def load_faces(paths, detect: str = "auto") -> tuple[torch.Tensor, np.ndarray]:
+    """Image files -> (aligned uint8 N x 3 x 112 x 112 RGB, their keypoints N x 5 x 2), in order (``load_face``)."""
     faces = [load_face(p, detect) for p in paths]
     if not faces:
         raise ValueError("no images given")
     images = torch.from_numpy(np.stack([f[0] for f in faces])).permute(0, 3, 1, 2).contiguous()
-    kps = np.stack([f[1] for f in faces]) if getattr(embedder, "uses_keypoints", False) else None
-    emb = embed_images(embedder, images, batch_size=batch_size, device=device, flip=flip, keypoints=kps)
-    return torch.nn.functional.normalize(emb.double(), dim=1).float().numpy()
+    return images, np.stack([f[1] for f in faces])
 
 
-def verify(embedder, a: str | Path, b: str | Path, threshold: float | None = None, detect: str = "auto") -> dict:
-    """Cosine similarity of two face images and the decision at ``threshold`` (default: the model's stored one)."""
-    emb = embed_files(embedder, [a, b], detect)
-    score = float(emb[0] @ emb[1])
+def embed_files(embedder, paths, detect: str = "auto", batch_size: int = 64, flip: bool = True,
+                device="cpu") -> np.ndarray:
+    """Unit-norm embeddings (N x D float32) of image files, in order (flip-test sum, then L2 normalisation)."""
+    images, kps = load_faces(paths, detect)
+    return embed_crops(embedder, images, kps, batch_size=batch_size, flip=flip, device=device)
+
+
+def decide(embedder, score: float, threshold: float | None = None) -> dict:
+    """A pair's cosine ``score`` and the same/different decision at ``threshold`` (default: the model's stored one;
+    ``same`` is None when there is none)."""
     source = "given"
     if threshold is None:
         threshold, source = getattr(embedder, "threshold", None), getattr(embedder, "threshold_source", "")
     return {"score": score, "threshold": threshold, "threshold_source": source,
             "same": None if threshold is None else bool(score >= threshold)}
+
+
+def verify(embedder, a: str | Path, b: str | Path, threshold: float | None = None, detect: str = "auto") -> dict:
+    """Cosine similarity of two face images and the decision at ``threshold`` (default: the model's stored one)."""
+    emb = embed_files(embedder, [a, b], detect)
+    return decide(embedder, float(emb[0] @ emb[1]), threshold)

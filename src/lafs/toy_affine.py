@@ -114,7 +114,7 @@ def _sklearn_digits():
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # optional extra
-        raise ImportError('the toy affine experiment needs scikit-learn: pip install "lafs[toy]"') from e
+        raise ImportError('the toy affine experiment needs scikit-learn: pip install "lafs-face[toy]"') from e
     return load_digits()
 
 

@@ -51,13 +51,16 @@ _ENHANCE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "Sharpness": KE.sharpness,  # PIL: blend with the 3x3 smoothed image, border kept
 }
 # timm's mixup_my settings per dataset preset: (alpha, probability). Beta(alpha, alpha) weights, batch mode.
-MIXUP_PRESETS = {"none": (0.2, 0.0), "flip": (0.2, 0.0), "webface4m": (0.2, 0.1), "ms1mv3": (0.2, 0.2),
-                 "misalign": (0.2, 0.0)}
+MIXUP_PRESETS = {"none": (0.2, 0.0), "flip": (0.2, 0.0), "shift": (0.2, 0.0), "webface4m": (0.2, 0.1),
+                 "ms1mv3": (0.2, 0.2), "misalign": (0.2, 0.0)}
 
 _W_AUG = dict(randaugment_ops=2, resized_crop_scale=(0.9, 1.0), color_jitter=0.1, erasing_prob=0.5)
 _PRESETS: dict[str, dict] = {
     "none": dict(flip=False),
     "flip": {},
+    # flip + whole-pixel shifts up to 1/16 of the side (4 px at 64), edges replicated: the small-data CPU recipes
+    # (configs/cpu), where 56k faces are seen a dozen times and a fixed crop is memorised
+    "shift": dict(shift=1 / 16),
     "webface4m": dict(_W_AUG, randaugment_magnitude=1.0),
     "ms1mv3": dict(_W_AUG, randaugment_magnitude=2.0),
     # KP-RPE training (CVLface gridsample_v1, kprpe_spec §3.3): deliberately misaligned faces whose keypoints follow
@@ -195,8 +198,12 @@ class SupervisedAugment(nn.Module):
         affine_rotate: float = 0.0,
         affine_rotate_prob: float = 0.0,
         affine_translate: float = 0.0,
+        shift: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0 <= shift < 0.5:
+            raise ValueError(f"shift must be in [0, 0.5) of the side, got {shift}")
+        self.shift = shift
         if not 0 <= color_jitter <= 0.5:  # torchvision's hue bound; beyond it the hue shift wraps around
             raise ValueError(f"color_jitter must be in [0, 0.5], got {color_jitter}")
         self.flip = flip
@@ -222,7 +229,7 @@ class SupervisedAugment(nn.Module):
     def extra_repr(self) -> str:
         keys = ("flip", "randaugment_ops", "randaugment_magnitude", "randaugment_magnitude_std", "randaugment_prob",
                 "resized_crop_scale", "color_jitter", "erasing_prob", "erasing_scale", "affine_scale",
-                "affine_rotate", "affine_rotate_prob", "affine_translate")  # fmt: skip
+                "affine_rotate", "affine_rotate_prob", "affine_translate", "shift")  # fmt: skip
         return ", ".join(f"{k}={getattr(self, k)}" for k in keys)
 
     @torch.no_grad()
@@ -236,6 +243,8 @@ class SupervisedAugment(nn.Module):
             images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
             if kp is not None:
                 kp = torch.where(flipped.view(-1, 1, 1), flip_keypoints(kp, images.shape[-1]), kp)
+        if self.shift > 0:
+            images, kp = self._shift(images, kp)
         ra = self.randaugment_ops > 0 and self.randaugment_prob > 0
         if not (ra or self.resized_crop_scale or self.color_jitter > 0 or self.erasing_prob > 0 or self.affine_scale):
             return images if kp is None else (images, kp)
@@ -252,6 +261,24 @@ class SupervisedAugment(nn.Module):
             x = self._erase(x)
         x = x.mul_(2).sub_(1).to(images.dtype)  # x is this call's own tensor
         return x if kp is None else (x, kp)
+
+    def _shift(self, x: Tensor, kp: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Each image moved by whole pixels, dx, dy uniform in [-s, s] with s = round(shift x side), the edge pixels
+        replicated into the gap: no resampling blur, so the pixels are the stored ones."""
+        b, c, h, w = x.shape
+        s = round(self.shift * min(h, w))
+        if s == 0:
+            return x, kp
+        dev = x.device
+        d = torch.randint(0, 2 * s + 1, (2, b), device=dev)  # offsets into the padded image: s = no shift
+        padded = F.pad(x.float(), (s, s, s, s), mode="replicate").to(x.dtype)
+        rows = (d[1, :, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (d[0, :, None] + torch.arange(w, device=dev))[:, None, None, :]
+        out = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                     rows, cols]
+        if kp is not None:  # content at padded (r, c) lands at (r - d): points move by s - d
+            kp = kp + (s - d).T[:, None, :].to(kp.dtype)
+        return out, kp
 
     def _rand_augment(self, x: Tensor, kp: Tensor | None = None) -> Tensor:
         b, dev = len(x), x.device

@@ -94,7 +94,9 @@ def encode_image(rgb: np.ndarray, quality: int = 95, color: str = "rgb") -> byte
 
 
 def load_keypoints(path: str | Path, count: int) -> np.ndarray:
-    kps = np.load(path)
+    from ..io_safe import load_array
+
+    kps = load_array(path, "a keypoint array")
     if kps.ndim != 3 or kps.shape[0] != count or kps.shape[2] != 2:
         raise ValueError(f"{path}: keypoints of shape {kps.shape}, expected ({count}, K, 2) for {count} images")
     return kps.astype(np.float32)

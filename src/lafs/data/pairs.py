@@ -2,7 +2,9 @@
 
 A ``.bin`` is ``pickle((list of encoded images, list of issame bools))``; images 2k and 2k+1 form pair k
 (ecosystem.md §4; insightface ``eval/verification.py:load_bin``). Image entries may be ``bytes`` or numpy
-uint8 buffers (older files); both are accepted and returned as ``bytes``. Writing is atomic.
+uint8 buffers (older files); both are accepted and returned as ``bytes``. Reading admits nothing else (a restricted
+unpickler, :func:`lafs.io_safe.load_bin_pickle`: a file naming any other Python global is refused unopened).
+Writing is atomic.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_write
+from ..io_safe import UnsafeFileError, load_bin_pickle
 
 
 def _as_bytes(item, path, i: int) -> bytes:
@@ -30,9 +33,12 @@ def read_bin(path: str | Path) -> tuple[list[bytes], np.ndarray]:
     """(encoded images, issame bool array of length len(images) / 2)."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            obj = pickle.load(fh, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        # never pickle.load: a .bin from elsewhere could name any callable; this unpickler admits only bytes,
+        # lists, tuples, bools and uint8/bool numpy arrays (lafs.io_safe)
+        obj = load_bin_pickle(path)
+    except UnsafeFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as err:
         raise ValueError(f"{path}: not a .bin verification file ({err})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise ValueError(f"{path}: expected a pickled (images, issame) pair, got {type(obj).__name__}")

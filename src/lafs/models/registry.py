@@ -7,7 +7,8 @@ Presets (the paper code's values, lafs_spec §1.4 and §2):
   have none). ``micro`` = 56 x 56 input, 49 landmarks, a half-width landmark CNN and a 96-d, 2-layer
   encoder: it trains on a laptop CPU in minutes, for tests and the demo.
 - ``fvit``: the grid-patch baseline with the same encoder sizes (fViT-B = 64.08 M).
-- ``iresnet``: IResNet-18/50/100 (insightface layout, 512-d), plus a ``micro`` for CPU tests.
+- ``iresnet``: IResNet-18/50/100 (insightface layout, 512-d), plus a ``micro`` for CPU tests and a ``mini``
+  (IResNet-18 at half width, 64 px, 256-d) for the CPU recipes on real faces.
 
 Every config option that a backbone does not take is an error naming it, so a typo never goes unnoticed.
 """
@@ -95,6 +96,9 @@ IRPE_DEFAULTS = dict(rpe="irpe", rpe_mode="ctx", rpe_on="qkv", rpe_shared_head=T
 KPRPE_DEFAULTS = dict(rpe="kprpe", kprpe_variant="multihead", num_keypoints=5, rpe_ratio=1.9)
 IRESNET_SIZES: dict[str, dict[str, Any]] = {
     "micro": dict(depth=18, width=16, img_size=56, embedding_size=128),
+    # the CPU recipes' model (configs/cpu): IResNet-18 at half width on 64 px crops, 3.8 M parameters, about
+    # 120 training images/s on 2 cores (fp32, batch 128)
+    "mini": dict(depth=18, width=32, img_size=64, embedding_size=256),
     "r18": dict(depth=18, img_size=112),
     "r50": dict(depth=50, img_size=112),
     "r100": dict(depth=100, img_size=112),

@@ -12,11 +12,12 @@ from lafs.ssl.dino import (
     teacher_entropy,
     teacher_student_kl,
     teacher_temp_at,
+    teacher_temp_at_step,
     weight_decay_at,
 )
 
 __all__ = [
     "TEACHER_TEMP_PRESETS", "DINOHead", "DINOLoss", "cancel_last_layer_grads", "clip_gradients_per_param",
     "ema_update", "mean_entropy", "momentum_at", "teacher_entropy", "teacher_student_kl", "teacher_temp_at",
-    "weight_decay_at",
+    "teacher_temp_at_step", "weight_decay_at",
 ]

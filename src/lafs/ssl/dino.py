@@ -9,7 +9,9 @@ its released code (``main_dino.py``, ``utils.py``, ``vision_transformer.DINOHead
 - ``DINOLoss``: cross-entropy between the centred, sharpened teacher distribution of each global view and the
   student distribution of every *other* view, plus the EMA centre update (after the loss, all-reduced).
 - Pure per-iteration / per-epoch schedules (teacher temperature, EMA momentum, weight decay), like
-  ``lafs.train.optim.lr_at``, so resuming needs only the step.
+  ``lafs.train.optim.lr_at``, so resuming needs only the step. The momentum and weight-decay cosines span the
+  whole run per iteration (as DINO's ``cosine_scheduler``); the temperature warm-up and the frozen prototype
+  layer are per epoch as in DINO, or per step when given as fractions of the run (``lafs.train.schedules``).
 - ``ema_update`` (teacher <- student, parameters only), ``clip_gradients_per_param`` (DINO ``clip_gradients``) and
   ``cancel_last_layer_grads`` (DINO ``cancel_gradients_last_layer``).
 - Collapse diagnostics: mean entropy of the teacher's centred, sharpened distribution (~0: one-hot collapse,
@@ -32,7 +34,8 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 __all__ = [
-    "TEACHER_TEMP_PRESETS", "DINOHead", "DINOLoss", "teacher_temp_at", "momentum_at", "weight_decay_at",
+    "TEACHER_TEMP_PRESETS", "DINOHead", "DINOLoss", "teacher_temp_at", "teacher_temp_at_step", "momentum_at",
+    "weight_decay_at",
     "ema_update", "clip_gradients_per_param", "cancel_last_layer_grads", "teacher_entropy", "teacher_entropy_tensor",
     "mean_entropy",
     "teacher_student_kl",
@@ -227,6 +230,23 @@ def teacher_temp_at(epoch: int, warmup_teacher_temp: float, teacher_temp: float,
     return float(warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * epoch / (warmup_epochs - 1))
 
 
+def teacher_temp_at_step(step: int, warmup_teacher_temp: float, teacher_temp: float, warmup_steps: float) -> float:
+    """Teacher temperature at optimizer step ``step`` (0-based) of a warm-up given as a fraction of the run
+    (``ssl.warmup_teacher_temp_fraction``, resolved to ``warmup_steps`` by ``lafs.train.schedules``): linear per
+    step from ``warmup_teacher_temp`` at step 0 to ``teacher_temp`` at step ``warmup_steps`` (the first step after
+    the warm-up), constant after. ``warmup_steps`` 0: ``teacher_temp`` throughout.
+
+    It generalises DINO's warm-up (Caron et al. 2021, §3 / appendix: 0.04 -> 0.07 over the first 30 of 100 epochs)
+    to runs too short for epochs. The difference to :func:`teacher_temp_at`: DINO's ``np.linspace(w, t, E)`` holds
+    each value for a whole epoch and, having both ends among its E points, reaches ``t`` at epoch E - 1; this ramp
+    moves every step and reaches ``t`` when the warm-up ends. The two agree at every epoch start when
+    ``warmup_steps = (E - 1) x steps per epoch``; DINO's 30 of 100 epochs is a fraction of 0.29, about 0.3.
+    """
+    if step >= warmup_steps:
+        return float(teacher_temp)
+    return float(warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * step / warmup_steps)
+
+
 def _cosine(step: int, total_steps: int, base: float, final: float) -> float:
     # DINO cosine_scheduler: final + 0.5 (base - final)(1 + cos(pi i / N)), i = 0..N-1; clamped past the end.
     t = min(1.0, max(0.0, step / max(1, total_steps)))
@@ -234,12 +254,15 @@ def _cosine(step: int, total_steps: int, base: float, final: float) -> float:
 
 
 def momentum_at(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
-    """EMA teacher momentum at iteration ``step`` (cosine base -> final; lafs_spec §4)."""
+    """EMA teacher momentum at iteration ``step`` (cosine base -> final; lafs_spec §4). Spans the whole run
+    (``total_steps``: the loop's final count, a budgeted run's once timed), as DINO's schedule over every
+    iteration: already run-relative, no fraction key."""
     return _cosine(step, total_steps, base, final)
 
 
 def weight_decay_at(step: int, total_steps: int, base: float = 0.04, final: float = 0.4) -> float:
-    """Weight decay at iteration ``step`` (cosine base -> final; applied to the regularised group only)."""
+    """Weight decay at iteration ``step`` (cosine base -> final; applied to the regularised group only), over the
+    whole run like :func:`momentum_at`."""
     return _cosine(step, total_steps, base, final)
 
 
@@ -289,10 +312,12 @@ def clip_gradients_per_param(module: nn.Module, clip: float = 3.0) -> list[float
     return torch.stack([n.float() for n in norms]).tolist()
 
 
-def cancel_last_layer_grads(module: nn.Module, epoch: int, freeze_last_layer: int = 1) -> None:
+def cancel_last_layer_grads(module: nn.Module, epoch: int, freeze_last_layer: float = 1) -> None:
     """During the first ``freeze_last_layer`` epochs drop the grads of the prototype layer (``last_layer.*``), as
-    DINO does: keeping the prototypes fixed early helps the student escape a bad start. Call after backward (and
-    after unscaling/clipping), before ``optimizer.step``; AdamW skips parameters whose grad is None."""
+    DINO does (Caron et al. 2021, appendix: the first epoch): keeping the prototypes fixed early helps the student
+    escape a bad start. Call after backward (and after unscaling/clipping), before ``optimizer.step``; AdamW skips
+    parameters whose grad is None. ``epoch`` and ``freeze_last_layer`` only need the same unit: with
+    ``ssl.freeze_last_layer_fraction`` the task passes the optimizer step and the frozen phase in steps."""
     if epoch >= freeze_last_layer:
         return
     for name, p in module.named_parameters():

@@ -4,7 +4,8 @@ A *task* is an ``nn.Module`` whose ``forward(images, labels)`` returns a dict wi
 any detached scalars to log) and whose ``embed(x)`` gives embeddings for verification; the loop does not
 know which method runs. Per optimizer step the loop:
 
-1. sets the learning rate from the step (``optim.lr_at``) and tells the task the epoch (``set_epoch``);
+1. sets the learning rate from the step (``optim.lr_at``) and tells the task the epoch (``set_epoch``) and the
+   step (``set_step``, where the task has it: schedules given as fractions of the run move per step);
 2. runs ``accumulation`` micro-batches under autocast (bf16 on CPU/GPU, fp16 + GradScaler on GPU), with
    DDP's gradient all-reduce only on the last one (``no_sync``);
 3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective); after
@@ -14,6 +15,10 @@ know which method runs. Per optimizer step the loop:
    ``after_backward(epoch)`` hook, steps, calls ``after_step(step, total_steps)`` (the EMA teacher of
    DINO/LAFS), logs (JSONL, TensorBoard, tqdm with images/s and ETA), verifies on ``.bin`` pairs and
    checkpoints when due. The weight decay follows a cosine schedule when ``optim.weight_decay_end`` is set.
+
+Schedules are resolved to steps in one place, :func:`~lafs.train.schedules.resolve_schedule`, against the run's
+final step count (again once a budgeted run has timed its count); the task gets the result (``set_schedule``).
+A warm-up or frozen-prototype phase longer than a quarter of the run is warned about (``ScheduleWarning``).
 
 Exact resume: a checkpoint holds the model, optimizer, GradScaler, every rank's RNG states, the step and
 the data position (micro-batches consumed; ``data/sampler.py`` turns it into epoch + batch). The learning
@@ -45,11 +50,15 @@ from ..eval.verification import evaluate_pairs
 from ..heads.partial_fc import PartialFC
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
 from ..io import atomic_write_bytes
+from ..io_safe import load_checkpoint
 from .checkpoint import atomic_save
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
 from .logging import RunLogger
 from .model_card import model_card
 from .optim import build_optimizer, lr_at, param_groups, set_lr
+from .monitors import DriftMonitor
+from .sync_bn import convert_sync_batchnorm
+from .schedules import RunSchedule, resolve_schedule, warn_long_phases
 
 CKPT_FORMAT = "lafs-train-1"
 BUDGET_UNSET = 10**9  # total_steps while train.budget_minutes is being timed
@@ -71,7 +80,12 @@ def collate(items: list[dict]) -> dict:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state in plain types (tensors, ints, floats, str): a checkpoint opens with ``weights_only=True``
+    and no numpy objects (numpy's legacy tuple holds an ndarray; its uint32 key is stored as an int64 tensor)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy_state = {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -79,7 +93,12 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["gauss"]))
+    else:  # checkpoints written before the plain form hold numpy's own tuple
+        np.random.set_state(n)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -131,7 +150,6 @@ class Trainer:
             self.total_steps = BUDGET_UNSET
         self.budget: dict = {}
         o = cfg.optim
-        self.warmup_steps = round(o.warmup_epochs * self.batches_per_epoch / t.accumulation) + o.warmup_steps
 
         head = getattr(task, "head", None)
         self.partial_fc = head if isinstance(head, PartialFC) else None
@@ -150,7 +168,7 @@ class Trainer:
         if env.distributed:
             module = task
             if t.sync_bn:
-                module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+                module = convert_sync_batchnorm(module)  # any backend (train/sync_bn.py), gloo on CPU too
             if self.partial_fc is not None:
                 # the sharded centres differ per rank: DDP must neither broadcast nor average them
                 nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -170,6 +188,25 @@ class Trainer:
         self.nonfinite_steps: list[int] = []
         self.best: float | None = None
         self.val_last: dict = {}  # the latest validation, saved with the checkpoint (lafs verify's threshold)
+        self.schedule: RunSchedule
+        self._resolve_schedule()
+        # drift of the trunks from their start (train.monitors): built here, before any resume, so theta_0 is the
+        # seeded initialisation or the pretrained weights, the same for a resumed run
+        modules = task.monitored_modules() if hasattr(task, "monitored_modules") else {}
+        self.drift = DriftMonitor(modules) if modules and env.is_main and t.monitors else None
+        self.monitors: dict = {}  # the latest drift, saved with the checkpoint and shown on the model card
+        self.floors: dict = {}  # set -> {raw_pixels, pca_whitened, untrained} accuracies (train.floors), measured once
+
+    def _resolve_schedule(self) -> None:
+        """Every schedule in steps against the run's step count (a budgeted run's placeholder until timed; then
+        again with the final count): config + total steps only, so a resumed run resolves the same values."""
+        self.schedule = resolve_schedule(self.cfg, self.total_steps, self.batches_per_epoch,
+                                         pending=self.budget_pending)
+        self.warmup_steps = self.schedule.warmup_steps
+        if hasattr(self.task, "set_schedule"):
+            self.task.set_schedule(self.schedule)
+        if self.env.is_main:
+            warn_long_phases(self.schedule)  # nothing while a budgeted run is being timed
 
     # ---------------------------------------------------------------- checkpoints
     def _model_state(self) -> tuple[dict, dict | None]:
@@ -202,6 +239,7 @@ class Trainer:
             "rng": all_gather_objects(rng_state()), "world_size": self.env.world_size,
             "nonfinite_steps": self.nonfinite_steps, "best": self.best, "config": to_yaml(self.cfg),
             "val": self.val_last, "total_steps": self.total_steps, "budget": self.budget,
+            "monitors": self.monitors, "floors": self.floors,
         }
         path = None
         extras = getattr(self.task, "checkpoint_extras", None)
@@ -220,7 +258,8 @@ class Trainer:
             card = model_card(self.cfg, step=self.step, total_steps=self.total_steps,
                               params=sum(p.numel() for p in (backbone or self.task).parameters()),
                               embedding_size=getattr(backbone, "embedding_size", None), val=self.val_last,
-                              best=self.best, checkpoint=path.name, has_best=(self.ckpt_dir / "best.pt").exists())
+                              best=self.best, checkpoint=path.name, has_best=(self.ckpt_dir / "best.pt").exists(),
+                              monitors=self.monitors, floors=self.floors)
             atomic_write_bytes(self.ckpt_dir / "MODEL_CARD.md", card.encode())
             for old in checkpoints_in(self.ckpt_dir)[: -self.cfg.train.keep_last]:
                 old.unlink()
@@ -229,10 +268,8 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         path = Path(path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+        # weights_only (lafs.io_safe): a file holding anything but tensors and plain values is refused unopened
+        state = load_checkpoint(path, "a lafs training checkpoint")
         if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
             raise ValueError(f"{path} is not a lafs training checkpoint (format {CKPT_FORMAT})")
         missing, unexpected = self.task.load_state_dict(state["model"], strict=False)
@@ -249,9 +286,12 @@ class Trainer:
         self.step, self.micro_batches = state["step"], state["micro_batches"]
         self.nonfinite_steps, self.best = list(state["nonfinite_steps"]), state["best"]
         self.val_last = state.get("val", {})
+        self.monitors = state.get("monitors", {})
+        self.floors = state.get("floors", {})
         if self.cfg.train.budget_minutes is not None and "steps" in state.get("budget", {}):
-            # a budgeted run resumes with the step count it measured, not a new timing
+            # a budgeted run resumes with the step count it measured, not a new timing (and the same schedules)
             self.total_steps, self.budget, self.budget_pending = state["total_steps"], state["budget"], False
+            self._resolve_schedule()
         if state["world_size"] == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank])
         else:
@@ -309,6 +349,40 @@ class Trainer:
             self.task.train(was_training)
         return broadcast_object(results)
 
+    def select_on(self, val: dict) -> str:
+        """The validation set whose accuracy chooses ``best.pt``: ``train.select_on``, else the first one (list the
+        validation pairs first in ``data.val`` and test sets such as LFW after them)."""
+        name = self.cfg.train.select_on or next(iter(val))
+        if name not in val:
+            raise ValueError(f"train.select_on={name!r} is not a validation set of this run: {', '.join(val)}")
+        return name
+
+    def measure_floors(self, logger) -> dict:
+        """The floors of every validation set, before the first step (``train.floors``): the untrained network (this
+        run's own initial weights, through :meth:`validate`), raw-pixel cosine and PCA-whitened pixels fitted on up
+        to 20,000 of the run's training images, labels unused (``lafs.eval.floors``). Every rank calls it
+        (validation is collective); the main process measures."""
+        untrained = self.validate()
+        # a finetune starts from pretrained weights: its step-0 accuracy is the start, not an untrained floor
+        key = "start" if (self.cfg.finetune.init or self.cfg.finetune.landmark_init) else "untrained"
+        floors: dict = {}
+        if self.env.is_main and self.val_sets:
+            from ..eval.floors import floors_for_sets, subsample_indices
+
+            idx = subsample_indices(len(self.train_set), 20000, seed=0)
+            fit = torch.stack([self.train_set[int(i)]["image"] for i in idx])
+            sets = {name: (images, issame) for name, (images, issame, *_) in self.val_sets.items()}
+            pixels = floors_for_sets(sets, fit, components=min(256, len(fit) - 1))
+            for name in sets:
+                floors[name] = {"raw_pixels": pixels[name]["raw_pixels"]["accuracy"],
+                                "pca_whitened": pixels[name]["pca_whitened"]["accuracy"],
+                                key: untrained[name]["accuracy"]}
+            logger.log(self.step, {f"{n}_{k}": v for n, r in floors.items() for k, v in r.items()}, kind="floors")
+            logger.write("floors: " + "; ".join(f"{n} raw pixels {100 * r['raw_pixels']:.2f} %, PCA-whitened "
+                                                f"{100 * r['pca_whitened']:.2f} % ({len(fit)} training images), "
+                                                f"{key} {100 * r[key]:.2f} %" for n, r in floors.items()))
+        return broadcast_object(floors)
+
     # ---------------------------------------------------------------- the loop
     def _time_budget(self, logger) -> None:
         """After each step until the budget is fixed: time ``budget_timed_steps`` steps (the first step, with its
@@ -331,6 +405,9 @@ class Trainer:
         logger.log(self.step, self.budget, kind="budget")
         logger.write(f"budget {t.budget_minutes:g} min: {seconds:.3f} s/step over {timed} steps -> "
                      f"{self.total_steps} steps")
+        self._resolve_schedule()  # every fraction of the run against the count just fixed
+        if self.schedule.fractional:
+            logger.write(self.schedule.describe())
 
     def run(self, resume: str | None = None) -> TrainResult:
         t, env = self.cfg.train, self.env
@@ -344,6 +421,10 @@ class Trainer:
                            progress=self.progress)
         if resumed_from:
             logger.write(f"resumed from {resumed_from} at step {self.step}")
+        if self.schedule.fractional:
+            logger.write(self.schedule.describe())
+        if t.floors and not resumed_from and self.step == 0:
+            self.floors = self.measure_floors(logger)
         result = TrainResult(step=self.step, resumed_from=resumed_from)
         self.start_step, run_t0 = self.step, time.perf_counter()
         amp_dtype = AMP_DTYPES.get(t.amp, torch.float32)
@@ -360,6 +441,8 @@ class Trainer:
                     self._set_weight_decay()
                 epoch = self.micro_batches // self.batches_per_epoch
                 self.task.set_epoch(epoch)
+                if hasattr(self.task, "set_step"):
+                    self.task.set_step(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses, extras, images, finite = [], {}, 0, True
                 for micro in range(t.accumulation):
@@ -436,14 +519,20 @@ class Trainer:
                 improved = False
                 last = self.step == self.total_steps
                 if (t.val_every and self.step % t.val_every == 0) or last:
+                    drift = self.drift() if self.drift is not None else {}
+                    if drift:
+                        self.monitors = {"step": self.step, **drift}
                     val = self.validate()
+                    if drift and not val:
+                        logger.log(self.step, drift, kind="val")
                     if val:
                         result.val = val
                         self.val_last = {"step": self.step, "sets": val}
-                        mean_acc = float(np.mean([v["accuracy"] for v in val.values()]))
-                        improved = self.best is None or mean_acc > self.best
-                        self.best = max(mean_acc, self.best or mean_acc)
-                        flat = {f"{n}_{k}": v for n, r in val.items() for k, v in r.items()}
+                        # best.pt is chosen on one set (train.select_on, else the first): never on a test set
+                        chosen = float(val[self.select_on(val)]["accuracy"])
+                        improved = self.best is None or chosen > self.best
+                        self.best = max(chosen, self.best or chosen)
+                        flat = {f"{n}_{k}": v for n, r in val.items() for k, v in r.items()} | drift
                         logger.log(self.step, flat, kind="val")
                         logger.write(f"step {self.step}: " + ", ".join(
                             f"{n} {r['accuracy'] * 100:.2f}% (AUC {r['auc']:.3f})" for n, r in val.items()))

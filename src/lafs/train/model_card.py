@@ -16,8 +16,26 @@ import time
 import torch
 
 
+FLOOR_LABELS = (("raw_pixels", "raw pixels"), ("pca_whitened", "PCA-whitened pixels"),
+                ("untrained", "untrained network"), ("start", "at the start of finetuning"))
+
+
+def _input(cfg) -> str:
+    """What the model expects to be given, in the geometry it was trained in (``data.geometry``)."""
+    size = f"resized to the model's {cfg.model.img_size} px" if cfg.model.img_size else "resized to the model size"
+    if cfg.data.geometry is None:
+        return f"RGB aligned faces, {size}, pixels x / 127.5 - 1."
+    from ..data.geometry import get_geometry
+
+    g = get_geometry(cfg.data.geometry)
+    pts = ", ".join(f"({x:g}, {y:g})" for x, y in g.points)
+    return (f"RGB faces in the `{g.name}` geometry: the five points at {pts} of a {g.size} x {g.size} crop, {size}, "
+            "pixels x / 127.5 - 1. `lafs eval` brings each verification set to it (one similarity per set).")
+
+
 def model_card(cfg, *, step: int, total_steps: int, params: int, embedding_size: int | None, val: dict,
-               best: float | None, checkpoint: str, has_best: bool) -> str:
+               best: float | None, checkpoint: str, has_best: bool, monitors: dict | None = None,
+               floors: dict | None = None) -> str:
     m, d = cfg.model, cfg.data
     data = (f"synthetic faces ({d.num_identities} identities x {d.images_per_identity})" if d.source == "synthetic"
             else ", ".join(str(p) for p in d.train))
@@ -35,7 +53,7 @@ def model_card(cfg, *, step: int, total_steps: int, params: int, embedding_size:
         + ("; `best.pt` is the best validation so far" if has_best else ""),
         f"- **Model**: `{m.name}` size `{m.size}`, {params:,} parameters"
         + (f", {embedding_size}-d embedding" if embedding_size else "")
-        + ". Input: RGB 112 x 112 aligned faces (ArcFace template), resized to the model size, pixels x / 127.5 - 1.",
+        + f". Input: {_input(cfg)}",
         f"- **Training**: {task}; data: {data}; augmentation `{cfg.augment.preset}`; optimiser `{cfg.optim.name}` "
         f"lr {cfg.optim.lr}, batch {cfg.train.batch_size} x accumulation {cfg.train.accumulation}.",
     ]
@@ -44,12 +62,20 @@ def model_card(cfg, *, step: int, total_steps: int, params: int, embedding_size:
         lines.append(f"- **Validation** (step {val.get('step')}, 10-fold, flip test):")
         for name, r in sets.items():
             thr = f"; cosine threshold {r['cosine_threshold']:.4f}" if "cosine_threshold" in r else ""
+            f = (floors or {}).get(name)
+            low = ("; floors: " + ", ".join(f"{label} {100 * f[k]:.2f} %" for k, label in FLOOR_LABELS if k in f)
+                   if f else "")
             lines.append(f"  - {name}: accuracy {100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f} %, "
-                         f"AUC {r['auc']:.4f}{thr}")
+                         f"AUC {r['auc']:.4f}{thr}{low}")
         if best is not None:
-            lines.append(f"  - best mean accuracy so far: {100 * best:.2f} %")
+            chosen = cfg.train.select_on or next(iter(sets))
+            lines.append(f"  - best {chosen} accuracy so far (chooses `best.pt`): {100 * best:.2f} %")
     else:
         lines.append("- **Validation**: none yet (set `data.val` or synthetic `data.val_pairs`).")
+    drift = {k[: -len("_drift")]: v for k, v in (monitors or {}).items() if k.endswith("_drift")}
+    if drift:
+        lines.append(f"- **Drift from initialisation** (step {monitors.get('step')}, ||theta - theta_0|| / "
+                     "||theta_0||): " + ", ".join(f"{k} {v:.4f}" for k, v in drift.items()))
     lines += [
         f"- **Reproduce**: `{shlex.join(sys.argv)}` with `config.yaml` of the run folder.",
         f"- **Software**: lafs {__version__}, torch {torch.__version__}, Python {platform.python_version()}; "

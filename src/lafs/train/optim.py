@@ -63,7 +63,12 @@ def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0,
           schedule: str = "cosine") -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine or constant."""
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine or constant.
+
+    The cosine spans the run's remaining ``total_steps - warmup_steps`` steps, so it is run-relative already (the
+    loop passes a budgeted run's final count once timed). ``warmup_steps`` comes from
+    ``lafs.train.schedules.resolve_schedule``: ``optim.warmup_fraction`` of the run, or ``warmup_epochs`` /
+    ``warmup_steps`` (DINO, Caron et al. 2021: 10 epochs; the LAFS fine-tunes: 5)."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -83,7 +88,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def step_schedule(epoch: int, values: list[float], epochs: list[int]) -> float:
     """A per-epoch step schedule: ``values[i]`` from epoch ``epochs[i]`` (0-indexed) on.
 
-    The finetuning ``beta_schedule`` (lafs_spec §6.2) is 1000/100/1/0.11/0 from epochs 0/8/14/21/28.
+    The finetuning ``beta_schedule`` (lafs_spec §6.2) is 1000/100/1/0.11/0 from epochs 0/8/14/21/28. Any unit works
+    if ``epoch`` and ``epochs`` share it: with ``finetune.beta_fractions`` the task passes the optimizer step and
+    the fractions resolved to steps (``lafs.train.schedules``).
     """
     if len(values) != len(epochs) or not values:
         raise ValueError(f"schedule values {list(values)} and epochs {list(epochs)} must be non-empty and of equal length")

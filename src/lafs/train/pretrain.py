@@ -14,8 +14,10 @@ of the student. Per iteration, on uint8 images straight from the loader:
 The loss is Eq. 5 / DINO's multi-crop loss: each teacher view against every other student view. The student
 makes one pass per view shape (globals together, locals together), as the reference's ``MultiCropWrapper``.
 Around the optimizer step the loop calls :meth:`PretrainTask.after_backward` (prototype layer frozen for the
-first ``freeze_last_layer`` epochs) and :meth:`PretrainTask.after_step` (EMA teacher update with the cosine
-momentum of that iteration); the loop itself applies per-parameter clipping (``optim.clip_mode=per_param``),
+first ``freeze_last_layer`` epochs, or the first ``freeze_last_layer_fraction`` of the run's steps) and
+:meth:`PretrainTask.after_step` (EMA teacher update with the cosine momentum of that iteration); before each
+step ``set_epoch`` / ``set_step`` set the teacher temperature (per epoch as DINO, per step when its warm-up is a
+fraction of the run; the steps come from the loop's :class:`~lafs.train.schedules.RunSchedule`, ``set_schedule``); the loop itself applies per-parameter clipping (``optim.clip_mode=per_param``),
 the cosine weight-decay schedule (``optim.weight_decay_end``) and the LR rule ``optim.lr_scale_batch``.
 
 The frozen landmark CNN runs in fp32 outside autocast, in eval mode and without gradient (§5.2). The teacher
@@ -27,6 +29,7 @@ the backbone trunk (with the landmark CNN for Part fViT), which ``lafs finetune 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +40,7 @@ from ..models.fvit import FViT, grid_landmarks
 from ..data.datasets import to_model_input
 from ..ssl.dino import (
     TEACHER_TEMP_PRESETS, DINOHead, DINOLoss, cancel_last_layer_grads, ema_update, momentum_at,
-    teacher_entropy_tensor, teacher_temp_at,
+    teacher_entropy_tensor, teacher_temp_at, teacher_temp_at_step,
 )
 from ..ssl.lafs import landmark_view
 
@@ -107,6 +110,11 @@ class PretrainTask(nn.Module):
         self.temps = teacher_temperatures(ssl)
         self.momentum = (ssl.momentum_teacher, ssl.momentum_teacher_end)
         self.freeze_last_layer = ssl.freeze_last_layer
+        # fractions of the run (ssl.*_fraction) become steps once the loop knows the run's length (set_schedule);
+        # until then their phases have not ended: the start values, as while a budgeted run is being timed
+        self.temp_warmup_steps: float | None = None if ssl.warmup_teacher_temp_fraction is None else math.inf
+        self.freeze_steps: float | None = None if ssl.freeze_last_layer_fraction is None else math.inf
+        self.step = 0
         self.teacher_mode = ssl.teacher_mode
         scale = self.img_size / REFERENCE_SIZE
         if self.method == "lafs":
@@ -126,9 +134,13 @@ class PretrainTask(nn.Module):
                                  f"ssl.local_size={self.img_size} (or ssl.num_local=0)")
             self.views = MultiCropViews(self.img_size, local, ssl.num_local, tuple(ssl.global_scale),
                                         tuple(ssl.local_scale))
-        self.teacher_temp = self.temps[0]
+        self.teacher_temp = self.temps[0]  # the warm-up value (also a fractional warm-up's before set_schedule)
 
     # ------------------------------------------------------------------------------------------ loop hooks
+    def monitored_modules(self) -> dict[str, nn.Module]:
+        """The trunks whose drift from initialisation the loop logs (``train.monitors``)."""
+        return {"student": self.student.backbone, "teacher": self.teacher.backbone}
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.landmark_cnn is not None:
@@ -137,11 +149,26 @@ class PretrainTask(nn.Module):
             self.teacher.eval()
         return self
 
+    def set_schedule(self, schedule) -> None:
+        """The run's schedules in steps (:class:`~lafs.train.schedules.RunSchedule`); ``None`` fields stay per epoch."""
+        self.temp_warmup_steps = schedule.teacher_temp_warmup_steps
+        self.freeze_steps = schedule.freeze_last_layer_steps
+
     def set_epoch(self, epoch: int) -> None:
-        self.teacher_temp = teacher_temp_at(epoch, *self.temps)
+        if self.temp_warmup_steps is None:  # DINO's per-epoch linspace (ssl.warmup_teacher_temp_epochs)
+            self.teacher_temp = teacher_temp_at(epoch, *self.temps)
+
+    def set_step(self, step: int) -> None:
+        """Optimizer step ``step`` (0-based) is next: the per-step schedules (fractions of the run) move."""
+        self.step = step
+        if self.temp_warmup_steps is not None:
+            self.teacher_temp = teacher_temp_at_step(step, self.temps[0], self.temps[1], self.temp_warmup_steps)
 
     def after_backward(self, epoch: int) -> None:
-        cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
+        if self.freeze_steps is None:
+            cancel_last_layer_grads(self.student, epoch, self.freeze_last_layer)
+        else:
+            cancel_last_layer_grads(self.student, self.step, self.freeze_steps)
 
     def after_step(self, step: int, total_steps: int) -> None:
         """EMA update of the teacher with the momentum of iteration ``step`` (0-based)."""

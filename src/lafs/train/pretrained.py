@@ -5,6 +5,10 @@ or ``student`` (the LAFS code finetunes from the *teacher*), or a bare state dic
 (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``, ``backbone.``) are stripped. Keys the target
 does not have (SSL projection heads, a classifier with another class count) and keys with another shape are
 skipped and listed in the report, never silently dropped and never a crash (§9.13).
+
+A safetensors model folder (``lafs export CKPT --safetensors DIR``) or its ``model.safetensors`` is read as the
+backbone's state dict. Checkpoints open ``weights_only`` (:func:`lafs.io_safe.load_checkpoint`): a file holding
+other pickled objects is refused before anything in it runs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..io_safe import load_checkpoint, read_safetensors_folder, safetensors_folder
 
 SOURCES = ("teacher", "model", "state_dict", "student")
 PREFIXES = ("module.", "_orig_mod.", "backbone.")
@@ -38,11 +44,12 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _strip(key: str) -> str:
+def _strip(key: str, prefixes: tuple[str, ...] = PREFIXES) -> str:
+    """``key`` without any leading wrapper prefixes (DDP ``module.``, ``torch.compile`` ``_orig_mod.``, ...)."""
     changed = True
     while changed:
         changed = False
-        for p in PREFIXES:
+        for p in prefixes:
             if key.startswith(p):
                 key, changed = key[len(p):], True
     return key
@@ -51,11 +58,13 @@ def _strip(key: str) -> str:
 def read_state(path: str | Path, source: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict inside a checkpoint file and the entry it came from."""
     path = Path(path)
+    if safetensors_folder(path) is not None:
+        if source not in (None, "safetensors"):
+            raise KeyError(f"{path}: a safetensors folder holds one state dict (the backbone), not '{source}'")
+        return read_safetensors_folder(path)[0], "safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    ckpt = load_checkpoint(path, "a checkpoint with weights")
     names = (source,) if source else SOURCES
     for name in names:
         if isinstance(ckpt.get(name), dict):

@@ -76,10 +76,11 @@ def build_train_set(cfg):
     return dataset
 
 
-def build_val_sets(cfg) -> dict:
+def build_val_sets(cfg, log=print) -> dict:
     """name -> (uint8 images N x 3 x H x W, issame, keypoints or None): the ``.bin`` files (keypoints from their
-    ``<stem>_kps.npy`` sidecar when the model uses them), or held-out synthetic identities."""
-    from ..eval.report import load_set_keypoints
+    ``<stem>_kps.npy`` sidecar when the model uses them), or held-out synthetic identities. With ``data.geometry``
+    each set is first brought to the training geometry (``lafs.data.geometry.to_geometry``)."""
+    from ..eval.report import load_set_keypoints, sidecar_keypoints
     from ..eval.verification import load_bin
 
     d = cfg.data
@@ -89,7 +90,14 @@ def build_val_sets(cfg) -> dict:
         if not Path(path).is_file():
             raise ConfigError(f"data.val: {path} not found")
         images, issame = load_bin(path, color=d.val_color)
-        sets[Path(path).stem] = (images, issame, load_set_keypoints(path, None, len(images)) if needs_kps else None)
+        has_kps = needs_kps or (d.geometry is not None and sidecar_keypoints(path).is_file())
+        kps = load_set_keypoints(path, None, len(images)) if has_kps else None
+        if d.geometry is not None:
+            from ..data.geometry import get_geometry, to_geometry
+
+            images, kps, note = to_geometry(images, get_geometry(d.geometry), kps, name=Path(path).stem)
+            log(note)
+        sets[Path(path).stem] = (images, issame, kps if needs_kps else None)
     if d.source == "synthetic" and not d.val and d.val_pairs > 0 and d.val_identities >= 2:
         from ..data.synthetic import SyntheticFaces, synthetic_pairs
 
@@ -116,7 +124,8 @@ def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask
     # the landmark options are finetuning options; from scratch (stage 1, §3) the CNN learns freely
     finetuning = bool(ft.init or ft.landmark_init)
     option = ft.landmark if finetuning and hasattr(backbone, "landmark_cnn") else "b"
-    task = SupervisedTask(backbone, head, augment, mixup, option, (list(ft.beta_schedule), list(ft.beta_epochs)))
+    task = SupervisedTask(backbone, head, augment, mixup, option, (list(ft.beta_schedule), list(ft.beta_epochs)),
+                          beta_fractions=ft.beta_fractions)
     task.freeze_reference()
     return task
 
@@ -139,7 +148,7 @@ def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
             task = build_pretrain_task(cfg, log)
         else:
             task = build_task(cfg, num_classes, env, log)
-        val_sets = build_val_sets(cfg) if env.is_main else {}
+        val_sets = build_val_sets(cfg, log) if env.is_main else {}
         torch.manual_seed(cfg.train.seed + env.rank)
         if env.is_main:
             Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
@@ -155,7 +164,7 @@ def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
         result = trainer.run(resume)
         if env.is_main:
             summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
-                       "val": result.val, "best": result.best, "nonfinite_steps": result.nonfinite_steps,
+                       "val": result.val, "floors": trainer.floors, "best": result.best, "nonfinite_steps": result.nonfinite_steps,
                        "resumed_from": result.resumed_from}
             atomic_write_bytes(Path(cfg.out_dir) / "summary.json", json.dumps(summary, indent=2).encode())
         return result

@@ -8,7 +8,9 @@ from a pretrained ViT). The landmark options of LAFS §3.5 for a Part fViT:
 - ``c``: as (b) plus ``beta * MSE(r_hat / (S-1), r / (S-1))`` (Eq. 7; S = image size, 111 at 112 px), where
   ``r`` are the trainable CNN's landmarks and ``r_hat`` those of a frozen copy of the initial CNN on the
   same (augmented) image; ``beta`` follows a per-epoch step schedule (reference 1000/100/1/0.11/0 from
-  epochs 0/8/14/21/28). The paper uses (c) for all its results.
+  epochs 0/8/14/21/28). The paper uses (c) for all its results. In a short run those epochs may never come
+  (beta 1000 throughout): ``finetune.beta_fractions`` puts the steps at fractions of the run instead, applied per
+  optimizer step (``lafs.train.schedules``).
 
 The task takes uint8 images straight from the loader: scaling to [-1, 1], resizing to the model's input
 size and the augmentations all run batched on the training device.
@@ -35,7 +37,8 @@ class SupervisedTask(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: nn.Module, augment: nn.Module | None = None,
                  mixup: Mixup | None = None, landmark_option: str = "b",
-                 beta_schedule: tuple[list[float], list[int]] = ([0.0], [0])) -> None:
+                 beta_schedule: tuple[list[float], list[int]] = ([0.0], [0]),
+                 beta_fractions: list[float] | None = None) -> None:
         super().__init__()
         if landmark_option not in LANDMARK_OPTIONS:
             raise ValueError(f"landmark option must be one of {LANDMARK_OPTIONS}, got {landmark_option!r}")
@@ -45,7 +48,11 @@ class SupervisedTask(nn.Module):
         self.mixup = mixup
         self.landmark_option = landmark_option
         self.beta_values, self.beta_epochs = list(beta_schedule[0]), list(beta_schedule[1])
-        step_schedule(0, self.beta_values, self.beta_epochs)  # validates the schedule now, not at epoch 8
+        # beta_fractions (fractions of the run) replace the epochs; the loop resolves them to steps (set_schedule)
+        self.beta_fractions = None if beta_fractions is None else list(beta_fractions)
+        # validates the schedule now, not at epoch 8
+        step_schedule(0, self.beta_values, self.beta_epochs if beta_fractions is None else self.beta_fractions)
+        self.beta_steps: list[int] | None = None
         self.beta = 0.0
         self.img_size = backbone.img_size
         self.uses_keypoints = bool(getattr(backbone, "uses_keypoints", False))  # KP-RPE: keypoints ride along
@@ -71,8 +78,25 @@ class SupervisedTask(nn.Module):
             self.reference_landmarks.eval()
         return self
 
+    def set_schedule(self, schedule) -> None:
+        """The run's schedules in steps (:class:`~lafs.train.schedules.RunSchedule`): ``finetune.beta_fractions``
+        resolved against the run's length."""
+        if self.beta_fractions is not None:
+            if schedule.beta_steps is None or len(schedule.beta_steps) != len(self.beta_values):
+                raise ValueError(f"the run's beta steps {schedule.beta_steps} do not match this task's beta fractions "
+                                 f"{self.beta_fractions} (finetune.beta_fractions)")
+            self.beta_steps = list(schedule.beta_steps)
+
     def set_epoch(self, epoch: int) -> None:
-        self.beta = step_schedule(epoch, self.beta_values, self.beta_epochs) if self.landmark_option == "c" else 0.0
+        if self.beta_fractions is None:
+            self.beta = step_schedule(epoch, self.beta_values, self.beta_epochs) if self.landmark_option == "c" else 0.0
+        elif self.beta_steps is None:  # the run's length is not known yet: the schedule's start
+            self.beta = float(self.beta_values[0]) if self.landmark_option == "c" else 0.0
+
+    def set_step(self, step: int) -> None:
+        """Optimizer step ``step`` (0-based) is next: beta moves per step when given as fractions of the run."""
+        if self.beta_steps is not None and self.landmark_option == "c":
+            self.beta = step_schedule(step, self.beta_values, self.beta_steps)
 
     def _run(self, x: Tensor, keypoints: Tensor | None) -> dict[str, Tensor]:
         if not self.uses_keypoints:
@@ -87,6 +111,10 @@ class SupervisedTask(nn.Module):
         x = to_model_input(x, self.img_size)
         kp = None if keypoints is None else resize_keypoints(keypoints, width, x.shape[-1])
         return self._run(x, kp)["embedding"]
+
+    def monitored_modules(self) -> dict[str, nn.Module]:
+        """The trunk whose drift from its start (random or pretrained weights) the loop logs (``train.monitors``)."""
+        return {"backbone": self.backbone}
 
     def forward(self, images: Tensor, labels: Tensor, keypoints: Tensor | None = None) -> dict[str, Tensor]:
         """``keypoints`` (B x 5 x 2 pixels of ``images``) are used by KP-RPE backbones: resized with the images and
