@@ -129,6 +129,28 @@ def test_landmark_cnn_frozen_bit_identical_and_teacher_is_ema(tmp_path, landmark
     assert not task.landmark_cnn.training and not task.teacher.training
 
 
+def test_cnn_teacher_batchnorm_uses_batch_statistics_and_tracks_its_own(tmp_path, landmark_ckpt):
+    """DINO's teacher runs in train mode: an IResNet teacher's BatchNorm must normalise with batch statistics
+    and update its running statistics, or its embeddings use the initial mean 0 / variance 1 forever."""
+    cnn_base = [o for o in BASE if not o.startswith("model.")]
+    cfg = load_config(None, cnn_base + ["ssl.method=dino", f"out_dir={tmp_path}", "model.name=iresnet",
+                                        "model.size=micro", "ssl.num_local=0", "train.steps=2", "train.batch_size=8"])
+    torch.manual_seed(0)
+    task = build_pretrain_task(cfg, log=lambda *_: None)
+    bns = [m for m in task.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns, "the IResNet teacher has BatchNorm layers"
+    before = [m.running_mean.clone() for m in bns]
+    trainer = Trainer(cfg, task, build_train_set(cfg), DistEnv(), progress=False)
+    trainer.run()
+    assert not task.teacher.training  # dropout / drop-path off ...
+    task.train()
+    assert all(m.training for m in bns)  # ... but BatchNorm as DINO's train-mode teacher
+    moved = [float((m.running_mean - b).abs().max()) for m, b in zip(bns, before)]
+    assert min(moved) > 0, "every teacher BatchNorm updated its running mean from the teacher's passes"
+    task.eval()
+    assert not any(m.training for m in bns)
+
+
 def test_ema_update_after_each_optimizer_step_equals_hand_value(tmp_path, landmark_ckpt):
     cfg = cfg_for(tmp_path, landmark_ckpt, "dino", "model.name=fvit", "train.steps=2", "ssl.momentum_teacher=0.9")
     torch.manual_seed(0)

@@ -543,7 +543,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     def samples():
         stream = generate(args.identities, args.images_per_id, seed=args.seed)
-        for i, (img, label, kp) in enumerate(tqdm(stream, total=total, desc="synth", unit="img")):
+        for i, (img, label, kp) in enumerate(tqdm(stream, total=total, desc="synth", unit="img", disable=not sys.stderr.isatty())):
             kps[i] = kp
             yield label, encode_image(img, quality=args.quality)
 

@@ -1,4 +1,7 @@
-"""Run logs: a JSONL metrics file (one record per line, machine-readable), TensorBoard scalars and a tqdm bar.
+"""Run logs: a JSONL metrics file (one record per line, machine-readable), TensorBoard scalars and progress.
+
+Progress is a tqdm bar only when stderr is a terminal; written to a file or a pipe (CI, ``nohup``, a job log) it is
+one plain line per logged training step instead, so a log holds what happened rather than thousands of redrawn bars.
 
 Only rank 0 writes. On resume from step k, records after k are dropped from ``metrics.jsonl`` (rewritten
 atomically) and TensorBoard purges them, so a resumed run's logs read like an uninterrupted one.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +29,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
 class RunLogger:
     def __init__(self, out_dir: str | Path, enabled: bool = True, total_steps: int = 0, start_step: int = 0,
                  tensorboard: bool = True, progress: bool = True) -> None:
@@ -32,6 +43,8 @@ class RunLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.writer = None
         self.bar = None
+        self.total_steps = total_steps
+        self.lines = progress and not _is_terminal()  # plain progress lines instead of a bar
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +58,7 @@ class RunLogger:
                 self.writer = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
             except ImportError:
                 warnings.warn("tensorboard is not installed: logging to metrics.jsonl only", stacklevel=2)
-        if progress:
+        if progress and not self.lines:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self._t0, self._images = time.perf_counter(), 0
 
@@ -60,6 +73,13 @@ class RunLogger:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.writer.add_scalar(f"{kind}/{k}", v, step)
+        if self.lines and kind == "train" and "loss" in record:
+            parts = [f"step {step}/{self.total_steps}", f"loss {record['loss']:.4f}"]
+            if "lr" in record:
+                parts.append(f"lr {record['lr']:.2e}")
+            if record.get("images_per_s"):
+                parts.append(f"{record['images_per_s']:.0f} img/s")
+            print("  ".join(parts), flush=True)
 
     def progress(self, step: int, images: int, loss: float, lr: float) -> float:
         """Advance the bar by one step; returns the images/s since the previous call."""
@@ -74,6 +94,7 @@ class RunLogger:
         return rate
 
     def set_total(self, total_steps: int) -> None:
+        self.total_steps = total_steps
         if self.bar is not None:
             self.bar.total = total_steps
             self.bar.refresh()

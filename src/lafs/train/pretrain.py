@@ -147,6 +147,13 @@ class PretrainTask(nn.Module):
             self.landmark_cnn.eval()  # frozen: BatchNorm running statistics, no dropout
         if self.teacher_mode == "eval":
             self.teacher.eval()
+            # DINO's teacher runs in train mode; "eval" here only turns off its dropout / drop-path. BatchNorm
+            # keeps DINO's behaviour: batch statistics, and running statistics updated by the teacher's own
+            # forward passes. (The EMA covers parameters only, so an eval-mode BatchNorm would normalise with its
+            # initial mean 0 / variance 1 forever: a CNN teacher such as IResNet would never see its own scale.)
+            for m in self.teacher.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train(mode)
         return self
 
     def set_schedule(self, schedule) -> None:
