@@ -85,6 +85,26 @@ def test_references_resolve_to_checkpoints_and_files(tmp_path):
         ex.resolve(["@missing"], tmp_path)
 
 
+@pytest.mark.parametrize("name", ["../../x_{arm}", "sub/x_{arm}", ".hidden_{arm}"])
+def test_run_names_that_leave_the_root_are_refused(tmp_path, name):
+    bad = dict(GRID, stages=[{"name": name, "cli": ["train", "cfg.yaml"], "axes": {"arm": ["a"]}}])
+    with pytest.raises(ConfigError, match="must be one plain folder name inside the root"):
+        ex.expand(_grid(tmp_path, bad), tmp_path / "root")
+
+
+def test_axis_values_cannot_smuggle_a_path_into_a_run_name(tmp_path):
+    bad = dict(GRID, stages=[{"name": "x_{arm}", "cli": ["train", "cfg.yaml"], "axes": {"arm": ["/../../etc"]}}])
+    with pytest.raises(ConfigError, match="plain folder name"):
+        ex.expand(_grid(tmp_path, bad), tmp_path / "root")
+
+
+def test_references_stay_inside_the_root(tmp_path):
+    with pytest.raises(ConfigError, match="plain folder name"):
+        ex.resolve(["@../outside"], tmp_path)
+    with pytest.raises(ConfigError, match="no '..'"):
+        ex.resolve(["@a/../../etc/passwd"], tmp_path)
+
+
 def _eval_json(acc: float, tar: float, curve0: float) -> dict:
     point = {"t": 0.0, "accuracy": curve0}
     return {"meta": {}, "results": [

@@ -134,6 +134,15 @@ def _format(text: str, values: dict, where: str) -> str:
         raise ConfigError(f"{where}: template {text!r} uses {{{err.args[0]}}}, which is not an axis here") from None
 
 
+def _confined(name: str, where: str) -> str:
+    """A run name is one folder inside the grid's root: no separators, no ``..``, nothing absolute or hidden, so a
+    name built from axis values can never write (or, through ``@name``, read) outside the root."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or name != name.strip():
+        raise ConfigError(f"{where}: run name {name!r} must be one plain folder name inside the root (no '/', no "
+                          "'..', no leading '.')")
+    return name
+
+
 def expand(grid: dict, root: str | Path, seeds=None, budget: float | None = None) -> list[Run]:
     """All runs of the grid in execution order (seed by seed, stages in order), dependencies checked."""
     root = Path(root)
@@ -146,7 +155,7 @@ def expand(grid: dict, root: str | Path, seeds=None, budget: float | None = None
             for combo in itertools.product(*[list(v.items()) for _, v in axes]):
                 values = {axis: value for (axis, _), (value, _) in zip(axes, combo)}
                 fmt = {**values, "seed": seed}
-                name = _format(stage["name"], fmt, stage["name"])
+                name = _confined(_format(stage["name"], fmt, stage["name"]), stage["name"])
                 fmt["out"] = str(root / name)
                 argv = [_format(a, fmt, name) for a in stage["cli"]]
                 argv += [_format(a, fmt, name) for _, (_, extra) in zip(axes, combo) for a in extra]
@@ -187,7 +196,13 @@ def checkpoint_of(run_dir: Path) -> Path:
 
 def resolve(argv: list[str], root: Path) -> list[str]:
     def sub(m: re.Match) -> str:
-        return str(root / m.group(1) / m.group(2).lstrip("/")) if m.group(2) else str(checkpoint_of(root / m.group(1)))
+        run = _confined(m.group(1), m.group(0))
+        if not m.group(2):
+            return str(checkpoint_of(root / run))
+        rel = m.group(2).lstrip("/")
+        if ".." in rel.split("/"):
+            raise ConfigError(f"{m.group(0)}: a reference stays inside its run folder (no '..')")
+        return str(root / run / rel)
 
     return [REF.sub(sub, a) for a in argv]
 

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 
 from .pairs import read_bin
-from .recordio import RecordIOError, RecordReader, face_record_index
+from ..io_safe import load_array
+from .recordio import RecordIOError, RecordReader, face_record_index, image_keys
 
 
 def _decodes(data: bytes) -> bool:
@@ -23,27 +24,50 @@ def shots_histogram(labels: np.ndarray) -> dict[int, int]:
 
 
 def check_rec(path: str | Path, decode: bool = True) -> dict:
+    """Every record of a ``.rec``: heads and labels (a bad one is listed, not fatal), images (decoded unless
+    ``decode=False``) and the ``<stem>_kps.npy`` keypoint sidecar when present (one finite row per image)."""
     path = Path(path)
     if path.suffix == ".idx":
         path = path.with_suffix(".rec")
     reader = RecordReader(path)
-    keys, labels = face_record_index(reader)
-    bad = []
-    for key, label in zip(keys, labels):
+    bad: list[str] = []
+    try:
+        keys, labels = face_record_index(reader, bad)
+    except RecordIOError as err:  # the file as a whole (its header record, a stray label): nothing to index
+        return {"file": str(path), "records": len(reader), "images": 0, "identities": 0, "shots_histogram": {},
+                "bad_records": [str(err)]}
+    for key in keys:
         try:
             header, data = reader.read_header(key)
             if decode and not _decodes(data):
                 bad.append(f"record {key} at byte {reader.idx[key]}: cannot decode image ({len(data)} bytes)")
         except RecordIOError as err:
             bad.append(str(err))
-    return {
+    report = {
         "file": str(path),
         "records": len(reader),
         "images": len(keys),
         "identities": int(len(np.unique(labels))),
         "shots_histogram": shots_histogram(labels),
-        "bad_records": bad,
     }
+    sidecar = path.with_name(path.stem + "_kps.npy")
+    if sidecar.is_file():
+        report["keypoints"] = str(sidecar)
+        bad += check_sidecar(sidecar, len(image_keys(reader)))
+    report["bad_records"] = bad
+    return report
+
+
+def check_sidecar(path: Path, images: int) -> list[str]:
+    """Problems of a keypoint sidecar: its shape against the image count, non-finite rows (listed by row)."""
+    try:
+        kps = load_array(path)
+    except (ValueError, OSError) as err:
+        return [f"{path}: cannot read keypoints ({err})"]
+    if kps.ndim != 3 or kps.shape[2] != 2 or kps.shape[0] != images:
+        return [f"{path}: keypoints of shape {kps.shape}, expected ({images}, K, 2) for {images} images"]
+    rows = np.flatnonzero(~np.isfinite(kps).all(axis=(1, 2)))
+    return [f"{path}: row {int(r)} holds non-finite keypoints" for r in rows]
 
 
 def check_bin(path: str | Path, decode: bool = True) -> dict:

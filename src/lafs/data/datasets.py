@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .recordio import RecordIOError, RecordReader, face_record_index
+from .recordio import RecordIOError, RecordReader, face_record_index, image_keys
 
 COLORS = ("rgb", "bgr")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -182,13 +182,27 @@ class RecordDataset(FaceDataset):
             raise ValueError(f"color must be one of {COLORS}, got {color!r}")
         self.reader = RecordReader(rec_path, idx_path)
         self.color = color
-        self.keys, self.labels = face_record_index(self.reader)
+        # records whose head or label is unreadable count against max_bad_records and are left out of the index
+        index_bad: list[str] = []
+        self.keys, self.labels = face_record_index(self.reader, index_bad if max_bad_records > 0 else None)
+        if len(index_bad) > max_bad_records:
+            report = "\n  ".join(index_bad[:10])
+            raise RecordIOError(f"{rec_path}: {len(index_bad)} bad record(s), more than max_bad_records="
+                                f"{max_bad_records}; first ones:\n  {report}")
         if keypoints is True:
             sidecar = Path(rec_path).with_name(Path(rec_path).stem + "_kps.npy")
             keypoints = sidecar if sidecar.is_file() else None
         elif keypoints is False:
             keypoints = None
-        super().__init__(keypoints, max_bad_records, str(rec_path))
+        rows = None
+        if index_bad and keypoints is not None:
+            # the sidecar's row i is image i of the whole file: keep the rows of the records that stay
+            where = {key: i for i, key in enumerate(image_keys(self.reader))}
+            rows = np.array([where[key] for key in self.keys], dtype=np.int64)
+        super().__init__(keypoints if rows is None else None, max_bad_records, str(rec_path))
+        if rows is not None:
+            self.keypoints = load_keypoints(keypoints, len(rows) + len(index_bad))[rows]
+        self.bad_records = index_bad  # records left out of the index; reported by the run (summary.json)
 
     def _load(self, index: int) -> np.ndarray:
         return self._decode(index, decode_image)

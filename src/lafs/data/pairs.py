@@ -44,10 +44,30 @@ def read_bin(path: str | Path) -> tuple[list[bytes], np.ndarray]:
         raise ValueError(f"{path}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
     raw_images, issame = obj
     images = [_as_bytes(item, path, i) for i, item in enumerate(raw_images)]
-    issame = np.asarray(list(issame), dtype=bool)
+    issame = _issame_values(issame, path)
     if len(images) != 2 * len(issame):
         raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
     return images, issame
+
+
+def _issame_values(issame, path: Path) -> np.ndarray:
+    """The issame list as bools: only True/False (Python or numpy) or the integers 0/1 are read, so a string
+    such as "no" (truthy in Python) or a 2 is refused with the file and pair named, never read as "same"."""
+    if isinstance(issame, np.ndarray):
+        if issame.dtype == bool:
+            return issame.reshape(-1).copy()
+        values = list(issame.reshape(-1))
+    else:
+        values = list(issame)
+    out = np.empty(len(values), dtype=bool)
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, np.bool_)):
+            out[i] = bool(v)
+        elif isinstance(v, (int, np.integer)) and int(v) in (0, 1):
+            out[i] = bool(v)
+        else:
+            raise ValueError(f"{path}: pair {i}: issame value {v!r} is not True/False (or 0/1)")
+    return out
 
 
 def write_bin(path: str | Path, images: list[bytes], issame) -> Path:

@@ -19,8 +19,10 @@ workers. Every error names the file, the record key and the byte offset.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +153,8 @@ class RecordReader:
     def read(self, key: int) -> bytes:
         """The payload of record ``key`` (multi-part records joined, padding removed)."""
         if key not in self.idx:
-            raise KeyError(f"record {key} is not in {self.idx_path}")
+            raise RecordIOError(f"{self.idx_path}: record {key} is not in the index (the header record of "
+                                f"{self.rec_path.name} announces it)")
         offset = self.idx[key]
         fh = self._handle()
         fh.seek(offset)
@@ -182,19 +185,9 @@ class RecordReader:
             out += _MAGIC_BYTES
 
     def read_label(self, key: int) -> int:
-        """Identity label of record ``key``, reading only its 32 leading bytes when the label is a scalar."""
-        offset = self.idx[key]
-        fh = self._handle()
-        fh.seek(offset)
-        head = fh.read(8 + _IR_SIZE)
-        if len(head) == 8 + _IR_SIZE:
-            magic, lrec = struct.unpack("<II", head[:8])
-            flag, label, _, _ = struct.unpack(_IR_FORMAT, head[8:])
-            # Only a whole first part that holds the full IRHeader can be decoded from these bytes.
-            if magic == MAGIC and (lrec & ((1 << 29) - 1)) >= _IR_SIZE and flag == 0:
-                return int(label)
-        header, _ = self.read_header(key)  # array labels, split or malformed records: the full path
-        return int(np.asarray(header.label).ravel()[0]) if header.flag > 0 else int(header.label)
+        """Identity label of record ``key``, reading only its 32 leading bytes when the label is a scalar;
+        validated as a whole number >= 0 (:class:`RecordIOError` naming the file and record otherwise)."""
+        return _label_of(self, key)
 
     def read_header(self, key: int) -> tuple[IRHeader, bytes]:
         try:
@@ -203,6 +196,18 @@ class RecordReader:
             if isinstance(err, RecordIOError):
                 raise
             raise RecordIOError(f"{self.rec_path}: record {key} at byte {self.idx[key]}: {err}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _exclusive_temp(target: Path):
+    """(path, binary file) of a new temporary file beside ``target``, created with O_EXCL."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    return Path(tmp), os.fdopen(fd, "wb")
 
 
 class RecordWriter:
@@ -215,9 +220,9 @@ class RecordWriter:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
         self.rec_path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_rec = self.rec_path.with_name(f".{self.rec_path.name}.{os.getpid()}.tmp")
-        self._tmp_idx = self.idx_path.with_name(f".{self.idx_path.name}.{os.getpid()}.tmp")
-        self._rec = open(self._tmp_rec, "wb")
+        # unpredictable names created exclusively (mkstemp, O_EXCL): a planted file or symlink is never followed
+        self._tmp_rec, self._rec = _exclusive_temp(self.rec_path)
+        self._tmp_idx, self._idx = _exclusive_temp(self.idx_path)
         self._idx_lines: list[str] = []
         self._keys: set[int] = set()
 
@@ -230,13 +235,16 @@ class RecordWriter:
 
     def close(self) -> None:
         self._rec.close()
-        with open(self._tmp_idx, "w") as fh:
-            fh.writelines(self._idx_lines)
+        with self._idx:
+            self._idx.write("".join(self._idx_lines).encode())
+        for tmp in (self._tmp_rec, self._tmp_idx):  # mkstemp gives 0600; the final files get open()'s mode
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(self._tmp_rec, self.rec_path)
         os.replace(self._tmp_idx, self.idx_path)
 
     def abort(self) -> None:
         self._rec.close()
+        self._idx.close()
         for tmp in (self._tmp_rec, self._tmp_idx):
             if tmp.exists():
                 tmp.unlink()
@@ -280,21 +288,71 @@ def write_face_records(
     return n, num_ids
 
 
-def face_record_index(reader: RecordReader) -> tuple[list[int], np.ndarray]:
-    """(image record keys, their identity labels) of an insightface ``.rec``.
+def _label_of(reader: RecordReader, key: int) -> int:
+    """The identity label of record ``key``, validated: a whole, non-negative number (else RecordIOError)."""
+    if key not in reader.idx:
+        reader.read(key)  # raises the RecordIOError that names the index file and the key
+    offset = reader.idx[key]
+    fh = reader._handle()
+    fh.seek(offset)
+    head = fh.read(8 + _IR_SIZE)
+    value: float | None = None
+    if len(head) == 8 + _IR_SIZE:
+        magic, lrec = struct.unpack("<II", head[:8])
+        flag, label, _, _ = struct.unpack(_IR_FORMAT, head[8:])
+        # Only a whole first part that holds the full IRHeader can be decoded from these bytes.
+        if magic == MAGIC and (lrec & ((1 << 29) - 1)) >= _IR_SIZE and flag == 0:
+            value = label
+    if value is None:
+        header, _ = reader.read_header(key)  # array labels, split or malformed records: the full path
+        value = float(np.asarray(header.label).ravel()[0]) if header.flag > 0 else float(header.label)
+    if not math.isfinite(value) or value != int(value) or value < 0:
+        raise RecordIOError(f"{reader.rec_path}: record {key} at byte {offset}: identity label {value!r} is not a "
+                            "whole number >= 0")
+    return int(value)
 
-    With a header record 0 (flag > 0), images are keys 1..first_identity_record-1; without one, every key.
-    """
-    keys: Sequence[int]
+
+def image_keys(reader: RecordReader) -> list[int]:
+    """The image record keys of an insightface ``.rec``, in file order: with a header record 0 (flag > 0), keys
+    1..first_identity_record-1; without one, every key. Row i of a keypoint sidecar belongs to key ``[i]``."""
     if 0 in reader:
         header, _ = reader.read_header(0)
         if header.flag > 0:
-            first_id_record = int(np.asarray(header.label).ravel()[0])
-            keys = list(range(1, first_id_record))
-        else:
-            keys = reader.keys
-    else:
-        keys = reader.keys
+            return list(range(1, int(np.asarray(header.label).ravel()[0])))
+    return list(reader.keys)
+
+
+def face_record_index(reader: RecordReader, bad: list[str] | None = None) -> tuple[list[int], np.ndarray]:
+    """(image record keys, their identity labels) of an insightface ``.rec``.
+
+    With a header record 0 (flag > 0), images are keys 1..first_identity_record-1; without one, every key.
+    Labels must be whole numbers >= 0, and no label may exceed twice the number of identities (one stray
+    100000 among 7,705 identities would otherwise make a 100,001-way classifier): a violation raises a
+    :class:`RecordIOError` naming the file and record. Given a list ``bad``, records whose head or label is bad
+    are appended to it (one message each) and left out of the index instead (``lafs data check``,
+    ``data.max_bad_records``).
+    """
+    keys = image_keys(reader)
     # Labels come from the 32-byte record heads: building the index never reads the image bytes.
-    labels = np.fromiter((reader.read_label(key) for key in keys), dtype=np.int64, count=len(keys))
-    return list(keys), labels
+    good_keys: list[int] = []
+    labels: list[int] = []
+    for key in keys:
+        try:
+            labels.append(reader.read_label(key))
+        except RecordIOError as err:
+            if bad is None:
+                raise
+            bad.append(str(err))
+            continue
+        good_keys.append(key)
+    label_arr = np.asarray(labels, dtype=np.int64)
+    if len(label_arr):
+        distinct = len(np.unique(label_arr))
+        if int(label_arr.max()) + 1 > 2 * distinct:
+            where = int(np.argmax(label_arr))
+            key = good_keys[where]
+            raise RecordIOError(
+                f"{reader.rec_path}: record {key} at byte {reader.idx[key]}: identity label {int(label_arr.max())} "
+                f"but only {distinct} identities in the file: labels must run 0..K-1 (a stray label would make a "
+                f"{int(label_arr.max()) + 1}-way classifier)")
+    return good_keys, label_arr

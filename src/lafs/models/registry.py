@@ -105,6 +105,11 @@ IRESNET_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+# architecture sizes: a 0, negative or fractional value would build a broken model (or none) without a word
+POSITIVE_INTS = frozenset({"depth", "width", "dim", "heads", "dim_head", "mlp_dim", "img_size", "patch_size",
+                           "embedding_size", "num_landmarks", "num_keypoints"})
+
+
 @dataclass(frozen=True)
 class BackboneEntry:
     name: str
@@ -124,7 +129,12 @@ class BackboneEntry:
                 f"backbone {self.name!r} does not take option(s) {', '.join(bad)}; "
                 f"it takes: {', '.join(self.options)}"
             )
-        return {**self.defaults, **self.sizes[size], **overrides}
+        merged = {**self.defaults, **self.sizes[size], **overrides}
+        for key in sorted(POSITIVE_INTS & merged.keys()):
+            value = merged[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KeyError(f"backbone {self.name!r}: model.{key} must be a whole number >= 1, got {value!r}")
+        return merged
 
     def build(self, size: str, **overrides: Any) -> nn.Module:
         return self.builder(**self.kwargs(size, **overrides))
