@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import _umask
+
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _IR_FORMAT = "<IfQQ"
@@ -196,12 +198,6 @@ class RecordReader:
             if isinstance(err, RecordIOError):
                 raise
             raise RecordIOError(f"{self.rec_path}: record {key} at byte {self.idx[key]}: {err}") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _exclusive_temp(target: Path):
