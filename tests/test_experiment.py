@@ -402,3 +402,19 @@ def test_shipped_grids_expand_and_agree_on_shared_runs(tmp_path):
     assert {"fewshot", "lafs-ablation", "fewshot-equal-steps"} <= users["pretrain_lafs_part_fvit_s0"]
     assert {"lafs-ablation", "fewshot-equal-steps"} <= users["finetune678_part_fvit_lafs_2shot_s0"]
     assert {"fewshot", "dino-drift"} <= users["finetune_fvit_dino_2shot_s0"]
+
+
+def test_a_claim_appears_with_its_pid_and_an_unwritten_one_is_not_taken_over(tmp_path):
+    import os
+
+    folder = tmp_path / "run"
+    assert ex.claim(folder) is None
+    assert (folder / ex.CLAIM).read_text() == str(os.getpid())  # whole from the first moment (hard link)
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    (folder / ex.CLAIM).write_text("")  # a claim whose pid is not yet written (the old two-step writer)
+    assert ex.claim(folder) == -1  # held, not taken over
+    old = os.stat(folder / ex.CLAIM).st_mtime - ex.CLAIM_GRACE_S - 1
+    os.utime(folder / ex.CLAIM, (old, old))
+    assert ex.claim(folder) is None  # past the grace period it is stale
+    (folder / ex.CLAIM).write_text("999999999")  # a dead runner's claim
+    assert ex.claim(folder) is None

@@ -178,6 +178,9 @@ class TrainConfig:
     channels_last: bool = True
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto
+    # how long a collective waits for a missing rank (a stopped or hung process) before the run fails with an
+    # error instead of stalling: torch's default is 30 minutes; lower it where steps are short
+    dist_timeout_minutes: float = 30.0
     log_every: int = 10
     val_every: int = 0  # optimizer steps; 0 = at the end only
     ckpt_every: int = 0  # optimizer steps; 0 = at the end of every epoch

@@ -37,6 +37,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,28 +271,45 @@ def _alive(pid: int) -> bool:
     return True
 
 
+CLAIM_GRACE_S = 30.0  # an unreadable claim younger than this may be a writer of the old format mid-write
+
+
 def claim(folder: Path) -> int | None:
     """Claim a run folder for this runner: ``None`` when claimed, else the pid of the live runner holding it.
 
     Runners started side by side on one machine (grids sharing a root, or one grid's seeds in two lanes) must not
-    train the same run twice at once; a claim whose runner has died is taken over."""
+    train the same run twice at once; a claim whose runner has died is taken over. The claim appears with its pid
+    already in it (written to a private file, then hard-linked into place, which fails if a claim exists), so no
+    runner ever reads a claim whose pid is not yet written and takes it over; an unreadable claim counts as held
+    (pid -1) for ``CLAIM_GRACE_S`` seconds, then as stale."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CLAIM
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CLAIM}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        while True:
             try:
-                pid = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
+                os.link(tmp, path)
+                return None
+            except FileExistsError:
+                pass
+            try:
+                text = path.read_text().strip()
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            try:
+                pid = int(text)
+            except ValueError:
+                if age < CLAIM_GRACE_S:
+                    return -1
                 pid = 0
             if pid and pid != os.getpid() and _alive(pid):
                 return pid
             path.unlink(missing_ok=True)  # stale: its runner is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def run_grid(runs: list[Run], root: str | Path, log=print, only=None, poll: float = 30.0) -> dict:

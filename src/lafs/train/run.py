@@ -133,7 +133,9 @@ def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask
 def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
     """Run (or resume) the run described by ``cfg``: supervised training / finetuning, or self-supervised
     pretraining (DINO / LAFS, labels unused) when ``ssl.method`` is set."""
-    env = setup(cfg.train.device)
+    if not cfg.train.dist_timeout_minutes > 0:
+        raise ConfigError(f"train.dist_timeout_minutes must be > 0, got {cfg.train.dist_timeout_minutes}")
+    env = setup(cfg.train.device, cfg.train.dist_timeout_minutes)
     try:
         # identical initial weights on every rank (DDP also broadcasts them); then per-rank random streams
         torch.manual_seed(cfg.train.seed)
