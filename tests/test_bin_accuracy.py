@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from lafs.checkpoint import write_checkpoint
 from lafs.config import load_config, to_yaml
 from lafs.data.pairs import write_bin
 from lafs.data.synthetic import SyntheticFaces
 from lafs.embedder import load_embedder
 from lafs.eval.verification import evaluate_bin
 from lafs.models import build_backbone
-from lafs.train.checkpoint import atomic_save
 
 SEED = 1234
 PAIRS = 100  # 10 per fold; genuine and impostor alternate
@@ -65,7 +65,7 @@ def _fixed_checkpoint(path, model):
     backbone = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides())
     state = {"config": to_yaml(cfg), "model": {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
              "step": 0}
-    return atomic_save(state, path)
+    return write_checkpoint(state, path)
 
 
 @pytest.mark.parametrize(("model", "thresholds"), sorted(EXPECTED))

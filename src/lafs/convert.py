@@ -572,8 +572,8 @@ def _sha256(path: Path) -> str:
 
 def convert_file(src: str | Path, out: str | Path, fmt: str | None = None) -> Converted:
     """Convert ``src`` into the lafs checkpoint ``out`` and write ``MODEL_CARD.md`` beside it."""
+    from .checkpoint import write_checkpoint
     from .io import atomic_write_bytes
-    from .train.checkpoint import atomic_save
 
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
@@ -589,7 +589,7 @@ def convert_file(src: str | Path, out: str | Path, fmt: str | None = None) -> Co
     if meta_path:
         conv.notes.append(f"config beside the weights: {meta_path}")
     text = _config_text(conv, out)
-    atomic_save({"config": text, "model": {f"backbone.{k}": v for k, v in conv.state.items()}, "step": 0,
+    write_checkpoint({"config": text, "model": {f"backbone.{k}": v for k, v in conv.state.items()}, "step": 0,
                  "converted": {"source": str(src.resolve()), "sha256": conv.sha256, "format": conv.fmt,
                                "entry": entry, "dropped": conv.dropped, "notes": conv.notes}}, out)
     atomic_write_bytes(card, model_card(conv, out, text).encode())

@@ -68,15 +68,13 @@ def _data(num_identities: int, val_pairs: int, seed: int) -> list[str]:
 
 
 def _run(overrides: list[str], progress: bool, log) -> tuple[dict, Path]:
-    from .train.loop import checkpoints_in
+    from .checkpoint import best_or_latest
     from .train.run import train
 
     cfg = load_config(None, overrides)
     start = time.perf_counter()
     result = train(cfg, progress=progress)
-    ckpts = Path(cfg.out_dir) / "checkpoints"
-    best = ckpts / "best.pt"
-    ckpt = best if best.is_file() else checkpoints_in(ckpts)[-1]
+    ckpt = best_or_latest(Path(cfg.out_dir) / "checkpoints")
     log(f"  {Path(cfg.out_dir).name}: {result.step} steps in {time.perf_counter() - start:.0f} s")
     return {"seconds": time.perf_counter() - start, "steps": result.step, "val": result.val}, ckpt
 
@@ -94,15 +92,14 @@ def _heldout_faces(img_size: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
 
 def _landmark_picture(stage1_ckpt: Path, seed: int) -> bytes:
     """Held-out faces with the landmarks of the CNN at initialisation (top) and after stage 1 (bottom)."""
-    from .embedder import load_backbone
+    from .checkpoint import read_checkpoint, stored_config
+    from .embedder import backbone_from_state
     from .models import build_backbone
     from .viz import landmark_overlay, png_bytes, tile
 
-    after, _ = load_backbone(stage1_ckpt)
-    from .io_safe import load_checkpoint
-
-    state = load_checkpoint(stage1_ckpt)
-    cfg = load_config(text=state["config"], source=str(stage1_ckpt))
+    state = read_checkpoint(stage1_ckpt, need_model=True)
+    after, _ = backbone_from_state(stage1_ckpt, state, "cpu")
+    cfg = stored_config(stage1_ckpt, state)
     torch.manual_seed(cfg.train.seed)  # the run's own initialisation
     before = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides()).eval()
     x, small = _heldout_faces(before.img_size, seed)

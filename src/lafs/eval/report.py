@@ -271,27 +271,27 @@ def checkpoint_config(model_path: str | Path):
     untrained architecture and to find the run's training images."""
     import warnings
 
+    from ..checkpoint import config_text
     from ..config import load_config
-    from ..io_safe import CONFIG_FILE, UnsafeFileError, load_checkpoint, safetensors_folder
+    from ..io_safe import CONFIG_FILE, UnsafeFileError, safetensors_folder
 
     path = Path(model_path)
     if path.suffix == ".onnx":
         return None, f"{path.name} is an ONNX model, without the run config its architecture is built from"
     folder = safetensors_folder(path)
     if folder is not None:  # lafs export --safetensors: the run config sits beside the weights
-        config = folder / CONFIG_FILE
-        return load_config(text=config.read_text(), source=str(config)), ""
+        return load_config(text=config_text(path), source=str(folder / CONFIG_FILE)), ""
     try:
         with warnings.catch_warnings():  # torch.load warns before handing a TorchScript archive to torch.jit.load
             warnings.simplefilter("ignore")
-            state = load_checkpoint(path)
+            text = config_text(path)
     except UnsafeFileError:
         raise
     except (ValueError, OSError) as err:
         return None, f"{path.name} is not a lafs checkpoint ({type(err).__name__})"
-    if not isinstance(state, dict) or not isinstance(state.get("config"), str):
+    if text is None:
         return None, f"{path.name} is not a lafs checkpoint with its run config (TorchScript?)"
-    return load_config(text=state["config"], source=f"the config stored in {path}"), ""
+    return load_config(text=text, source=f"the config stored in {path}"), ""
 
 
 def untrained_embedder(cfg, model_hash: str = "", device="cpu"):
