@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lafs.eval.ijb as ijb_module
-from lafs.data.align import ARCFACE_TEMPLATE, align_face
+from lafs.data.align import align_face
 from lafs.eval.ijb import (
     FARS,
     evaluate_ijb,
@@ -32,6 +32,7 @@ from lafs.eval.ijb import (
     template_groups,
     template_rows,
 )
+from lafs.geometry import ARCFACE_TEMPLATE
 
 # --- fixture ----------------------------------------------------------------------------------------------------------
 
@@ -573,8 +574,8 @@ def test_score_ijb_modes_and_flip_features(ijb):
 
 
 def test_embed_ijb_gives_keypoint_models_the_aligned_points(ijb):
-    from lafs.data.align import ARCFACE_TEMPLATE, estimate_similarity, flip_keypoints, transform_points
     from lafs.eval.ijb import embed_ijb
+    from lafs.geometry import estimate_similarity, flip_keypoints, transform_points
 
     root, info = ijb
     meta = load_ijb_meta(root, "ijbc")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lafs.data.align import ARCFACE_TEMPLATE, FLIP_ORDER, align_face, flip_keypoints, transform_points
+from lafs.data.align import align_face
 from lafs.eval.robustness import (
     affine_sensitivity,
     alignment_affines,
@@ -18,6 +18,7 @@ from lafs.eval.robustness import (
     warp_crops,
 )
 from lafs.eval.verification import embed_images
+from lafs.geometry import ARCFACE_TEMPLATE, FLIP_ORDER, flip_keypoints, transform_points
 
 
 def similarity(scale, angle_deg, tx, ty, centre=55.5):

@@ -53,7 +53,7 @@ class Embedder:
     threshold: float | None = None  # cosine decision threshold stored with the model (its latest validation)
     threshold_source: str = ""
     precision: str = "fp32"  # "bf16" under autocast: part of the embedding cache key
-    # the face geometry the model was trained in (its config's data.geometry, lafs.data.geometry): `lafs eval`
+    # the face geometry the model was trained in (its config's data.geometry, lafs.geometry): `lafs eval`
     # brings each verification set to it first
     geometry: str | None = None
     # where the weights live, so that lafs.embed / lafs.verify move images there (set by lafs.load)

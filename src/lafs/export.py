@@ -103,7 +103,7 @@ def _require(check: bool):
 
 def random_inputs(img_size: int, batch: int, keypoints: bool, seed: int = SEED) -> tuple[Tensor, ...]:
     """The seeded check batch: images uniform in [-1, 1] (+ ArcFace-template keypoints with 1 px noise)."""
-    from .data.align import template
+    from .geometry import template
 
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, img_size, img_size, generator=g) * 2 - 1

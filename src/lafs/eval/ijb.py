@@ -47,8 +47,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..data.align import align_face, estimate_similarity_batch, template, transform_points_batch
+from ..data.align import align_face
 from ..data.datasets import decode_image
+from ..geometry import estimate_similarity_batch, template, transform_points_batch
 from .verification import auc_from_counts, embed_images, roc_counts
 
 __all__ = [

@@ -64,11 +64,12 @@ def set_embeddings(embed_fn, bin_path: str | Path, model_hash: str, *, color: st
 
 def set_in_geometry(images: torch.Tensor, kps, bin_path: str | Path, geometry: str | None,
                     keypoints_path: str | Path | None = None, log=print):
-    """A verification set brought to a model's training geometry (``lafs.data.geometry.to_geometry``): one
+    """A verification set brought to a model's training geometry (``lafs.data.align.to_geometry``): one
     similarity from the set's mean keypoints (``keypoints_path`` or the sidecar; else the ArcFace template)."""
     if geometry is None:
         return images, kps
-    from ..data.geometry import get_geometry, to_geometry
+    from ..data.align import to_geometry
+    from ..geometry import get_geometry
 
     if kps is None and (keypoints_path or sidecar_keypoints(bin_path).is_file()):
         moved_kps = load_set_keypoints(bin_path, keypoints_path, len(images))

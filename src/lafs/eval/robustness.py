@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.align import estimate_similarity_batch, template, transform_points_batch
+from ..geometry import estimate_similarity_batch, template, transform_points_batch
 from .verification import embed_images, ten_fold_accuracy
 
 INTERPOLATIONS = ("similarity", "linear")

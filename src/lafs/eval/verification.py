@@ -51,9 +51,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.align import flip_keypoints
 from ..data.datasets import decode_image, to_model_range
 from ..data.pairs import read_bin
+from ..geometry import flip_keypoints
 
 
 def roc_counts(scores, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -437,7 +437,7 @@ def embed_images(
     ``model.eval()`` first, or dropout and batch-norm statistics change the embeddings.
 
     ``keypoints`` (N x 5 x 2 pixels of ``images``), for keypoint-aware models: ``embed_fn(x, keypoints=k)`` is called,
-    and the flipped batch gets the flipped keypoints (``data.align.flip_keypoints``: mirrored x, left/right swapped).
+    and the flipped batch gets the flipped keypoints (``lafs.geometry.flip_keypoints``: mirrored x, left/right swapped).
     """
     if flip_mode not in ("sum", "concat"):
         raise ValueError(f"flip_mode must be 'sum' or 'concat', got {flip_mode!r}")
