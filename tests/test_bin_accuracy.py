@@ -16,7 +16,7 @@ from lafs.config import load_config, to_yaml
 from lafs.data.pairs import write_bin
 from lafs.data.synthetic import SyntheticFaces
 from lafs.embedder import load_embedder
-from lafs.eval.verification import evaluate_bin
+from lafs.eval.embedding import evaluate_bin
 from lafs.models import build_backbone
 
 SEED = 1234

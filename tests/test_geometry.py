@@ -128,7 +128,7 @@ def test_a_model_trained_in_a_geometry_embeds_arcface_crops_in_it(tmp_path):
     from conftest import train_tiny
 
     from lafs.embedder import load_embedder
-    from lafs.eval.verification import embed_images
+    from lafs.eval.embedding import embed_images
     from lafs.inference import embed_crops
 
     model = load_embedder(train_tiny(tmp_path, "data.geometry=celeba64"))

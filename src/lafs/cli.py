@@ -60,9 +60,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     import torch
 
     from .data.datasets import RecordDataset
+    from .eval.embedding import embed_images
     from .eval.floors import PCAWhitening, raw_pixel_embeddings
     from .eval.probe import probe_features, split_probe_gallery
-    from .eval.verification import embed_images
     from .io import atomic_write_bytes
 
     rec = Path(args.data)

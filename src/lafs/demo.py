@@ -126,7 +126,8 @@ def _attention_picture(ckpt: Path, seed: int) -> bytes:
 def _evaluate(ckpt: Path, sets: dict) -> dict:
     """Per set ``name -> (images, issame)``: 10-fold accuracy, AUC, TAR@FAR, and the distances for the ROC picture."""
     from .embedder import load_embedder
-    from .eval.verification import embed_images, pair_distances, ten_fold_accuracy
+    from .eval.embedding import embed_images
+    from .eval.metrics import pair_distances, ten_fold_accuracy
 
     emb = load_embedder(ckpt)
     out = {}
@@ -145,8 +146,8 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
 
     ``lfw``: a path, ``None`` (``../shared/data/lfw/lfw.bin`` when present) or ``False`` (no LFW evaluation)."""
     from .data.fewshot import save_index
+    from .data.pairs import load_bin
     from .data.synthetic import SyntheticFaces, synthetic_pairs
-    from .eval.verification import load_bin
     from .viz import roc_png
 
     if budget_minutes <= 0:

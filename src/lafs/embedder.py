@@ -34,6 +34,7 @@ import torch
 
 from .checkpoint import backbone_weights, read_checkpoint, stored_config, stored_threshold
 from .data.datasets import resize_keypoints, to_model_input
+from .io import file_hash
 from .io_safe import CONFIG_FILE, SAFETENSORS_FILE, safetensors_folder
 
 
@@ -67,15 +68,6 @@ class Embedder:
         if keypoints is None:
             raise ValueError(f"{self.description} needs keypoints (B x K x 2 pixels) with the images")
         return self.fn(x, resize_keypoints(keypoints, width, x.shape[-1]))
-
-
-def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of the file's bytes (first 16 hex digits): the same weights give the same cache key."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def backbone_from_state(path: Path, state: dict, device) -> tuple[torch.nn.Module, str]:

@@ -20,7 +20,7 @@ The graph:
 - the batch axis B is dynamic (traced at one batch size, checked at another).
 
 Metadata (``metadata_props``): ``lafs_model`` (name-size), ``img_size``, ``uses_keypoints``, ``embedding_size``,
-``lafs_checkpoint_sha256`` (the first 16 hex digits of the checkpoint's SHA-256, :func:`lafs.embedder.file_hash`,
+``lafs_checkpoint_sha256`` (the first 16 hex digits of the checkpoint's SHA-256, :func:`lafs.io.file_hash`,
 the key of ``lafs eval``'s cache), ``lafs_description``, ``lafs_input`` (the input contract above, in words) and,
 when the checkpoint stores a validation, ``lafs_threshold`` / ``lafs_threshold_source`` (its cosine decision
 threshold, :func:`lafs.checkpoint.stored_threshold`, which ``load_embedder`` gives back for ``lafs verify``).
@@ -62,7 +62,8 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import read_checkpoint, stored_threshold
-from .embedder import backbone_from_state, file_hash, load_backbone, model_hash
+from .embedder import backbone_from_state, load_backbone, model_hash
+from .io import file_hash
 
 RELATIVE_TOLERANCE = 1e-3  # of max(1, largest |embedding| value); see the module docstring
 MIN_COSINE = 0.9999

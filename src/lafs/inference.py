@@ -18,7 +18,7 @@ import torch
 
 from .data.align import align_face, align_keypoints
 from .data.datasets import decode_image
-from .eval.verification import embed_images
+from .eval.embedding import embed_images
 from .geometry import template
 
 ALIGNED_SIZE = 112

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import FORMAT, checkpoints_in, read_training_checkpoint, rng_state, set_rng_state, write_checkpoint
 from ..config import to_yaml
 from ..data.sampler import EpochBatchSampler
-from ..eval.verification import evaluate_pairs
+from ..eval.embedding import evaluate_pairs
 from ..heads.partial_fc import PartialFC
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
 from ..io import atomic_write_bytes

@@ -80,8 +80,7 @@ def build_val_sets(cfg, log=print) -> dict:
     """name -> (uint8 images N x 3 x H x W, issame, keypoints or None): the ``.bin`` files (keypoints from their
     ``<stem>_kps.npy`` sidecar when the model uses them), or held-out synthetic identities. With ``data.geometry``
     each set is first brought to the training geometry (``lafs.data.align.to_geometry``)."""
-    from ..eval.report import load_set_keypoints, sidecar_keypoints
-    from ..eval.verification import load_bin
+    from ..data.pairs import load_bin, load_set_keypoints, sidecar_keypoints
 
     d = cfg.data
     sets = {}
