@@ -6,6 +6,8 @@ expected values were recorded from the unmodified code (main at fa5c368) before 
 geometry and the evaluation pipe were moved, so any change to the numerics shows up here.
 """
 
+import sys
+
 import cv2
 import numpy as np
 import pytest
@@ -82,3 +84,29 @@ def test_fixed_bin_accuracy_is_unchanged(tmp_path, model, thresholds):
             assert got[key] == expected[key]
         else:
             assert got[key] == pytest.approx(expected[key], rel=1e-6)
+
+
+# the rooms of the layout a .bin passes through; lafs.io_safe (the safe unpickler) and lafs.geometry are shared
+# low-level helpers, not rooms
+ROOMS = {"lafs.data": "data", "lafs.eval.embedding": "embedding", "lafs.eval.metrics": "metrics"}
+LOW_LEVEL = ("lafs.io", "lafs.io_safe", "lafs.geometry")
+
+
+def test_a_bin_reaches_its_accuracy_through_three_rooms(tmp_path):
+    path = _fixed_bin(tmp_path / "fixed.bin")
+    entered: set[str] = set()
+
+    def profile(frame, event, arg):
+        module = frame.f_globals.get("__name__", "")
+        if event == "call" and module.startswith("lafs"):
+            entered.add(module)
+
+    sys.setprofile(profile)
+    try:  # any embedding function will do: the pipe, not the model, is under test
+        result = evaluate_bin(lambda x: x.mean(dim=(2, 3)), path)
+    finally:
+        sys.setprofile(None)
+    rooms = {room for module in entered for prefix, room in ROOMS.items() if module.startswith(prefix)}
+    others = {m for m in entered if not m.startswith(tuple(ROOMS)) and m not in LOW_LEVEL}
+    assert rooms == {"data", "embedding", "metrics"} and others == set(), (rooms, others)
+    assert result["pairs"] == PAIRS

@@ -72,3 +72,38 @@ def test_a_forbidden_import_is_named(tmp_path):
         "lafs.eval.y (line 2) imports lafs.train: eval -> train is against the layout",
         "lafs.models.x (line 2) imports lafs.data.align: models -> data is against the layout",
     ]
+
+
+# Opening a checkpoint: lafs.io_safe holds the safe loaders and lafs.checkpoint is their one caller. lafs convert
+# reads *foreign* weight files (released state dicts, whose pickles may name argparse.Namespace), not lafs
+# checkpoints, so its own weights_only torch.load is the one exception.
+CHECKPOINT_LOADERS = {"load_checkpoint", "read_safetensors_folder", "load"}  # `load` as in torch.load
+READER = "lafs.checkpoint"
+FOREIGN_WEIGHTS = {"lafs.convert": {"load"}}
+
+
+def checkpoint_readers(root: Path = SRC) -> dict[str, set[str]]:
+    """Module -> the checkpoint loaders it calls (``torch.load(...)``, ``io_safe.load_checkpoint(...)``, ...)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        module = _module_name(path, root)
+        if module == "lafs.io_safe":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            # torch.load only when called on torch; the io_safe loaders by name
+            if name == "load" and not (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
+                                       and f.value.id == "torch"):
+                continue
+            if name in CHECKPOINT_LOADERS:
+                found.setdefault(module, set()).add(name)
+    return found
+
+
+def test_one_checkpoint_reader():
+    readers = checkpoint_readers()
+    assert {m: names for m, names in readers.items() if m != READER and FOREIGN_WEIGHTS.get(m) != names} == {}
+    assert readers[READER] == {"load_checkpoint", "read_safetensors_folder"}
