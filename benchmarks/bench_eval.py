@@ -2,7 +2,7 @@
 
 1. **10-fold verification** on ``--pairs`` (6,000, LFW's size) pairs of random 512-d unit embeddings with a
    realistic separation: genuine cosine ~ N(0.5, 0.15), impostor cosine ~ N(0.05, 0.07), each pair built with
-   exactly that cosine. ``lafs.eval.verification.ten_fold_accuracy`` (reference grid ``arange(0, 4, 0.01)``; it
+   exactly that cosine. ``lafs.eval.metrics.ten_fold_accuracy`` (reference grid ``arange(0, 4, 0.01)``; it
    also computes VAL@FAR on a 4,000-threshold grid, AUC, EER and TAR@FAR) against the insightface
    ``calculate_roc`` loop: per fold, per each of the 400 thresholds, the training-fold accuracy with numpy
    (tp/fp/tn/fn sums, as ``calculate_accuracy``), best threshold, test. The loop here omits insightface's
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from lafs.eval.identification import identification_ranks, rank_k_loop
-from lafs.eval.verification import pair_distances, ten_fold_accuracy
+from lafs.eval.metrics import pair_distances, ten_fold_accuracy
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lafs.data.synthetic import SyntheticConfig, SyntheticFaces, raw_pixel_pair_scores, synthetic_pairs
-from lafs.eval.verification import roc_auc
+from lafs.eval.metrics import roc_auc
 from lafs.heads import build_head
 from lafs.models import build_backbone
 

@@ -27,8 +27,8 @@ TINY_RUN = ["model.size=micro", "model.dropout=0.0", "model.emb_dropout=0.0", "m
 
 def train_tiny(out: Path, *overrides: str) -> Path:
     """A 2-step micro training run on synthetic faces (for tests that need a real checkpoint); its last checkpoint."""
+    from lafs.checkpoint import checkpoints_in
     from lafs.config import load_config
-    from lafs.train.loop import checkpoints_in
     from lafs.train.run import train
 
     torch.manual_seed(0)

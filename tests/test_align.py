@@ -6,13 +6,11 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
-from lafs.data.align import (  # noqa: E402
+from lafs.data.align import align_face, align_keypoints, inverse_warp  # noqa: E402
+from lafs.geometry import (  # noqa: E402
     ARCFACE_TEMPLATE,
-    align_face,
-    align_keypoints,
     estimate_similarity,
     estimate_similarity_batch,
-    inverse_warp,
     invert_affine,
     template,
     transform_points,

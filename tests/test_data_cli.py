@@ -72,7 +72,7 @@ def test_subset_writes_index_and_report(tmp_path, capsys):
 
 
 def test_align_folder_maps_keypoints_to_template(tmp_path):
-    from lafs.data.align import ARCFACE_TEMPLATE
+    from lafs.geometry import ARCFACE_TEMPLATE
 
     folder = _folder(tmp_path, counts=(("p", 1),))
     kps = (ARCFACE_TEMPLATE[None] * 0.2 + 1.0).astype(np.float32)  # a small face in the 24 px image

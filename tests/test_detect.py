@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lafs.data import detect
-from lafs.data.align import transform_points
+from lafs.geometry import transform_points
 
 GREY = np.full((200, 200, 3), 128, np.uint8)
 
@@ -98,9 +98,9 @@ def test_point_mapping_follows_the_face():
 @pytest.mark.shared_data
 def test_cli_detect_writes_the_sidecar_and_handles_misses(shared_data, detector, tmp_path, capsys):
     from lafs.cli import main
-    from lafs.data.align import template
     from lafs.data.datasets import encode_image
     from lafs.data.pairs import write_bin
+    from lafs.geometry import template
 
     with open(shared_data / "lfw" / "lfw_unaligned.bin", "rb") as f:
         jpegs, _ = pickle.load(f)

@@ -14,7 +14,6 @@ from lafs.data.synthetic import SyntheticFaces, synthetic_pairs
 from lafs.embedder import load_embedder
 
 
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from conftest import train_tiny
@@ -81,7 +80,8 @@ def test_embeddings_file_scores_like_the_model(setup, tmp_path, capsys):
     run_eval([str(ckpt), "--sets", str(bin_path), "--out", str(tmp_path / "m"), "--no-cache"], capsys)
     model = json.loads((tmp_path / "m" / "eval.json").read_text())["results"][0]
     # the same embeddings computed by hand (flip sum), saved, and scored through --embeddings
-    from lafs.eval.verification import embed_images, load_bin
+    from lafs.data.pairs import load_bin
+    from lafs.eval.embedding import embed_images
 
     emb = embed_images(load_embedder(ckpt), load_bin(bin_path)[0]).numpy()
     np.save(tmp_path / "emb.npy", emb)
@@ -177,8 +177,8 @@ def test_ijb_from_the_cli_matches_the_library_and_caches(tmp_path, capsys):
 
 
 def test_identification_folder_from_the_cli(tmp_path, capsys):
+    from lafs.eval.embedding import embed_images
     from lafs.eval.identification import rank_k
-    from lafs.eval.verification import embed_images
 
     faces = SyntheticFaces(6, seed=5)
     layout = {"gallery": [(i, 0) for i in range(6)], "probe": [(i, j) for i in range(5) for j in (1, 2)]}

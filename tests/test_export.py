@@ -14,8 +14,9 @@ ort = pytest.importorskip("onnxruntime", reason='needs the onnx extra: pip insta
 import onnx  # noqa: E402
 
 from lafs import export as export_mod  # noqa: E402
-from lafs.embedder import file_hash, load_backbone, load_embedder  # noqa: E402
+from lafs.embedder import load_backbone, load_embedder  # noqa: E402
 from lafs.export import export_onnx, random_inputs  # noqa: E402
+from lafs.io import file_hash  # noqa: E402
 
 MODELS = {  # part_fvit validates, so its checkpoint stores a verification threshold
     "part_fvit": ["model.name=part_fvit", "data.val_pairs=40", "data.val_identities=8"],

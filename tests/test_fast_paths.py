@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lafs.checkpoint import checkpoints_in
 from lafs.config import load_config
 from lafs.models import build_backbone
 from lafs.models.dropout import Dropout, dropout, keep_mask, stock_dropout
 from lafs.models.vit import Attention
-from lafs.train.loop import checkpoints_in
 from lafs.train.optim import build_optimizer
 from lafs.train.run import train
 

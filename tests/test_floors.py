@@ -10,9 +10,11 @@ import torch
 from test_eval_cli import _pool_model, run_eval, setup  # noqa: F401  (setup: the tiny checkpoint and toy.bin)
 
 from lafs.config import load_config
+from lafs.data.pairs import load_bin
 from lafs.data.recordio import write_face_records
 from lafs.data.synthetic import SyntheticFaces
 from lafs.eval import report
+from lafs.eval.embedding import evaluate_pairs
 from lafs.eval.floors import (
     PCAWhitening,
     floor_accuracies,
@@ -20,7 +22,6 @@ from lafs.eval.floors import (
     raw_pixel_embeddings,
     subsample_indices,
 )
-from lafs.eval.verification import evaluate_pairs, load_bin
 
 
 def symmetric_images(n: int, seed: int = 0, size: int = 2) -> torch.Tensor:

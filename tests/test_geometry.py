@@ -1,4 +1,5 @@
-"""Face geometry: a set of crops brought to the training geometry by one similarity (lafs.data.geometry)."""
+"""Face geometry: a set of crops brought to the training geometry by one similarity (lafs.geometry,
+lafs.data.align.to_geometry)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import pytest
 import torch
 
 from lafs.config import load_config
-from lafs.data.align import estimate_similarity, template, transform_points
+from lafs.data.align import to_geometry, warp_images
 from lafs.data.datasets import encode_image
-from lafs.data.geometry import GEOMETRIES, Geometry, get_geometry, set_geometry, to_geometry, warp_images
 from lafs.data.pairs import write_bin
+from lafs.geometry import (
+    GEOMETRIES,
+    Geometry,
+    estimate_similarity,
+    get_geometry,
+    set_geometry,
+    template,
+    transform_points,
+)
 
 
 def _dots(points: np.ndarray, size: int) -> np.ndarray:
@@ -119,7 +128,7 @@ def test_a_model_trained_in_a_geometry_embeds_arcface_crops_in_it(tmp_path):
     from conftest import train_tiny
 
     from lafs.embedder import load_embedder
-    from lafs.eval.verification import embed_images
+    from lafs.eval.embedding import embed_images
     from lafs.inference import embed_crops
 
     model = load_embedder(train_tiny(tmp_path, "data.geometry=celeba64"))

@@ -11,7 +11,7 @@ from lafs.eval.identification import (
     rank_k_loop,
     tinyface_identification,
 )
-from lafs.eval.verification import verification_metrics
+from lafs.eval.metrics import verification_metrics
 
 
 def _identities(n_ids=30, per_id=4, n_probe=60, n_distract=300, dim=16, noise=1.0, seed=0, dtype=np.float64):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lafs.eval.ijb as ijb_module
-from lafs.data.align import ARCFACE_TEMPLATE, align_face
+from lafs.data.align import align_face
 from lafs.eval.ijb import (
     FARS,
     evaluate_ijb,
@@ -32,6 +32,7 @@ from lafs.eval.ijb import (
     template_groups,
     template_rows,
 )
+from lafs.geometry import ARCFACE_TEMPLATE
 
 # --- fixture ----------------------------------------------------------------------------------------------------------
 
@@ -323,6 +324,29 @@ def test_tar_at_far_matches_python_reference_with_ties(seed):
     assert floor == {f: _floor_tar_py(scores.tolist(), labels.tolist(), f) for f in fars}
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_floor_rule_is_the_one_tar_rule(seed):
+    """IJB's floor rule, verification's TAR@FAR and MegaFace's (a streamed top-k of impostors) are one rule,
+    ``metrics.tar_at_far``: the same TAR and FAR reached at every target, ties and exact ROC points included."""
+    from lafs.eval.metrics import tar_at_far as one_rule
+    from lafs.eval.metrics import verification_metrics
+
+    rng = np.random.default_rng(seed)
+    labels = rng.random(500) < 0.3
+    scores = np.round(rng.normal(size=500) + 1.5 * labels, 1)  # heavy ties
+    n_neg = int((~labels).sum())
+    fars = (0.0, 1e-3, 0.01, 3 / n_neg, 0.1, 0.5, 1.0)
+    tar, far, thr = one_rule(scores[labels], scores[~labels], fars, kind="similarity")
+    ijb = roc_1to1(scores, labels.astype(int), fars, rule="floor")
+    assert {f: ijb["tar_at_far"][f"{f:g}"] for f in fars} == tar
+    assert {f: ijb["fpr_at_far"][f"{f:g}"] for f in fars} == far
+    ver = verification_metrics(scores, labels, kind="similarity", far_targets=fars)
+    assert ver["tar_at_far"] == tar and ver["tar_far"] == far and ver["tar_threshold"] == thr
+    keep = np.sort(scores[~labels])[::-1][: int(0.5 * n_neg) + 1]  # the best impostors a streamed pass keeps
+    assert one_rule(scores[labels], keep, fars[:-1], kind="similarity", n_impostor=n_neg) == (
+        {f: tar[f] for f in fars[:-1]}, {f: far[f] for f in fars[:-1]}, {f: thr[f] for f in fars[:-1]})
+
+
 def test_tar_at_far_by_hand_drop_intermediate_matters():
     # 10 impostors, 2 genuine. ROC points (fp, tp): (1,0) (2,0) (3,0) (4,0) (4,1) (5,1) (5,2) ... (10,2).
     # sklearn drops (2,0) and (3,0) (no slope change), so at FAR 0.3 the nearest points are FPR 0.4 (distance 0.1),
@@ -573,8 +597,8 @@ def test_score_ijb_modes_and_flip_features(ijb):
 
 
 def test_embed_ijb_gives_keypoint_models_the_aligned_points(ijb):
-    from lafs.data.align import ARCFACE_TEMPLATE, estimate_similarity, flip_keypoints, transform_points
     from lafs.eval.ijb import embed_ijb
+    from lafs.geometry import estimate_similarity, flip_keypoints, transform_points
 
     root, info = ijb
     meta = load_ijb_meta(root, "ijbc")

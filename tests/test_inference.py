@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from lafs.cli import main
-from lafs.data.align import template
 from lafs.data.synthetic import SyntheticFaces
 from lafs.embedder import load_embedder
+from lafs.geometry import template
 from lafs.inference import embed_files, load_face, verify
+
 
 @pytest.fixture(scope="module")
 def model_and_faces(tmp_path_factory):

@@ -9,8 +9,8 @@ import torch
 
 from lafs.augment.supervised import SupervisedAugment, _geometric_theta, _warp, move_points
 from lafs.config import ConfigError, load_config
-from lafs.data.align import flip_keypoints
 from lafs.data.datasets import resize_keypoints
+from lafs.geometry import flip_keypoints
 from lafs.train.run import build_train_set, model_uses_keypoints, train
 
 BASE = ["model.name=vit_kprpe", "model.size=micro", "model.drop_path=0.0", "data.source=synthetic",
@@ -115,8 +115,8 @@ def test_micro_vit_kprpe_trains_with_adaface_and_keypoints_reach_the_backbone(tm
 
 
 def test_records_without_keypoint_sidecar_are_refused(tmp_path):
-    from lafs.data.recordio import write_face_records
     from lafs.data.datasets import encode_image
+    from lafs.data.recordio import write_face_records
 
     rng = np.random.default_rng(0)
     imgs = [encode_image(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)) for _ in range(4)]

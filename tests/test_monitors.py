@@ -52,8 +52,9 @@ def test_supervised_run_logs_the_backbone_drift_and_resume_keeps_theta_0(tmp_pat
     assert 0 < whole[0]["backbone_drift"] < whole[1]["backbone_drift"]
     # a resumed run rebuilds the task from the seed before loading, so it measures from the same theta_0: the drift
     # of the loaded step-2 weights equals the one logged at step 2
+    from lafs.checkpoint import checkpoints_in
     from lafs.train.distributed import DistEnv
-    from lafs.train.loop import Trainer, checkpoints_in
+    from lafs.train.loop import Trainer
     from lafs.train.run import build_task, build_train_set
 
     cfg = load_config(None, TINY_RUN + ["train.steps=4", f"out_dir={tmp_path / 'a'}"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lafs.checkpoint import checkpoints_in
 from lafs.cli import main
 from lafs.config import ConfigError, load_config
 from lafs.models import build_backbone
@@ -18,7 +19,7 @@ from lafs.models.part_fvit import sample_patches
 from lafs.ssl.dino import momentum_at, weight_decay_at
 from lafs.train.distributed import DistEnv
 from lafs.train.logging import read_metrics
-from lafs.train.loop import Trainer, checkpoints_in
+from lafs.train.loop import Trainer
 from lafs.train.pretrain import build_pretrain_task
 from lafs.train.pretrained import load_pretrained
 from lafs.train.run import build_train_set, train

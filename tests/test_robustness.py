@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lafs.data.align import ARCFACE_TEMPLATE, FLIP_ORDER, align_face, flip_keypoints, transform_points
+from lafs.data.align import align_face
+from lafs.eval.embedding import embed_images
 from lafs.eval.robustness import (
     affine_sensitivity,
     alignment_affines,
@@ -17,7 +18,7 @@ from lafs.eval.robustness import (
     interpolate_affines,
     warp_crops,
 )
-from lafs.eval.verification import embed_images
+from lafs.geometry import ARCFACE_TEMPLATE, FLIP_ORDER, flip_keypoints, transform_points
 
 
 def similarity(scale, angle_deg, tx, ty, centre=55.5):
@@ -233,7 +234,7 @@ def test_cli_affine_curve_writes_json_and_plot(tmp_path, capsys):
 def test_real_unaligned_lfw_aligns_onto_lfw_bin(shared_data):
     """On the first LFW fold (600 pairs), warping the detector crops of lfw_unaligned.bin with their keypoints lands
     the keypoints exactly where lfw.bin's alignment put them, and the warped crops look like lfw.bin's images."""
-    from lafs.eval.verification import load_bin
+    from lafs.data.pairs import load_bin
 
     lfw = shared_data / "lfw"
     crops, issame_u = load_bin(lfw / "lfw_unaligned.bin")

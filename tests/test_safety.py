@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import TINY_RUN, train_tiny
 
+from lafs.checkpoint import checkpoints_in, rng_state, set_rng_state
 from lafs.cli import main
 from lafs.config import load_config
 from lafs.data.pairs import read_bin, write_bin
@@ -20,7 +21,6 @@ from lafs.data.synthetic import SyntheticFaces, synthetic_pairs
 from lafs.embedder import load_backbone, load_embedder
 from lafs.io_safe import UnsafeFileError, load_array, load_checkpoint
 from lafs.train.logging import read_metrics
-from lafs.train.loop import checkpoints_in, rng_state, set_rng_state
 from lafs.train.pretrained import load_pretrained
 from lafs.train.run import train
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 
+from lafs.checkpoint import checkpoints_in
 from lafs.cli import main
 from lafs.config import ConfigError, load_config
 from lafs.heads import build_head
 from lafs.models import build_backbone
 from lafs.ssl.dino import teacher_temp_at, teacher_temp_at_step
 from lafs.train.logging import read_metrics
-from lafs.train.loop import checkpoints_in
 from lafs.train.optim import lr_at
 from lafs.train.pretrain import build_pretrain_task
 from lafs.train.run import train

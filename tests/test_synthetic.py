@@ -18,7 +18,7 @@ from lafs.data.synthetic import (
     synthetic_pair_indices,
     synthetic_pairs,
 )
-from lafs.eval.verification import roc_auc
+from lafs.eval.metrics import roc_auc
 
 
 # --- shapes and config ----------------------------------------------------------------------------------

@@ -14,13 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lafs.checkpoint import checkpoints_in
 from lafs.config import load_config
 from lafs.data.sampler import EpochBatchSampler
 from lafs.heads import CosFace
 from lafs.models import build_backbone
 from lafs.train.distributed import DistEnv
 from lafs.train.logging import read_metrics
-from lafs.train.loop import NonFiniteLossError, Trainer, checkpoints_in
+from lafs.train.loop import NonFiniteLossError, Trainer
 from lafs.train.optim import lr_at, param_groups, step_schedule
 from lafs.train.pretrained import load_pretrained
 from lafs.train.run import build_task, build_train_set, train

@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lafs.data.pairs import write_bin
-from lafs.eval.verification import (
-    embed_images,
-    evaluate_bin,
-    evaluate_pairs,
-    fold_ids,
-    load_bin,
-    roc_auc,
-    ten_fold_accuracy,
-)
+from lafs.data.pairs import load_bin, write_bin
+from lafs.eval.embedding import embed_images, evaluate_bin, evaluate_pairs
+from lafs.eval.metrics import fold_ids, roc_auc, ten_fold_accuracy
 
 
 def test_roc_auc_by_hand():
@@ -252,7 +245,7 @@ def test_lfw_bin_raw_pixel_baseline(shared_data):
 
 # --- extra metrics, threshold grids, flip modes -----------------------------------------------------------------------
 
-from lafs.eval.verification import pair_distances, reference_thresholds, verification_metrics  # noqa: E402
+from lafs.eval.metrics import pair_distances, reference_thresholds, verification_metrics  # noqa: E402
 
 
 def _overlapping(n, seed, dim=32, noise=1.3, rounding=None):

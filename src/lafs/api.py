@@ -165,7 +165,7 @@ def evaluate(model: ModelLike, bin_path: PathLike, *, batch_size: int = 256, fli
     ``keypoints`` (N x 5 x 2 .npy for keypoint models; default the ``<set>_kps.npy`` sidecar), ``thresholds``
     (``"reference"``: insightface's grid, comparable with papers; ``"exact"``: every midpoint) and ``cache_dir``
     (embedding cache; none by default). Returns ``accuracy``, ``accuracy_std``, ``auc``, ``eer``, ``tar_at_far``,
-    ``threshold``, ``fold_accuracies``, ... (``lafs.eval.verification.ten_fold_accuracy``), with ``name``, ``pairs``
+    ``threshold``, ``fold_accuracies``, ... (``lafs.eval.metrics.ten_fold_accuracy``), with ``name``, ``pairs``
     and ``cached``.
 
     >>> r = lafs.evaluate(model, "../shared/data/lfw/lfw.bin")  # doctest: +SKIP

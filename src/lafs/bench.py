@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .data.align import template
+from .geometry import template
 from .models import build_backbone, complexity
 
 KPRPE_ARMS = (("ViT", "vit"), ("ViT + iRPE", "vit_irpe"), ("ViT + KP-RPE", "vit_kprpe"))

@@ -60,9 +60,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     import torch
 
     from .data.datasets import RecordDataset
+    from .eval.embedding import embed_images
     from .eval.floors import PCAWhitening, raw_pixel_embeddings
     from .eval.probe import probe_features, split_probe_gallery
-    from .eval.verification import embed_images
     from .io import atomic_write_bytes
 
     rec = Path(args.data)
@@ -108,7 +108,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def _probe_geometry(images, kps, geometry: str | None, rec: Path):
     """The records brought to the model's training geometry (from their keypoints; else taken as ArcFace)."""
-    from .data.geometry import get_geometry, to_geometry
+    from .data.align import to_geometry
+    from .geometry import get_geometry
 
     if geometry is None:
         return images
@@ -456,7 +457,7 @@ def cmd_data_detect(args: argparse.Namespace) -> int:
         except ValueError:
             if args.on_miss == "error":
                 raise
-            from .data.align import template
+            from .geometry import template
 
             kps[i] = template(112) * (np.array(img.shape[1::-1]) / 112)  # the crop is taken as aligned
             misses.append(i)

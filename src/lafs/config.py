@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .data.geometry import GEOMETRIES
+from .geometry import GEOMETRIES
 from .io import atomic_write_bytes
 
 
@@ -129,7 +129,7 @@ class DataConfig:
     index: Optional[str] = None  # few-shot / subset index file (.npy of positions, `lafs data subset`)
     val: list[str] = field(default_factory=list)  # .bin verification sets evaluated during training
     val_color: str = choice("rgb", ("rgb", "bgr"))
-    # the face geometry of the training crops (lafs.data.geometry): verification sets in another geometry are
+    # the face geometry of the training crops (lafs.geometry): verification sets in another geometry are
     # brought to it by one similarity per set (from their keypoint sidecar's mean, else the ArcFace template), in
     # training and in `lafs eval` of the checkpoint. None: sets are only resized to the model's input (no warp)
     geometry: Optional[str] = choice(None, (None, *GEOMETRIES), "geometry of the training crops")

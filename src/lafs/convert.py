@@ -40,7 +40,6 @@ from ``teacher``, ``state_dict``, ``model`` or ``student``, in that order.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import math
@@ -562,18 +561,10 @@ def _config_text(conv: Converted, out: Path) -> str:
     return text
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert_file(src: str | Path, out: str | Path, fmt: str | None = None) -> Converted:
     """Convert ``src`` into the lafs checkpoint ``out`` and write ``MODEL_CARD.md`` beside it."""
-    from .io import atomic_write_bytes
-    from .train.checkpoint import atomic_save
+    from .checkpoint import write_checkpoint
+    from .io import atomic_write_bytes, file_hash
 
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
@@ -585,11 +576,11 @@ def convert_file(src: str | Path, out: str | Path, fmt: str | None = None) -> Co
     state, entry = read_weights(src)
     meta, meta_path = read_meta(src)
     conv = convert_state(state, fmt, meta, src)
-    conv.entry, conv.sha256 = entry, _sha256(src)
+    conv.entry, conv.sha256 = entry, file_hash(src, digits=None)
     if meta_path:
         conv.notes.append(f"config beside the weights: {meta_path}")
     text = _config_text(conv, out)
-    atomic_save({"config": text, "model": {f"backbone.{k}": v for k, v in conv.state.items()}, "step": 0,
+    write_checkpoint({"config": text, "model": {f"backbone.{k}": v for k, v in conv.state.items()}, "step": 0,
                  "converted": {"source": str(src.resolve()), "sha256": conv.sha256, "format": conv.fmt,
                                "entry": entry, "dropped": conv.dropped, "notes": conv.notes}}, out)
     atomic_write_bytes(card, model_card(conv, out, text).encode())

@@ -68,15 +68,13 @@ def _data(num_identities: int, val_pairs: int, seed: int) -> list[str]:
 
 
 def _run(overrides: list[str], progress: bool, log) -> tuple[dict, Path]:
-    from .train.loop import checkpoints_in
+    from .checkpoint import best_or_latest
     from .train.run import train
 
     cfg = load_config(None, overrides)
     start = time.perf_counter()
     result = train(cfg, progress=progress)
-    ckpts = Path(cfg.out_dir) / "checkpoints"
-    best = ckpts / "best.pt"
-    ckpt = best if best.is_file() else checkpoints_in(ckpts)[-1]
+    ckpt = best_or_latest(Path(cfg.out_dir) / "checkpoints")
     log(f"  {Path(cfg.out_dir).name}: {result.step} steps in {time.perf_counter() - start:.0f} s")
     return {"seconds": time.perf_counter() - start, "steps": result.step, "val": result.val}, ckpt
 
@@ -94,15 +92,14 @@ def _heldout_faces(img_size: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
 
 def _landmark_picture(stage1_ckpt: Path, seed: int) -> bytes:
     """Held-out faces with the landmarks of the CNN at initialisation (top) and after stage 1 (bottom)."""
-    from .embedder import load_backbone
+    from .checkpoint import read_checkpoint, stored_config
+    from .embedder import backbone_from_state
     from .models import build_backbone
     from .viz import landmark_overlay, png_bytes, tile
 
-    after, _ = load_backbone(stage1_ckpt)
-    from .io_safe import load_checkpoint
-
-    state = load_checkpoint(stage1_ckpt)
-    cfg = load_config(text=state["config"], source=str(stage1_ckpt))
+    state = read_checkpoint(stage1_ckpt, need_model=True)
+    after, _ = backbone_from_state(stage1_ckpt, state, "cpu")
+    cfg = stored_config(stage1_ckpt, state)
     torch.manual_seed(cfg.train.seed)  # the run's own initialisation
     before = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides()).eval()
     x, small = _heldout_faces(before.img_size, seed)
@@ -129,7 +126,8 @@ def _attention_picture(ckpt: Path, seed: int) -> bytes:
 def _evaluate(ckpt: Path, sets: dict) -> dict:
     """Per set ``name -> (images, issame)``: 10-fold accuracy, AUC, TAR@FAR, and the distances for the ROC picture."""
     from .embedder import load_embedder
-    from .eval.verification import embed_images, pair_distances, ten_fold_accuracy
+    from .eval.embedding import embed_images
+    from .eval.metrics import pair_distances, ten_fold_accuracy
 
     emb = load_embedder(ckpt)
     out = {}
@@ -148,8 +146,8 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
 
     ``lfw``: a path, ``None`` (``../shared/data/lfw/lfw.bin`` when present) or ``False`` (no LFW evaluation)."""
     from .data.fewshot import save_index
+    from .data.pairs import load_bin
     from .data.synthetic import SyntheticFaces, synthetic_pairs
-    from .eval.verification import load_bin
     from .viz import roc_png
 
     if budget_minutes <= 0:

@@ -12,8 +12,9 @@ Accepted files:
 - a safetensors model folder (``lafs export CKPT --safetensors DIR``: ``model.safetensors`` + ``config.yaml``), or
   its ``model.safetensors``: the backbone is rebuilt from ``config.yaml`` and loaded from the safetensors weights.
 
-Checkpoints open with ``weights_only=True`` (:func:`lafs.io_safe.load_checkpoint`): a file holding pickled objects
-other than tensors and plain values is refused (:class:`lafs.io_safe.UnsafeFileError`) before anything in it runs.
+Checkpoints and folders open through :func:`lafs.checkpoint.read_checkpoint` (``weights_only=True``): a file holding
+pickled objects other than tensors and plain values is refused (:class:`lafs.io_safe.UnsafeFileError`) before
+anything in it runs.
 
 The embedding function maps float images in [-1, 1] (any size; resized to the model's input) to B x D. A
 content hash of the file (and the precision, see below) keys the embedding cache of ``lafs eval``.
@@ -25,15 +26,16 @@ A lafs checkpoint can run under bf16 autocast (``amp="bf16"``, fp32 embeddings o
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .checkpoint import backbone_weights, read_checkpoint, stored_config, stored_threshold
 from .data.datasets import resize_keypoints, to_model_input
-from .io_safe import CONFIG_FILE, SAFETENSORS_FILE, load_checkpoint, read_safetensors_folder, safetensors_folder
+from .io import file_hash
+from .io_safe import CONFIG_FILE, SAFETENSORS_FILE, safetensors_folder
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Embedder:
     threshold: float | None = None  # cosine decision threshold stored with the model (its latest validation)
     threshold_source: str = ""
     precision: str = "fp32"  # "bf16" under autocast: part of the embedding cache key
-    # the face geometry the model was trained in (its config's data.geometry, lafs.data.geometry): `lafs eval`
+    # the face geometry the model was trained in (its config's data.geometry, lafs.geometry): `lafs eval`
     # brings each verification set to it first
     geometry: str | None = None
     # where the weights live, so that lafs.embed / lafs.verify move images there (set by lafs.load)
@@ -68,32 +70,14 @@ class Embedder:
         return self.fn(x, resize_keypoints(keypoints, width, x.shape[-1]))
 
 
-def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of the file's bytes (first 16 hex digits): the same weights give the same cache key."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def _backbone_from_state(path: Path, state: dict, device) -> tuple[torch.nn.Module, str]:
-    from .config import Config, load_config
+def backbone_from_state(path: Path, state: dict, device) -> tuple[torch.nn.Module, str]:
+    """The backbone of checkpoint entries ``state`` (``lafs.checkpoint``), rebuilt from their config, in eval mode on
+    ``device``, and a description."""
     from .models import build_backbone
 
-    text = state.get("config")
-    if not isinstance(text, str):
-        raise ValueError(f"{path}: a lafs checkpoint without its config; cannot rebuild the model")
-    cfg: Config = load_config(text=text, source=f"the config stored in {path}")
+    cfg = stored_config(path, state)
     backbone = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides())
-    if isinstance(state.get("backbone"), dict):  # a safetensors folder (_folder_state): the backbone's own keys
-        weights, source = state["backbone"], "model.safetensors"
-    elif isinstance(state.get("teacher"), dict):
-        weights, source = state["teacher"], "teacher"
-    else:
-        prefix = "backbone."
-        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-        source = "model"
+    weights, source = backbone_weights(path, state)
     missing, unexpected = backbone.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} [{source}]: weights do not fit {cfg.model.name}-{cfg.model.size}; missing "
@@ -112,33 +96,7 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> tuple
     naming it.
     """
     path = Path(path)
-    if safetensors_folder(path) is not None:
-        return _backbone_from_state(path, _folder_state(path), device)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return _backbone_from_state(path, _read_checkpoint(path, "a lafs checkpoint"), device)
-
-
-def _read_checkpoint(path: Path, expected: str) -> dict:
-    """A lafs checkpoint, opened ``weights_only`` (:func:`lafs.io_safe.load_checkpoint`): a file with other pickled
-    objects is an ``UnsafeFileError``, anything else a ValueError naming the file and what was expected."""
-    state = load_checkpoint(path, expected)
-    if "model" not in state:
-        raise ValueError(f"{path}: not {expected} (no 'model' entry)")
-    return state
-
-
-def _folder_state(path: Path) -> dict:
-    """A safetensors folder as the checkpoint entries the loaders read: ``config``, ``backbone`` (the weights),
-    ``step`` and ``val`` (its stored validation, for the verification threshold)."""
-    weights, config, meta, _ = read_safetensors_folder(path)
-    step = meta.get("lafs_step")
-    try:
-        val = json.loads(meta.get("lafs_val") or "{}")
-    except json.JSONDecodeError:
-        val = {}
-    return {"config": config, "backbone": weights, "step": int(step) if step and step.isdigit() else step,
-            "val": val if isinstance(val, dict) else {}}
+    return backbone_from_state(path, read_checkpoint(path, need_model=True), device)
 
 
 def model_hash(path: str | Path) -> str:
@@ -151,14 +109,8 @@ def model_hash(path: str | Path) -> str:
     return hashlib.sha256(both.encode()).hexdigest()[:16]
 
 
-def _checkpoint_geometry(path: Path, state: dict) -> str | None:
-    from .config import load_config
-
-    return load_config(text=state["config"], source=f"the config stored in {path}").data.geometry
-
-
 def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, str, bool]:
-    backbone, desc = _backbone_from_state(path, state, device)
+    backbone, desc = backbone_from_state(path, state, device)
     if getattr(backbone, "uses_keypoints", False):
         return (lambda x, k: backbone(x, keypoints=k)["embedding"]), backbone.img_size, desc, True
     return (lambda x: backbone(x)["embedding"]), backbone.img_size, desc, False
@@ -231,22 +183,11 @@ def load_embedder(path: str | Path, device: str | torch.device = "cpu", amp: str
             return out["embedding"] if isinstance(out, dict) else out
 
         return Embedder(run_script, getattr(module, "img_size", None), f"TorchScript {path.name}", digest)
-    state = _folder_state(path) if folder is not None else _read_checkpoint(
-        path, "a lafs checkpoint, TorchScript or ONNX model")
+    state = read_checkpoint(path, "a lafs checkpoint, TorchScript or ONNX model", need_model=True)
     fn, size, desc, uses_keypoints = _from_checkpoint(path, state, device)
     threshold, source = stored_threshold(state)
     if amp != "none" or compile:
         fn = _fast(fn, device, amp, compile)
         desc += "".join(f" [{t}]" for t in ((amp,) if amp != "none" else ()) + (("compiled",) if compile else ()))
     return Embedder(fn, size, desc, digest, uses_keypoints, threshold, source, "fp32" if amp == "none" else amp,
-                    _checkpoint_geometry(path, state))
-
-
-def stored_threshold(state: dict) -> tuple[float | None, str]:
-    """The cosine threshold of a checkpoint's latest validation (the 10-fold threshold of its first set)."""
-    val = state.get("val") or {}
-    for name, r in (val.get("sets") or {}).items():
-        if "cosine_threshold" in r:
-            return float(r["cosine_threshold"]), (f"{name} validation at step {val.get('step')}, "
-                                                  f"accuracy {100 * r['accuracy']:.2f} %")
-    return None, ""
+                    stored_config(path, state).data.geometry)

@@ -184,15 +184,12 @@ def expand(grid: dict, root: str | Path, seeds=None, budget: float | None = None
 
 # ------------------------------------------------------------------------------------------------ running
 def checkpoint_of(run_dir: Path) -> Path:
-    ckpts = run_dir / "checkpoints"
-    if (ckpts / "best.pt").is_file():
-        return ckpts / "best.pt"
-    from .train.loop import checkpoints_in
+    from .checkpoint import best_or_latest
 
-    found = checkpoints_in(ckpts) if ckpts.is_dir() else []
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint in {ckpts}")
-    return found[-1]
+    try:
+        return best_or_latest(run_dir / "checkpoints")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{run_dir}: {err}") from None
 
 
 def resolve(argv: list[str], root: Path) -> list[str]:

@@ -20,10 +20,10 @@ The graph:
 - the batch axis B is dynamic (traced at one batch size, checked at another).
 
 Metadata (``metadata_props``): ``lafs_model`` (name-size), ``img_size``, ``uses_keypoints``, ``embedding_size``,
-``lafs_checkpoint_sha256`` (the first 16 hex digits of the checkpoint's SHA-256, :func:`lafs.embedder.file_hash`,
+``lafs_checkpoint_sha256`` (the first 16 hex digits of the checkpoint's SHA-256, :func:`lafs.io.file_hash`,
 the key of ``lafs eval``'s cache), ``lafs_description``, ``lafs_input`` (the input contract above, in words) and,
 when the checkpoint stores a validation, ``lafs_threshold`` / ``lafs_threshold_source`` (its cosine decision
-threshold, :func:`lafs.embedder.stored_threshold`, which ``load_embedder`` gives back for ``lafs verify``).
+threshold, :func:`lafs.checkpoint.stored_threshold`, which ``load_embedder`` gives back for ``lafs verify``).
 
 The parity check (``check=True``) runs the torch backbone and onnxruntime (CPU) on the same seeded random batch
 (images uniform in [-1, 1]; keypoints the ArcFace template of the input size with 1 px noise) and measures the
@@ -61,7 +61,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .embedder import file_hash, load_backbone, model_hash, stored_threshold
+from .checkpoint import read_checkpoint, stored_threshold
+from .embedder import backbone_from_state, load_backbone, model_hash
+from .io import file_hash
 
 RELATIVE_TOLERANCE = 1e-3  # of max(1, largest |embedding| value); see the module docstring
 MIN_COSINE = 0.9999
@@ -102,7 +104,7 @@ def _require(check: bool):
 
 def random_inputs(img_size: int, batch: int, keypoints: bool, seed: int = SEED) -> tuple[Tensor, ...]:
     """The seeded check batch: images uniform in [-1, 1] (+ ArcFace-template keypoints with 1 px noise)."""
-    from .data.align import template
+    from .geometry import template
 
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, img_size, img_size, generator=g) * 2 - 1
@@ -114,11 +116,8 @@ def random_inputs(img_size: int, batch: int, keypoints: bool, seed: int = SEED) 
 
 def _checkpoint_threshold(path: Path) -> tuple[float | None, str]:
     """The stored cosine threshold, without reading the weights again (memory-mapped; None when unreadable)."""
-    from .embedder import _folder_state
-    from .io_safe import load_checkpoint, safetensors_folder
-
     try:
-        state = _folder_state(path) if safetensors_folder(path) else load_checkpoint(path, mmap=True)
+        state = read_checkpoint(path, mmap=True)
     except (ValueError, OSError):
         return None, ""
     return stored_threshold(state)
@@ -290,7 +289,6 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> dict:
     """
     import json
 
-    from .embedder import _backbone_from_state, _read_checkpoint
     from .io import atomic_write_bytes
     from .io_safe import CARD_FILE, CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_FORMAT
 
@@ -304,8 +302,8 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> dict:
                          "are written into it)")
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    state = _read_checkpoint(checkpoint, "a lafs checkpoint")
-    backbone, description = _backbone_from_state(checkpoint, state, "cpu")
+    state = read_checkpoint(checkpoint, need_model=True)
+    backbone, description = backbone_from_state(checkpoint, state, "cpu")
     name = description.split(" ", 1)[0]
     # fresh contiguous copies: safetensors refuses tensors that share memory
     weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}

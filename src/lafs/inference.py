@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.align import align_face, align_keypoints, template
+from .data.align import align_face, align_keypoints
 from .data.datasets import decode_image
-from .eval.verification import embed_images
+from .eval.embedding import embed_images
+from .geometry import template
 
 ALIGNED_SIZE = 112
 DETECT_MODES = ("auto", "always", "never")
@@ -63,8 +64,9 @@ def embed_crops(embedder, images: torch.Tensor, keypoints=None, batch_size: int 
         keypoints = None
     if getattr(embedder, "geometry", None) is not None:
         # aligned crops are in the ArcFace geometry (or their keypoints say where the face is): bring them to the
-        # geometry the model was trained in, as lafs eval does for its sets (lafs.data.geometry)
-        from .data.geometry import get_geometry, to_geometry
+        # geometry the model was trained in, as lafs eval does for its sets (lafs.data.align.to_geometry)
+        from .data.align import to_geometry
+        from .geometry import get_geometry
 
         images, moved, _ = to_geometry(images, get_geometry(embedder.geometry), keypoints, name="crops")
         keypoints = moved if keypoints is not None else None

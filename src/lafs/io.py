@@ -1,7 +1,12 @@
-"""Writes that never lose data: every file goes to a temporary name in its folder and is renamed into place."""
+"""Files on disk: writes that never lose data (a temporary name in the folder, renamed into place) and content hashes.
+
+A content hash names a file by its bytes: the same weights or the same set give the same key, so caches (``lafs
+eval``'s embeddings) are never served stale and exported models name the checkpoint they came from.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -40,3 +45,12 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda fh: fh.write(data))
+
+
+def file_hash(path: str | Path, digits: int | None = 16, chunk: int = 1 << 20) -> str:
+    """SHA-256 of the file's bytes as hex, its first ``digits`` digits (all 64 with None)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:digits]

@@ -49,7 +49,7 @@ class UnsafeFileError(ValueError):
     """A file that asks to build objects other than weights and data; it was refused before anything in it ran."""
 
 
-# Checkpoints written before lafs stored numpy's RNG state as a tensor (``lafs.train.loop.rng_state``) hold it as
+# Checkpoints written before lafs stored numpy's RNG state as a tensor (``lafs.checkpoint.rng_state``) hold it as
 # numpy's legacy tuple ('MT19937', uint32 key array, pos, has_gauss, gauss): an ndarray, rebuilt by numpy's
 # ``_reconstruct`` from ``numpy.ndarray`` and a ``dtype`` (whose state numpy 2 sets on a ``UInt32DType``). These
 # build arrays of plain numbers from bytes and call nothing else (an object array's elements would still pass

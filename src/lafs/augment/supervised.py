@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.align import flip_keypoints
+from ..geometry import flip_keypoints
 
 RANDAUGMENT_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Color", "Contrast", "Brightness", "Sharpness",

@@ -1,223 +1,47 @@
-"""5-point similarity alignment of faces (the ArcFace / insightface ``norm_crop`` protocol).
+"""Aligning face images: one face onto the ArcFace template by its five points, or a whole set onto a geometry.
 
-Five keypoints (left eye, right eye, nose tip, left and right mouth corner, in image order) are mapped onto
-the fixed 112x112 ArcFace template by the least-squares similarity transform (uniform scale, rotation,
-translation) of Umeyama (1991), "Least-squares estimation of transformation parameters between two point
-patterns", IEEE TPAMI 13(4), with its determinant correction so that the fit is never a mirror image. The
-crop is resampled with ``cv2.warpAffine`` (bilinear), as insightface's ``face_align.norm_crop`` does.
+:func:`align_face` is the ArcFace / insightface ``norm_crop`` protocol: the least-squares similarity from the five
+keypoints to the 112x112 template (:mod:`lafs.geometry`, Umeyama 1991), then ``cv2.warpAffine`` (bilinear).
 
-Conventions: images are RGB uint8 ``H x W x 3``; keypoints are ``(x, y)`` pixels with pixel centres at
-integer coordinates, which is also what ``cv2.warpAffine`` assumes, so no half-pixel shifts appear here.
-Affine matrices are ``(2, 3)`` float64 and act on column vectors ``(x, y, 1)``: ``p' = M[:, :2] @ p + M[:, 2]``.
+:func:`to_geometry` brings a whole verification set into a model's training geometry (:class:`lafs.geometry.Geometry`)
+with **one** similarity from the set's mean keypoints to the target points, so each crop keeps the alignment it was
+made with (no per-image re-alignment with noisy keypoints) and only the frame changes. A model learns the geometry
+of its training crops: train on CelebA's tight eye-aligned 64 px crops and test on LFW's 112 px ArcFace crops
+resized to 64 px, and every test face is 14 % smaller and sits 4 px higher than any face the model saw, so the
+accuracy measures that gap as much as recognition. A set already in the target geometry (within half a pixel) is
+returned unchanged.
+
+Conventions (as :mod:`lafs.geometry`): images are RGB uint8 ``H x W x 3`` (sets: ``N x 3 x H x W`` tensors);
+keypoints are ``(x, y)`` pixels with pixel centres at integer coordinates, which is also what ``cv2.warpAffine``
+assumes, so no half-pixel shifts appear here. Affine matrices are ``(2, 3)`` float64.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-__all__ = [
-    "ARCFACE_TEMPLATE",
-    "BORDERS",
-    "align_face",
-    "align_keypoints",
-    "estimate_similarity",
-    "estimate_similarity_batch",
-    "flip_keypoints",
-    "inverse_warp",
-    "invert_affine",
-    "template",
-    "transform_points",
-    "transform_points_batch",
-]
-
-# insightface python-package/insightface/utils/face_align.py, ``arcface_dst``.
-ARCFACE_TEMPLATE = np.array(
-    [
-        [38.2946, 51.6963],  # left eye (image left)
-        [73.5318, 51.5014],  # right eye
-        [56.0252, 71.7366],  # nose tip
-        [41.5493, 92.3655],  # left mouth corner
-        [70.7299, 92.2041],  # right mouth corner
-    ],
-    dtype=np.float32,
+from ..geometry import (
+    GEOMETRIES,
+    Geometry,
+    check_affine,
+    estimate_similarity,
+    invert_affine,
+    set_geometry,
+    similarity_scale,
+    template,
+    transform_points,
 )
-ARCFACE_TEMPLATE.flags.writeable = False  # a shared constant: an in-place edit would silently move every crop
+
+__all__ = ["BORDERS", "align_face", "align_keypoints", "inverse_warp", "to_geometry", "warp_images"]
 
 BORDERS = ("constant", "replicate", "reflect")
-
-# A mirrored face's left eye is the original right eye: the 5 points swap eyes and mouth corners.
-FLIP_ORDER = (1, 0, 2, 4, 3)
-
-
-def flip_keypoints(keypoints, width: int):
-    """5-point keypoints ``(..., 5, 2)`` of images ``width`` px wide -> those of the horizontally flipped images.
-
-    x -> width - 1 - x (pixel centres at integers, as ``torch.flip``) and the left/right points swap labels
-    (:data:`FLIP_ORDER`), so point 0 stays the image-left eye. numpy or torch in, the same type out.
-    """
-    if keypoints.shape[-2:] != (5, 2):
-        raise ValueError(f"keypoints of shape {tuple(keypoints.shape)}: expected (..., 5, 2)")
-    out = keypoints[..., list(FLIP_ORDER), :]  # advanced indexing: a copy, for numpy and torch alike
-    out[..., 0] = (width - 1) - out[..., 0]
-    return out
-
-
-def template(size: int = 112) -> np.ndarray:
-    """The ArcFace template for a ``size x size`` crop, float32 ``(5, 2)``.
-
-    For ``size=112`` this is :data:`ARCFACE_TEMPLATE` exactly (a copy), the crop ArcFace-style models are
-    trained on. Other sizes multiply the coordinates by ``size / 112``, as insightface does for multiples of
-    112 (224 -> x2). With pixel centres at integers, a geometrically exact rescale of the same face region
-    would be ``(p + 0.5) * s - 0.5``, i.e. ``(s - 1) / 2`` px further right and down (half a pixel at 224);
-    the plain product is kept because it is what models trained on insightface crops saw. (insightface's
-    ``norm_crop`` uses ``size / 128`` plus an 8-pixel x shift for sizes that are not multiples of 112; that
-    variant is not reproduced.)
-    """
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
-        raise ValueError(f"template size must be a positive integer, got {size!r}")
-    if size == 112:
-        return ARCFACE_TEMPLATE.copy()
-    return (ARCFACE_TEMPLATE.astype(np.float64) * (size / 112.0)).astype(np.float32)
-
-
-def _as_points(points, name: str, batched: bool = False) -> np.ndarray:
-    arr = np.asarray(points, dtype=np.float64)
-    want = 3 if batched else 2
-    shape = "(B, N, 2)" if batched else "(N, 2)"
-    if arr.ndim != want or arr.shape[-1] != 2:
-        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-    if arr.shape[-2] < 2:
-        raise ValueError(f"{name} needs at least 2 points for a similarity fit, got {arr.shape[-2]}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or infinite coordinates")
-    return arr
-
-
-def _umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batched Umeyama on ``(B, N, 2)`` arrays; returns M ``(B, 2, 3)`` and the src / dst variances ``(B,)``."""
-    n = src.shape[1]
-    mu_s = src.mean(axis=1)
-    mu_d = dst.mean(axis=1)
-    sc = src - mu_s[:, None]
-    dc = dst - mu_d[:, None]
-    var_s = (sc**2).sum(axis=(1, 2)) / n
-    var_d = (dc**2).sum(axis=(1, 2)) / n
-    cov = np.einsum("bni,bnj->bij", dc, sc) / n  # Umeyama's Sigma_xy, dst x src
-    u, d, vt = np.linalg.svd(cov)
-    # S = diag(1, det(U) det(V)) is Umeyama's correction: it turns the best orthogonal matrix into the best
-    # rotation when the optimum would be a reflection, and picks the rotation when cov has rank 1 (collinear
-    # points), where the sign of the zero singular value is arbitrary.
-    sign = np.sign(np.linalg.det(u) * np.linalg.det(vt))
-    sign[sign == 0] = 1.0
-    s = np.ones((src.shape[0], 2))
-    s[:, 1] = sign
-    rot = np.einsum("bij,bj,bjk->bik", u, s, vt)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = (d * s).sum(axis=1) / var_s
-    a = scale[:, None, None] * rot
-    t = mu_d - np.einsum("bij,bj->bi", a, mu_s)
-    return np.concatenate([a, t[:, :, None]], axis=2), var_s, var_d
-
-
-def _degenerate(var: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    # Relative to the coordinates' magnitude, so that identical points far from the origin still count as
-    # identical despite float rounding.
-    mag = np.maximum(1.0, np.abs(pts).max(axis=(1, 2)))
-    return var <= 1e-20 * mag**2
-
-
-def estimate_similarity(src, dst) -> np.ndarray:
-    """Least-squares similarity ``M`` (2x3 float64) mapping ``src`` onto ``dst`` (both ``(N, 2)``, N >= 2).
-
-    Minimises ``sum_i ||M [src_i; 1] - dst_i||^2`` over uniform scale > 0, rotation and translation; never
-    returns a reflection (``det M[:, :2] > 0``), even for mirrored point sets.
-    """
-    src = _as_points(src, "src")
-    dst = _as_points(dst, "dst")
-    if src.shape != dst.shape:
-        raise ValueError(f"src and dst must have the same shape, got {src.shape} and {dst.shape}")
-    m, var_s, var_d = _umeyama(src[None], dst[None])
-    if _degenerate(var_s, src[None])[0]:
-        raise ValueError("src points are degenerate: all points are identical, so no scale or rotation is defined")
-    if _degenerate(var_d, dst[None])[0]:
-        raise ValueError("dst points are degenerate: all points are identical, the fit would have zero scale")
-    return m[0]
-
-
-def estimate_similarity_batch(src, dst) -> np.ndarray:
-    """:func:`estimate_similarity` for a batch: ``src (B, N, 2)`` onto ``dst (N, 2)`` or ``(B, N, 2)`` -> ``(B, 2, 3)``.
-
-    Vectorised (one batched SVD); a degenerate entry raises ValueError naming its index.
-    """
-    src = _as_points(src, "src", batched=True)
-    dst = np.asarray(dst, dtype=np.float64)
-    if dst.ndim == 2:
-        dst = _as_points(dst, "dst")
-        dst = np.broadcast_to(dst, src.shape)
-    else:
-        dst = _as_points(dst, "dst", batched=True)
-    if src.shape != dst.shape:
-        raise ValueError(f"src {src.shape} and dst {dst.shape} do not match")
-    if src.shape[0] == 0:
-        return np.zeros((0, 2, 3))
-    m, var_s, var_d = _umeyama(src, dst)
-    for name, var, pts in (("src", var_s, src), ("dst", var_d, dst)):
-        bad = np.flatnonzero(_degenerate(var, pts))
-        if bad.size:
-            raise ValueError(
-                f"{name} points are degenerate (all identical) at batch index {int(bad[0])}"
-                f" ({bad.size} degenerate entries in total)"
-            )
-    return m
-
-
-def _as_affine(m) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float64)
-    if m.shape != (2, 3):
-        raise ValueError(f"affine matrix must have shape (2, 3), got {m.shape}")
-    if not np.all(np.isfinite(m)):
-        raise ValueError("affine matrix contains NaN or infinite entries")
-    return m
-
-
-def transform_points(points, m) -> np.ndarray:
-    """Apply the affine ``m`` (2x3) to ``points`` of shape ``(..., 2)``.
-
-    Computed in float64; the result is float32 when ``points`` is float32 (the keypoint convention), else
-    float64.
-    """
-    m = _as_affine(m)
-    pts = np.asarray(points)
-    if pts.ndim < 1 or pts.shape[-1] != 2:
-        raise ValueError(f"points must have shape (..., 2), got {pts.shape}")
-    out = pts.astype(np.float64) @ m[:, :2].T + m[:, 2]
-    return out.astype(np.float32) if pts.dtype == np.float32 else out
-
-
-def transform_points_batch(points, m) -> np.ndarray:
-    """Per-item affines: points (N, K, 2) through m (N, 2, 3) -> float32 (N, K, 2), computed in float64."""
-    pts = np.asarray(points, np.float64)
-    m = np.asarray(m, np.float64)
-    if pts.ndim != 3 or pts.shape[2] != 2 or m.shape != (len(pts), 2, 3):
-        raise ValueError(f"points {pts.shape} and affines {m.shape}: expected (N, K, 2) and (N, 2, 3)")
-    return (pts @ m[:, :, :2].transpose(0, 2, 1) + m[:, None, :, 2]).astype(np.float32)
-
-
-def invert_affine(m) -> np.ndarray:
-    """Inverse of the affine ``m`` (2x3), also 2x3 float64; ValueError if ``m`` is singular."""
-    m = _as_affine(m)
-    a = m[:, :2]
-    det = np.linalg.det(a)
-    if abs(det) <= 1e-12 * max(1.0, np.abs(a).max() ** 2):
-        raise ValueError(f"affine matrix is singular (det of the 2x2 part = {det:.3g}) and has no inverse")
-    a_inv = np.linalg.inv(a)
-    return np.concatenate([a_inv, (-a_inv @ m[:, 2])[:, None]], axis=1)
 
 
 def _cv2():
     try:
         import cv2
-    except ImportError as e:  # only the image warps need OpenCV; the point maths above does not
+    except ImportError as e:  # only the image warps need OpenCV; the point maths (lafs.geometry) does not
         raise ImportError("lafs.data.align image warping needs OpenCV: pip install opencv-python-headless") from e
     return cv2
 
@@ -270,7 +94,7 @@ def inverse_warp(aligned, m, out_shape, border: str = "constant") -> np.ndarray:
     """
     cv2 = _cv2()
     aligned = _check_image(aligned, "aligned")
-    m = _as_affine(m)
+    m = check_affine(m)
     if len(out_shape) not in (2, 3) or int(out_shape[0]) <= 0 or int(out_shape[1]) <= 0:
         raise ValueError(f"out_shape must be (h, w) or (h, w, c) with positive h, w, got {tuple(out_shape)}")
     invert_affine(m)  # a singular M would otherwise give a silently black image
@@ -285,3 +109,62 @@ def inverse_warp(aligned, m, out_shape, border: str = "constant") -> np.ndarray:
         borderMode=_border(cv2, border),
         borderValue=0,
     )
+
+
+def warp_images(images: torch.Tensor, m: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> uint8 N x 3 x size x size through the 2x3 affine ``m`` (source -> output pixels).
+
+    Shrinking by more than 10 % first area-averages the source (``cv2.INTER_AREA``) to about the output scale, so
+    the bilinear warp does not alias; borders replicate the edge pixels (a black frame would be a feature that
+    training crops never show).
+    """
+    cv2 = _cv2()
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError("images must be a uint8 N x 3 x H x W tensor")
+    m = np.asarray(m, np.float64)
+    h, w = images.shape[2:]
+    scale = similarity_scale(m)
+    pre = None
+    if scale < 0.9:  # area-average first: p_small = (p + 0.5) * r - 0.5, so m' = m o (small -> source)
+        r = scale
+        sw, sh = max(1, round(w * r)), max(1, round(h * r))
+        rx, ry = sw / w, sh / h
+        back = np.array([[1 / rx, 0, 0.5 / rx - 0.5], [0, 1 / ry, 0.5 / ry - 0.5]])  # small -> source pixels
+        m = np.concatenate([m[:, :2] @ back[:, :2], (m[:, :2] @ back[:, 2] + m[:, 2])[:, None]], axis=1)
+        pre = (sw, sh)
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    src = images.permute(0, 2, 3, 1).numpy()
+    for i in range(len(images)):
+        img = np.ascontiguousarray(src[i])
+        if pre is not None:
+            img = cv2.resize(img, pre, interpolation=cv2.INTER_AREA)
+        out[i] = cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def to_geometry(images: torch.Tensor, target: Geometry, keypoints=None, *, source: Geometry | None = None,
+                name: str = "set") -> tuple[torch.Tensor, np.ndarray | None, str]:
+    """Bring a set of crops (uint8 N x 3 x H x W) to ``target`` with one similarity for the whole set.
+
+    The set's own geometry is ``source`` if given, else the mean of ``keypoints`` (N x 5 x 2 pixels of the
+    images), else the ArcFace template at the images' size (the convention of insightface ``.bin`` files).
+    Returns (images at ``target.size``, keypoints moved with the pixels or None, a one-line account). A set within
+    half a pixel of the target (every point, same size) is returned as it is.
+    """
+    size = int(images.shape[-1])
+    how = "given"
+    if source is None:
+        if keypoints is not None:
+            source, how = set_geometry(keypoints, size, name), "its mean keypoints"
+        else:
+            source = GEOMETRIES["arcface"].at_size(size)
+            how = "assumed ArcFace (no keypoints)"
+    src, dst = source.array(), target.array()
+    if size == target.size and np.abs(src - dst).max() <= 0.5:
+        return images, keypoints, f"{name}: already in the {target.name} geometry ({how}), unchanged"
+    m = estimate_similarity(src, dst)
+    moved = None if keypoints is None else transform_points(np.asarray(keypoints, np.float32), m)
+    rms = float(np.sqrt(((transform_points(src, m) - dst) ** 2).sum(1).mean()))
+    note = (f"{name}: {size} px crops ({how}) -> {target.name} geometry at {target.size} px by one similarity "
+            f"(scale {similarity_scale(m):.3f}, residual {rms:.2f} px)")
+    return warp_images(images, m, target.size), moved, note

@@ -10,7 +10,7 @@ excludes commercial use; it is never loaded here. The model file is found withou
 
 Point mapping. dlib's 5 points are the outer and inner corner of each eye and the bottom of the nose
 (subnasale), not the ArcFace points (eye centres, nose tip, mouth corners). They are moved by the least-squares
-similarity (:func:`~lafs.data.align.estimate_similarity`) onto the fixed shape :data:`_DLIB_MEAN` (zero mean,
+similarity (:func:`~lafs.geometry.estimate_similarity`) onto the fixed shape :data:`_DLIB_MEAN` (zero mean,
 unit RMS radius); there the ArcFace points are the affine function ``[x, 1] @ _TO_ARCFACE`` of the 10
 normalised coordinates ``x``, mapped back with the inverse similarity. Both constants were fitted by least
 squares to the MTCNN points of ``lfw_unaligned_kps.npy`` on 3741 crops of ``lfw_unaligned.bin`` (every third
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .align import estimate_similarity, invert_affine, transform_points
+from ..geometry import estimate_similarity, invert_affine, transform_points
 
 __all__ = ["INSTALL_HINT", "Detection", "detect_faces", "detect_keypoints"]
 

@@ -1,10 +1,11 @@
-"""insightface ``.bin`` verification files: read, write, build from an LFW ``pairs.txt`` or a CSV of pairs.
+"""insightface ``.bin`` verification files: read (as encoded bytes or decoded images), write, build from an LFW
+``pairs.txt``, a CSV of pairs or a dataset; and the keypoints that travel beside a set.
 
 A ``.bin`` is ``pickle((list of encoded images, list of issame bools))``; images 2k and 2k+1 form pair k
-(ecosystem.md §4; insightface ``eval/verification.py:load_bin``). Image entries may be ``bytes`` or numpy
-uint8 buffers (older files); both are accepted and returned as ``bytes``. Reading admits nothing else (a restricted
-unpickler, :func:`lafs.io_safe.load_bin_pickle`: a file naming any other Python global is refused unopened).
-Writing is atomic.
+(ecosystem.md §4). Image entries may be ``bytes`` or numpy uint8 buffers (older files); both are accepted and
+returned as ``bytes``. Reading admits nothing else (a restricted unpickler, :func:`lafs.io_safe.load_bin_pickle`: a
+file naming any other Python global is refused unopened). Writing is atomic. Keypoint-aware models (KP-RPE) and
+geometry changes read a set's five points from its ``<stem>_kps.npy`` sidecar (:func:`sidecar_keypoints`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..io import atomic_write
 from ..io_safe import UnsafeFileError, load_bin_pickle
+from .datasets import decode_image, load_keypoints
 
 
 def _as_bytes(item, path, i: int) -> bytes:
@@ -68,6 +71,28 @@ def _issame_values(issame, path: Path) -> np.ndarray:
         else:
             raise ValueError(f"{path}: pair {i}: issame value {v!r} is not True/False (or 0/1)")
     return out
+
+
+def load_bin(path: str | Path, color: str = "rgb", image_size: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """A ``.bin`` pair file -> (uint8 N x 3 x H x W RGB images, issame bool array of N / 2 pairs).
+
+    Pair k is images 2k and 2k+1. All images must have one size: ``image_size`` (square) if given, else the size of
+    image 0. ``color`` is the channel order the file stores (``decode_image``).
+    """
+    path = Path(path)
+    encoded, issame = read_bin(path)
+    if not encoded:
+        raise ValueError(f"{path}: no images")
+    out = None
+    for i, data in enumerate(encoded):
+        img = decode_image(data, color, source=f"{path}: image {i}")
+        if out is None:
+            h, w = (image_size, image_size) if image_size is not None else img.shape[:2]
+            out = np.empty((len(encoded), 3, h, w), np.uint8)
+        if img.shape[:2] != out.shape[2:]:
+            raise ValueError(f"{path}: image {i} is {img.shape[1]}x{img.shape[0]}, expected {w}x{h} (W x H)")
+        out[i] = img.transpose(2, 0, 1)
+    return torch.from_numpy(out), issame
 
 
 def write_bin(path: str | Path, images: list[bytes], issame) -> Path:
@@ -169,3 +194,21 @@ def bin_from_dataset(dataset, pairs: np.ndarray, issame, out: str | Path) -> Pat
         rows = np.asarray(kps)[order].astype(np.float32)
         atomic_write(out.with_name(out.stem + "_kps.npy"), lambda fh: np.save(fh, rows))
     return out
+
+
+def sidecar_keypoints(bin_path: str | Path) -> Path:
+    """The keypoints file that goes with a set: ``<stem>_kps.npy`` beside it (``../shared/data`` naming)."""
+    p = Path(bin_path)
+    return p.with_name(p.stem + "_kps.npy")
+
+
+def load_set_keypoints(bin_path: str | Path, keypoints_path: str | Path | None, count: int) -> np.ndarray:
+    """The (count, 5, 2) keypoints of a set's images: ``keypoints_path``, else the set's sidecar."""
+    path = Path(keypoints_path) if keypoints_path else sidecar_keypoints(bin_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{bin_path}: no keypoints ({path} not found; pass --keypoints KPS.npy, "
+                                f"(images, 5, 2) pixels, one row per image of the .bin)")
+    kps = load_keypoints(path, count)  # checks one row per image of the set
+    if kps.shape[1] != 5:
+        raise ValueError(f"{path}: {kps.shape[1]} keypoints per image, expected the 5 ArcFace points for {bin_path}")
+    return kps

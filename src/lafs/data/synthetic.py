@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .align import ARCFACE_TEMPLATE
+from ..geometry import ARCFACE_TEMPLATE
 
 __all__ = [
     "ARCFACE_TEMPLATE",

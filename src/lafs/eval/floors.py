@@ -2,7 +2,7 @@
 
 A pair set is never 50 % hard: lighting, pose, background and image statistics shared by the two images of a genuine
 pair already separate many pairs, so a model with "60 %" may have learnt nothing at all. Each accuracy is therefore
-shown beside three floors, scored by the same 10-fold protocol (``verification.ten_fold_accuracy``, flip test
+shown beside three floors, scored by the same 10-fold protocol (``metrics.ten_fold_accuracy``, flip test
 included):
 
 - ``raw_pixels``: the cosine of the pixel vectors, in the model's input range ``x / 127.5 - 1`` (the identity
@@ -25,7 +25,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .verification import evaluate_pairs, ten_fold_accuracy
+from .embedding import evaluate_pairs
+from .metrics import ten_fold_accuracy
 
 FLOOR_KEYS = ("raw_pixels", "pca_whitened", "untrained")
 

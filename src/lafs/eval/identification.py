@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .verification import _far_count
+from .metrics import far_count, tar_at_far
 
 DEFAULT_CHUNK_ELEMENTS = 2**25
 
@@ -236,7 +236,7 @@ def megaface_evaluation(
     FaceScrub images are not candidates. Identities with one image contribute no pair.
 
     Verification: genuine pairs = every unordered same-identity probe pair, impostor pairs = every probe x
-    distractor; TAR@FAR with the convention of ``verification.verification_metrics`` (accept ``sim > t``, t the most
+    distractor; TAR@FAR by the one rule, ``metrics.tar_at_far`` (accept ``sim > t``, t the most
     permissive threshold whose FAR <= target, from the exact top impostor scores kept while streaming; with fewer
     than 1 / target impostor pairs that is TAR at zero false accepts).
 
@@ -266,7 +266,7 @@ def megaface_evaluation(
     n_p, n_d = len(probes), len(distract)
     n_imp = n_p * n_d
     kmax = max(ks)
-    allowed = {t: _far_count(float(t), n_imp) for t in far_targets}
+    allowed = {t: far_count(float(t), n_imp) for t in far_targets}
     keep = min(max(allowed.values()) + 1, n_imp) if far_targets else 0  # exact top impostor scores needed
 
     correct = {k: 0 for k in ks}
@@ -293,19 +293,16 @@ def megaface_evaluation(
         genuine.append(sim[same & (cols[None, :] > rows[:, None])])  # unordered pairs a < b
     genuine = torch.cat(genuine)
 
-    tar, far, thr = {}, {}, {}
-    for target, k in allowed.items():
-        t = top_imp[k] if k < n_imp else torch.tensor(-torch.inf, dtype=dtype, device=dev)
-        tar[target] = float((genuine > t).double().mean())
-        far[target] = int((top_imp > t).sum()) / n_imp
-        thr[target] = float(t)
+    # the top impostor scores hold every one a target's threshold can be: the one TAR rule reads them
+    tar, far, thr = tar_at_far(genuine.cpu().numpy(), top_imp.cpu().numpy(), far_targets, kind="similarity",
+                               n_impostor=n_imp)
     return {
         "rank": {k: correct[k] / n_pairs for k in ks},
         "num_pairs": n_pairs,
         "num_distractors": n_d,
         "tar_at_far": tar,
         "far": far,
-        "threshold": thr,
+        "threshold": {target: float(t) for target, t in thr.items()},
         "num_genuine": len(genuine),
         "num_impostor": n_imp,
     }

@@ -20,7 +20,7 @@ Pipeline (insightface ``recognition/arcface_torch/eval_ijbc.py``):
 3. Template feature: the image features of each (template, media) are averaged, the media features summed, and the
    sum L2-normalised (``image2template_feature``).
 4. 1:1: cosine of the two template features of each pair; ROC as sklearn ``roc_curve``; TAR read at the ROC point
-   whose FPR is nearest each target FAR (``FAR_RULES``); AUC as ``verification.roc_auc``
+   whose FPR is nearest each target FAR (``FAR_RULES``); AUC as ``metrics.roc_auc``
    (``roc_1to1``: one sort of the scores for both). ``score_ijb`` scores the pairs in float32 and rescores in
    float64 only those near each target's threshold (``roc_1to1_pairs``): the TAR, FPR and threshold of float64
    scores in about a third of the time and half the memory of scoring every pair in float64 (IJB-C scale).
@@ -47,9 +47,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..data.align import align_face, estimate_similarity_batch, template, transform_points_batch
+from ..data.align import align_face
 from ..data.datasets import decode_image
-from .verification import auc_from_counts, embed_images, roc_counts
+from ..geometry import estimate_similarity_batch, template, transform_points_batch
+from .embedding import embed_images
+from .metrics import auc_from_counts, far_count, roc_counts
 
 __all__ = [
     "FARS",
@@ -670,7 +672,7 @@ def roc_curve(scores, labels, drop_intermediate: bool = True, counts=None) -> tu
     One point per distinct score (accept ``score >= threshold``), in decreasing threshold order, after a first point
     (0, 0) at threshold inf. ``drop_intermediate`` removes the points where neither the FP nor the TP count changes
     slope (sklearn's second-difference test); it never changes the AUC but it can change the "nearest" TAR.
-    ``counts``: ``verification.roc_counts(scores, labels)`` already computed (the scores are then not read).
+    ``counts``: ``metrics.roc_counts(scores, labels)`` already computed (the scores are then not read).
     """
     fps, tps, thresholds = counts if counts is not None else roc_counts(*_check_scores_labels(scores, labels))
     if drop_intermediate and len(fps) > 2:
@@ -687,7 +689,10 @@ def _roc_points(scores, labels, fars, rule, counts=None) -> list[tuple[float, fl
     fars = [float(x) for x in fars]
     if any(not 0.0 <= x <= 1.0 for x in fars):
         raise ValueError(f"target FARs must be in [0, 1], got {fars}")
+    if counts is None:
+        counts = roc_counts(*_check_scores_labels(scores, labels))
     fpr, tpr, thr = roc_curve(scores, labels, drop_intermediate=(rule == "nearest"), counts=counts)
+    fps = np.r_[0, counts[0]]  # impostors accepted at each point of the floor rule's full curve
     out = []
     for far in fars:
         if rule == "nearest":
@@ -695,7 +700,8 @@ def _roc_points(scores, labels, fars, rule, counts=None) -> list[tuple[float, fl
             # largest original index, i.e. the largest TPR at that FPR (and the larger FPR on an exact tie).
             i = len(fpr) - 1 - int(np.argmin(np.abs(fpr[::-1] - far)))
         else:
-            i = int(np.searchsorted(fpr, far, side="right")) - 1  # fpr[0] = 0 <= far
+            # lafs's one TAR rule (metrics.tar_at_far): the last point accepting at most far_count impostors
+            i = int(np.searchsorted(fps, far_count(far, int(fps[-1])), side="right")) - 1
         out.append((float(tpr[i]), float(fpr[i]), float(thr[i])))
     return out
 
@@ -718,7 +724,8 @@ def tar_at_far(scores, labels, fars=FARS, rule: str = "nearest") -> dict[float, 
     ``rule="nearest"`` is insightface's (``eval_ijbc.py`` / ``IJB_evals.py``): sklearn ``roc_curve`` (with its
     default ``drop_intermediate=True``), then the point with the smallest |FPR - FAR|, ties to the larger TPR. The
     chosen FPR can exceed the target (no interpolation between points), so published IJB numbers are read this way.
-    ``rule="floor"``: the largest TPR over all distinct thresholds with FPR <= FAR (never exceeds the target).
+    ``rule="floor"``: the largest TPR over all distinct thresholds with FPR <= FAR (never exceeds the target), the
+    rule of ``metrics.tar_at_far`` (same TAR and FAR; the threshold here is the ROC point's, accept ``>=``).
     """
     return {float(far): tar for far, (tar, _, _) in zip(fars, _roc_points(scores, labels, fars, rule))}
 

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_write_bytes
+from ..data.pairs import load_bin, load_set_keypoints, sidecar_keypoints
+from ..io import atomic_write_bytes, file_hash
 from ..io_safe import load_array
-from .verification import embed_images, load_bin, pair_distances, ten_fold_accuracy
+from .embedding import embed_images
+from .metrics import pair_distances, ten_fold_accuracy
 
 
 def _digest(*parts: str) -> str:
@@ -31,8 +33,6 @@ def set_embeddings(embed_fn, bin_path: str | Path, model_hash: str, *, color: st
                    keypoints_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
     """(embeddings N x D, issame, from_cache) of a ``.bin`` set; cached when ``cache_dir`` is given. A keypoint model
     (``uses_keypoints``) gets the set's keypoints (``keypoints_path`` or the ``<stem>_kps.npy`` sidecar)."""
-    from ..embedder import file_hash
-
     bin_path = Path(bin_path)
     cache = None
     if cache_dir is not None:
@@ -64,11 +64,12 @@ def set_embeddings(embed_fn, bin_path: str | Path, model_hash: str, *, color: st
 
 def set_in_geometry(images: torch.Tensor, kps, bin_path: str | Path, geometry: str | None,
                     keypoints_path: str | Path | None = None, log=print):
-    """A verification set brought to a model's training geometry (``lafs.data.geometry.to_geometry``): one
+    """A verification set brought to a model's training geometry (``lafs.data.align.to_geometry``): one
     similarity from the set's mean keypoints (``keypoints_path`` or the sidecar; else the ArcFace template)."""
     if geometry is None:
         return images, kps
-    from ..data.geometry import get_geometry, to_geometry
+    from ..data.align import to_geometry
+    from ..geometry import get_geometry
 
     if kps is None and (keypoints_path or sidecar_keypoints(bin_path).is_file()):
         moved_kps = load_set_keypoints(bin_path, keypoints_path, len(images))
@@ -153,25 +154,6 @@ def write_report(results: list[dict], out_dir: str | Path, meta: dict, floors: d
     return written
 
 
-def sidecar_keypoints(bin_path: str | Path) -> Path:
-    """The keypoints file that goes with a set: ``<stem>_kps.npy`` beside it (``../shared/data`` naming)."""
-    p = Path(bin_path)
-    return p.with_name(p.stem + "_kps.npy")
-
-
-def load_set_keypoints(bin_path: str | Path, keypoints_path: str | Path | None, count: int) -> np.ndarray:
-    path = Path(keypoints_path) if keypoints_path else sidecar_keypoints(bin_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{bin_path}: no keypoints ({path} not found; pass --keypoints KPS.npy, "
-                                f"(images, 5, 2) pixels, one row per image of the .bin)")
-    from ..data.datasets import load_keypoints
-
-    kps = load_keypoints(path, count)  # checks one row per image of the set
-    if kps.shape[1] != 5:
-        raise ValueError(f"{path}: {kps.shape[1]} keypoints per image, expected the 5 ArcFace points for {bin_path}")
-    return kps
-
-
 def sensitivity_report(embed_fn, bin_path: str | Path, keypoints_path=None, *, steps=6, interpolation="similarity",
                        border: str = "constant", color: str = "rgb", batch_size: int = 256, device="cpu", flip: bool = True,
                        flip_mode: str = "sum", thresholds=None) -> dict:
@@ -236,7 +218,6 @@ def identification_report(embed_fn, root: str | Path, *, ks=(1, 5, 20), batch_si
 def ijb_report(embed_fn, root: str | Path, name: str | None = None, *, mode: str = "N1D1F1", model_hash: str = "",
                cache_dir: str | Path | None = None, batch_size: int = 128, device="cpu", workers=None) -> dict:
     """IJB-B/C 1:1 and 1:N (``ijb.py``) with the image features cached by model hash, meta files and flip."""
-    from ..embedder import file_hash
     from .ijb import embed_ijb, load_ijb_meta, score_ijb
 
     if not re.fullmatch(r"N[01]D[01]F[01]", mode):
@@ -271,27 +252,27 @@ def checkpoint_config(model_path: str | Path):
     untrained architecture and to find the run's training images."""
     import warnings
 
+    from ..checkpoint import config_text
     from ..config import load_config
-    from ..io_safe import CONFIG_FILE, UnsafeFileError, load_checkpoint, safetensors_folder
+    from ..io_safe import CONFIG_FILE, UnsafeFileError, safetensors_folder
 
     path = Path(model_path)
     if path.suffix == ".onnx":
         return None, f"{path.name} is an ONNX model, without the run config its architecture is built from"
     folder = safetensors_folder(path)
     if folder is not None:  # lafs export --safetensors: the run config sits beside the weights
-        config = folder / CONFIG_FILE
-        return load_config(text=config.read_text(), source=str(config)), ""
+        return load_config(text=config_text(path), source=str(folder / CONFIG_FILE)), ""
     try:
         with warnings.catch_warnings():  # torch.load warns before handing a TorchScript archive to torch.jit.load
             warnings.simplefilter("ignore")
-            state = load_checkpoint(path)
+            text = config_text(path)
     except UnsafeFileError:
         raise
     except (ValueError, OSError) as err:
         return None, f"{path.name} is not a lafs checkpoint ({type(err).__name__})"
-    if not isinstance(state, dict) or not isinstance(state.get("config"), str):
+    if text is None:
         return None, f"{path.name} is not a lafs checkpoint with its run config (TorchScript?)"
-    return load_config(text=state["config"], source=f"the config stored in {path}"), ""
+    return load_config(text=text, source=f"the config stored in {path}"), ""
 
 
 def untrained_embedder(cfg, model_hash: str = "", device="cpu"):

@@ -13,7 +13,7 @@ pairs and the 5 keypoints of each crop (``lfw_unaligned.bin`` + ``lfw_unaligned_
 - :func:`warp_crops`: resample every crop (``cv2.warpAffine``, bilinear, black border: ``align_face``'s warp) and
   move its keypoints with it, so keypoint-aware models (KP-RPE) see keypoints that match the pixels;
 - :func:`affine_sensitivity`: at each t, embed (flip test; keypoints flipped with their left/right labels swapped),
-  then the 10-fold protocol of ``verification.py``. t = 0 *is* the unaligned evaluation and t = 1 the aligned one.
+  then the 10-fold protocol of ``metrics.py``. t = 0 *is* the unaligned evaluation and t = 1 the aligned one.
 
 An embedding function that takes keypoints says so with an attribute ``uses_keypoints = True`` and is then called
 ``fn(x, keypoints=kps)`` (keypoints in pixels of ``x``); any other is called ``fn(x)``.
@@ -26,8 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.align import estimate_similarity_batch, template, transform_points_batch
-from .verification import embed_images, ten_fold_accuracy
+from ..geometry import estimate_similarity_batch, template, transform_points_batch
+from .embedding import embed_images
+from .metrics import ten_fold_accuracy
 
 INTERPOLATIONS = ("similarity", "linear")
 

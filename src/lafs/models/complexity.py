@@ -62,7 +62,7 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> tuple[int,
     model.eval()
     extra = {}
     if getattr(model, "uses_keypoints", False):  # KP-RPE: any keypoints (f(P) is one Linear either way)
-        from ..data.align import template
+        from ..geometry import template
 
         extra["keypoints"] = torch.from_numpy(template(112) * (img_size / 112))[None]
     try:

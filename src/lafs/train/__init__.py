@@ -1,1 +1,1 @@
-"""Training: the shared loop, checkpoints, distributed set-up and logging."""
+"""Training: the shared loop, distributed set-up and logging (the checkpoint format is ``lafs.checkpoint``)."""

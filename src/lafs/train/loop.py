@@ -20,10 +20,10 @@ Schedules are resolved to steps in one place, :func:`~lafs.train.schedules.resol
 final step count (again once a budgeted run has timed its count); the task gets the result (``set_schedule``).
 A warm-up or frozen-prototype phase longer than a quarter of the run is warned about (``ScheduleWarning``).
 
-Exact resume: a checkpoint holds the model, optimizer, GradScaler, every rank's RNG states, the step and
-the data position (micro-batches consumed; ``data/sampler.py`` turns it into epoch + batch). The learning
-rate is a function of the step. A run killed mid-epoch and resumed on the same number of processes
-repeats the uninterrupted run's losses exactly (CPU, same seed). Sharded Partial FC centres and their
+Exact resume: a checkpoint (its entries: ``lafs.checkpoint``) holds the model, optimizer, GradScaler, every rank's
+RNG states, the step and the data position (micro-batches consumed; ``data/sampler.py`` turns it into epoch +
+batch). The learning rate is a function of the step. A run killed mid-epoch and resumed on the same number of
+processes repeats the uninterrupted run's losses exactly (CPU, same seed). Sharded Partial FC centres and their
 optimizer state are saved gathered, so a run can resume on another number of processes (then with fresh
 RNG streams, reported).
 """
@@ -33,25 +33,21 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..checkpoint import FORMAT, checkpoints_in, read_training_checkpoint, rng_state, set_rng_state, write_checkpoint
 from ..config import to_yaml
 from ..data.sampler import EpochBatchSampler
-from ..eval.verification import evaluate_pairs
+from ..eval.embedding import evaluate_pairs
 from ..heads.partial_fc import PartialFC
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
 from ..io import atomic_write_bytes
-from ..io_safe import load_checkpoint
-from .checkpoint import atomic_save
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
 from .logging import RunLogger
 from .model_card import model_card
@@ -60,7 +56,6 @@ from .monitors import DriftMonitor
 from .sync_bn import convert_sync_batchnorm
 from .schedules import RunSchedule, resolve_schedule, warn_long_phases
 
-CKPT_FORMAT = "lafs-train-1"
 BUDGET_UNSET = 10**9  # total_steps while train.budget_minutes is being timed
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,36 +72,6 @@ def collate(items: list[dict]) -> dict:
     if all("keypoints" in it for it in items):  # KP-RPE: the keypoints ride with their images
         batch["keypoints"] = torch.stack([it["keypoints"] for it in items])
     return batch
-
-
-def rng_state() -> dict:
-    """Every RNG's state in plain types (tensors, ints, floats, str): a checkpoint opens with ``weights_only=True``
-    and no numpy objects (numpy's legacy tuple holds an ndarray; its uint32 key is stored as an int64 tensor)."""
-    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    numpy_state = {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    if isinstance(n, dict):
-        np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["gauss"]))
-    else:  # checkpoints written before the plain form hold numpy's own tuple
-        np.random.set_state(n)
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoints_in(folder: Path) -> list[Path]:
-    """``step_*.pt`` files of a run, oldest first."""
-    return sorted(folder.glob("step_*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[0]))
 
 
 @dataclass
@@ -233,7 +198,7 @@ class Trainer:
         """Every rank calls this (gathering is collective); rank 0 writes ``step_<n>.pt`` atomically."""
         model, pfc = self._model_state()
         state = {
-            "format": CKPT_FORMAT, "step": self.step, "micro_batches": self.micro_batches,
+            "format": FORMAT, "step": self.step, "micro_batches": self.micro_batches,
             "model": model, "partial_fc": pfc, "optimizer": self._optimizer_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": all_gather_objects(rng_state()), "world_size": self.env.world_size,
@@ -246,7 +211,7 @@ class Trainer:
         if extras is not None:
             state.update(extras())
         if self.env.is_main:
-            path = atomic_save(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+            path = write_checkpoint(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
             if best:
                 tmp = self.ckpt_dir / ".best.pt.link"
                 tmp.unlink(missing_ok=True)
@@ -269,9 +234,7 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         path = Path(path)
         # weights_only (lafs.io_safe): a file holding anything but tensors and plain values is refused unopened
-        state = load_checkpoint(path, "a lafs training checkpoint")
-        if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-            raise ValueError(f"{path} is not a lafs training checkpoint (format {CKPT_FORMAT})")
+        state = read_training_checkpoint(path)
         missing, unexpected = self.task.load_state_dict(state["model"], strict=False)
         if self.partial_fc is not None:
             missing = [k for k in missing if not k.startswith("head.")]

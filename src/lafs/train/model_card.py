@@ -25,7 +25,7 @@ def _input(cfg) -> str:
     size = f"resized to the model's {cfg.model.img_size} px" if cfg.model.img_size else "resized to the model size"
     if cfg.data.geometry is None:
         return f"RGB aligned faces, {size}, pixels x / 127.5 - 1."
-    from ..data.geometry import get_geometry
+    from ..geometry import get_geometry
 
     g = get_geometry(cfg.data.geometry)
     pts = ", ".join(f"({x:g}, {y:g})" for x, y in g.points)

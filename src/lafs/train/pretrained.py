@@ -7,8 +7,8 @@ does not have (SSL projection heads, a classifier with another class count) and 
 skipped and listed in the report, never silently dropped and never a crash (§9.13).
 
 A safetensors model folder (``lafs export CKPT --safetensors DIR``) or its ``model.safetensors`` is read as the
-backbone's state dict. Checkpoints open ``weights_only`` (:func:`lafs.io_safe.load_checkpoint`): a file holding
-other pickled objects is refused before anything in it runs.
+backbone's state dict. Files and folders open through :func:`lafs.checkpoint.read_checkpoint` (``weights_only``): a
+file holding other pickled objects is refused before anything in it runs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io_safe import load_checkpoint, read_safetensors_folder, safetensors_folder
+from ..checkpoint import read_checkpoint
+from ..io_safe import safetensors_folder
 
 SOURCES = ("teacher", "model", "state_dict", "student")
 PREFIXES = ("module.", "_orig_mod.", "backbone.")
@@ -61,10 +62,10 @@ def read_state(path: str | Path, source: str | None = None) -> tuple[dict[str, t
     if safetensors_folder(path) is not None:
         if source not in (None, "safetensors"):
             raise KeyError(f"{path}: a safetensors folder holds one state dict (the backbone), not '{source}'")
-        return read_safetensors_folder(path)[0], "safetensors"
+        return read_checkpoint(path)["backbone"], "safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    ckpt = load_checkpoint(path, "a checkpoint with weights")
+    ckpt = read_checkpoint(path, "a checkpoint with weights")
     names = (source,) if source else SOURCES
     for name in names:
         if isinstance(ckpt.get(name), dict):

@@ -79,9 +79,8 @@ def build_train_set(cfg):
 def build_val_sets(cfg, log=print) -> dict:
     """name -> (uint8 images N x 3 x H x W, issame, keypoints or None): the ``.bin`` files (keypoints from their
     ``<stem>_kps.npy`` sidecar when the model uses them), or held-out synthetic identities. With ``data.geometry``
-    each set is first brought to the training geometry (``lafs.data.geometry.to_geometry``)."""
-    from ..eval.report import load_set_keypoints, sidecar_keypoints
-    from ..eval.verification import load_bin
+    each set is first brought to the training geometry (``lafs.data.align.to_geometry``)."""
+    from ..data.pairs import load_bin, load_set_keypoints, sidecar_keypoints
 
     d = cfg.data
     sets = {}
@@ -93,7 +92,8 @@ def build_val_sets(cfg, log=print) -> dict:
         has_kps = needs_kps or (d.geometry is not None and sidecar_keypoints(path).is_file())
         kps = load_set_keypoints(path, None, len(images)) if has_kps else None
         if d.geometry is not None:
-            from ..data.geometry import get_geometry, to_geometry
+            from ..data.align import to_geometry
+            from ..geometry import get_geometry
 
             images, kps, note = to_geometry(images, get_geometry(d.geometry), kps, name=Path(path).stem)
             log(note)

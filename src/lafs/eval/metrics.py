@@ -1,4 +1,5 @@
-"""Pair verification: ROC AUC, EER, TAR@FAR and the 10-fold protocol of LFW / CFP-FP / AgeDB-30 ``.bin`` files.
+"""Metrics of pair scores: ROC counts and AUC, EER, TAR@FAR (one rule for verification, IJB and identification)
+and the 10-fold protocol of LFW / CFP-FP / AgeDB-30 pairs. numpy only: scores in, numbers out.
 
 Protocol (lafs_spec §8; insightface/face.evoLVe ``verification.evaluate``, which LAFS's ``perform_val`` calls):
 each image and its horizontal flip are embedded, the two embeddings summed, then L2-normalised; the score is the
@@ -6,11 +7,9 @@ squared Euclidean distance (= 2 - 2 cos); 10 contiguous, unshuffled folds; per f
 ``arange(0, 4, 0.01)`` with the best accuracy on the other 9 folds is applied to the held-out fold, and the mean
 (± std) over folds is reported. A pair is accepted when ``dist < threshold`` (strict, as insightface).
 
-Options beyond the reference protocol (defaults reproduce it):
+Options beyond the reference protocol (defaults reproduce it; the flip test's ``flip_mode`` is
+:mod:`lafs.eval.embedding`'s):
 
-- ``flip_mode`` (``embed_images`` / ``evaluate_pairs`` / ``evaluate_bin``): ``"sum"`` (reference: emb(x) + emb(flip x))
-  or ``"concat"`` ([emb(x), emb(flip x)], 2D-dimensional; the halves are not normalised separately, the whole
-  vector is L2-normalised by ``ten_fold_accuracy``).
 - ``thresholds`` (``ten_fold_accuracy`` and the wrappers): the threshold grid searched on the training folds.
 
   * ``"reference"`` (default, also ``None``): ``np.arange(0, 4, 0.01)`` on the squared distance, the insightface /
@@ -31,29 +30,20 @@ an optimistic, in-sample figure), ``eer``, ``tar_at_far`` and ``auc``.
   the *largest* threshold t with FAR(t) = #{impostor d < t} / n_impostor <= target. With k = the largest integer with
   k / n_impostor <= target, that threshold is the (k+1)-th smallest impostor distance, read from the sorted impostor
   scores (no grid, no interpolation); TAR = #{genuine d < t} / n_genuine (``tar_far`` holds the FAR actually
-  reached, <= target). It equals max TAR over all ROC points with FAR <= target. InsightFace's IJB script instead
-  reads TAR at the ROC point whose FPR is *closest* to the target (possibly above it); with few impostors
-  (k = 0) ours is TAR at zero false accepts.
+  reached, <= target). It equals max TAR over all ROC points with FAR <= target. This is the one TAR rule of lafs
+  (:func:`tar_at_far`, its allowance :func:`far_count`): ``verification_metrics``, MegaFace's verification
+  (``lafs.eval.identification``) and IJB's ``floor`` rule (read on its ROC, ``lafs.eval.ijb``) all use it.
+  InsightFace's IJB script instead reads TAR at the ROC point whose FPR is *closest* to the target (possibly above
+  it), IJB's default ``nearest`` rule, kept to compare with published numbers; with few impostors (k = 0) ours is
+  TAR at zero false accepts.
 - EER: the ROC is the polyline through (FAR, FRR) at every distinct score (plus accept-all); FAR rises and FRR falls,
   and the EER is the value where the polyline crosses FAR = FRR (linear interpolation on the crossing segment;
   the ``brentq(1 - x - interp1d(fpr, tpr)(x))`` definition of FaceNet-style evaluations).
-
-Scaling: pixels go to the model as ``x / 127.5 - 1`` in [-1, 1], the training range, for every batch. The reference
-``perform_val`` feeds ``x/255 - 0.5`` and leaves the last partial batch unscaled (lafs_spec §9 item 11); we do not
-copy that, so scores here can differ slightly from numbers produced by the reference script.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable
-
 import numpy as np
-import torch
-
-from ..data.align import flip_keypoints
-from ..data.datasets import decode_image, to_model_range
-from ..data.pairs import read_bin
 
 
 def roc_counts(scores, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,7 +157,7 @@ def _check_scores(scores, issame) -> tuple[np.ndarray, np.ndarray]:
     return scores, issame
 
 
-def _far_count(target: float, n: int) -> int:
+def far_count(target: float, n: int) -> int:
     """Largest integer k with k / n <= target (the false accepts a FAR target allows among n impostor pairs)."""
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"FAR targets must be in [0, 1], got {target}")
@@ -177,6 +167,33 @@ def _far_count(target: float, n: int) -> int:
     while k > 0 and k / n > target:
         k -= 1
     return k
+
+
+def tar_at_far(genuine, impostor, far_targets, *, kind: str = "distance", n_impostor: int | None = None,
+               ) -> tuple[dict, dict, dict]:
+    """TAR at each target FAR under the one rule of lafs (module docstring): (TAR, FAR reached, threshold) dicts keyed
+    by the targets.
+
+    ``kind="distance"``: a pair is accepted when its score is < t; ``"similarity"``: when > t (thresholds in the units
+    of the scores; +-inf when a target allows every impostor). The threshold is the (k+1)-th best impostor score,
+    k = :func:`far_count` (target, impostors): ``impostor`` may hold only the best ``k + 1`` of ``n_impostor`` impostor
+    scores (a streamed evaluation keeps no more), in any order.
+    """
+    if kind not in ("distance", "similarity"):
+        raise ValueError(f"kind must be 'distance' or 'similarity', got {kind!r}")
+    sign = 1.0 if kind == "distance" else -1.0
+    gen = sign * np.asarray(genuine).ravel()  # accept gen < t throughout: similarity thresholds are -t
+    imp = np.sort(sign * np.asarray(impostor).ravel())
+    n_imp = len(imp) if n_impostor is None else int(n_impostor)
+    tar, far, thr = {}, {}, {}
+    for target in far_targets:
+        k = far_count(float(target), n_imp)
+        # the largest t with #{impostor < t} <= k is the (k+1)-th smallest impostor score
+        t = imp[k] if k < n_imp else np.inf
+        tar[target] = float(np.count_nonzero(gen < t) / len(gen))
+        far[target] = float(np.searchsorted(imp, t, side="left") / n_imp)
+        thr[target] = sign * t
+    return tar, far, thr
 
 
 def verification_metrics(
@@ -241,24 +258,14 @@ def verification_metrics(
     a = -diff[j - 1] / (diff[j] - diff[j - 1])
     eer = float(far[j - 1] + a * (far[j] - far[j - 1]))
 
-    # TAR@FAR: the largest t with #{impostor d < t} <= k is the (k+1)-th smallest impostor distance.
-    imp_sorted = ds[~ss]
-    gen_sorted = ds[ss]
-    tar, far_at, thr = {}, {}, {}
-    for target in far_targets:
-        k = _far_count(float(target), n_imp)
-        t = imp_sorted[k] if k < n_imp else np.inf
-        tar[target] = float(np.searchsorted(gen_sorted, t, side="left") / n_gen)
-        far_at[target] = float(np.searchsorted(imp_sorted, t, side="left") / n_imp)
-        thr[target] = float(sign * t)
-
+    tar, far_at, thr = tar_at_far(ds[ss], ds[~ss], far_targets)
     return {
         "best_threshold": sign * best_t,
         "best_accuracy": best_correct / len(dist),
         "eer": eer,
         "tar_at_far": tar,
         "tar_far": far_at,
-        "tar_threshold": thr,
+        "tar_threshold": {target: float(sign * t) for target, t in thr.items()},
         "auc": roc_auc(-dist, issame),
         "n_genuine": n_gen,
         "n_impostor": n_imp,
@@ -394,125 +401,3 @@ def ten_fold_accuracy(
     for key in ("best_threshold", "best_accuracy", "eer", "tar_at_far", "tar_far", "tar_threshold"):
         result[key] = metrics[key]
     return result
-
-
-def load_bin(path: str | Path, color: str = "rgb", image_size: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
-    """A ``.bin`` pair file -> (uint8 N x 3 x H x W RGB images, issame bool array of N / 2 pairs).
-
-    Pair k is images 2k and 2k+1. All images must have one size: ``image_size`` (square) if given, else the size of
-    image 0. ``color`` is the channel order the file stores (``decode_image``).
-    """
-    path = Path(path)
-    encoded, issame = read_bin(path)
-    if not encoded:
-        raise ValueError(f"{path}: no images")
-    out = None
-    for i, data in enumerate(encoded):
-        img = decode_image(data, color, source=f"{path}: image {i}")
-        if out is None:
-            h, w = (image_size, image_size) if image_size is not None else img.shape[:2]
-            out = np.empty((len(encoded), 3, h, w), np.uint8)
-        if img.shape[:2] != out.shape[2:]:
-            raise ValueError(f"{path}: image {i} is {img.shape[1]}x{img.shape[0]}, expected {w}x{h} (W x H)")
-        out[i] = img.transpose(2, 0, 1)
-    return torch.from_numpy(out), issame
-
-
-def embed_images(
-    embed_fn: Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
-    batch_size: int = 256,
-    device="cpu",
-    flip: bool = True,
-    flip_mode: str = "sum",
-    keypoints=None,
-) -> torch.Tensor:
-    """uint8 N x 3 x H x W RGB -> float32 CPU N x D embeddings (not normalised), under ``torch.no_grad()``.
-
-    ``embed_fn`` maps float B x 3 x H x W in [-1, 1] (on ``device``) to B x D, e.g. ``lambda x: model(x)["embedding"]``.
-    Every batch, the last partial one included, is scaled ``x / 127.5 - 1``. ``flip`` adds the embedding of the
-    horizontally flipped batch (flip test): ``flip_mode="sum"`` returns emb(x) + emb(flip x) (N x D, the reference),
-    ``"concat"`` returns [emb(x), emb(flip x)] (N x 2D, halves not normalised). ``flip_mode`` needs ``flip=True``
-    to mean anything; ``"concat"`` with ``flip=False`` is an error. The model's train/eval mode is left alone: call
-    ``model.eval()`` first, or dropout and batch-norm statistics change the embeddings.
-
-    ``keypoints`` (N x 5 x 2 pixels of ``images``), for keypoint-aware models: ``embed_fn(x, keypoints=k)`` is called,
-    and the flipped batch gets the flipped keypoints (``data.align.flip_keypoints``: mirrored x, left/right swapped).
-    """
-    if flip_mode not in ("sum", "concat"):
-        raise ValueError(f"flip_mode must be 'sum' or 'concat', got {flip_mode!r}")
-    if flip_mode == "concat" and not flip:
-        raise ValueError("flip_mode='concat' needs flip=True (there is no flipped embedding to concatenate)")
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a uint8 N x 3 x H x W tensor, got {got}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if keypoints is not None:
-        keypoints = torch.as_tensor(np.asarray(keypoints, np.float32))
-        if keypoints.shape != (len(images), 5, 2):
-            raise ValueError(f"keypoints of shape {tuple(keypoints.shape)} for {len(images)} images: expected "
-                             f"({len(images)}, 5, 2)")
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = to_model_range(images[start : start + batch_size].to(device))
-            if keypoints is None:
-                embs = [embed_fn(x)] + ([embed_fn(x.flip(3))] if flip else [])
-            else:
-                k = keypoints[start : start + batch_size].to(device)
-                embs = [embed_fn(x, keypoints=k)]
-                if flip:
-                    embs.append(embed_fn(x.flip(3), keypoints=flip_keypoints(k, x.shape[-1])))
-            for emb in embs:
-                if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or len(emb) != len(x):
-                    shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-                    raise ValueError(f"embed_fn must return a {len(x)} x D tensor for {len(x)} images, got {shape}")
-            emb = embs[0] if not flip else (embs[0] + embs[1] if flip_mode == "sum" else torch.cat(embs, dim=1))
-            chunks.append(emb.float().cpu())
-    if not chunks:
-        raise ValueError("no images to embed")
-    return torch.cat(chunks)
-
-
-def evaluate_pairs(
-    embed_fn,
-    images,
-    issame,
-    batch_size=256,
-    device="cpu",
-    flip=True,
-    nfolds=10,
-    *,
-    flip_mode: str = "sum",
-    thresholds=None,
-    keypoints=None,
-) -> dict:
-    """Embed (pair k = images 2k, 2k+1; flip summed or concatenated; ``keypoints`` for keypoint models, see
-    ``embed_images``), then ``ten_fold_accuracy`` (L2-normalises)."""
-    issame = np.asarray(issame, bool).ravel()
-    if len(images) != 2 * len(issame):
-        raise ValueError(f"{len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
-    emb = embed_images(embed_fn, images, batch_size=batch_size, device=device, flip=flip, flip_mode=flip_mode,
-                       keypoints=keypoints).numpy()
-    return ten_fold_accuracy(emb[0::2], emb[1::2], issame, nfolds=nfolds, thresholds=thresholds)
-
-
-def evaluate_bin(
-    embed_fn,
-    path: str | Path,
-    *,
-    color: str = "rgb",
-    image_size: int | None = None,
-    batch_size: int = 256,
-    device="cpu",
-    flip: bool = True,
-    nfolds: int = 10,
-    flip_mode: str = "sum",
-    thresholds=None,
-) -> dict:
-    """``load_bin`` + ``evaluate_pairs``; the result also has ``name`` (file stem) and ``pairs``."""
-    images, issame = load_bin(path, color=color, image_size=image_size)
-    result = evaluate_pairs(embed_fn, images, issame, batch_size=batch_size, device=device, flip=flip, nfolds=nfolds,
-                            flip_mode=flip_mode, thresholds=thresholds)
-    return {"name": Path(path).stem, "pairs": len(issame), **result}
