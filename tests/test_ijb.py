@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import lafs.eval.ijb as ijb_module
+import lafs.eval.ijb_refine as refine_module
 from lafs.data.align import align_face
 from lafs.eval.ijb import (
     FARS,
@@ -367,7 +367,7 @@ def test_tar_at_far_by_hand_drop_intermediate_matters():
 
 def _float64_reference(f, r1, r2, labels, fars, rule):
     """roc_1to1 of every pair scored in float64 by the row-wise dot roc_1to1_pairs rescores with."""
-    s = ijb_module._dot_rows_(f[torch.from_numpy(np.asarray(r1))], f[torch.from_numpy(np.asarray(r2))]).numpy()
+    s = refine_module._dot_rows_(f[torch.from_numpy(np.asarray(r1))], f[torch.from_numpy(np.asarray(r2))]).numpy()
     np.testing.assert_allclose(s, pair_scores_loop(f.numpy(), r1, r2), rtol=0, atol=1e-14)
     return roc_1to1(s, labels, fars, rule), s
 
@@ -431,7 +431,7 @@ def test_roc_1to1_pairs_falls_back_to_float64(monkeypatch):
         got = roc_1to1_pairs(f, r1, r2, labels, fars, max_refine=0, stats=stats)  # over budget at once
         assert stats["float64_fallback"] and got[key] == want[key]
     # A float32 product outside the bound (as TF32 or bf16 matmul would be): every pair in float64.
-    monkeypatch.setattr(ijb_module, "_f32_score_error_bound", lambda features: 1e-12)
+    monkeypatch.setattr(refine_module, "_f32_score_error_bound", lambda features: 1e-12)
     stats = {}
     got = roc_1to1_pairs(f, r1, r2, labels, fars, stats=stats)
     assert stats["float64_fallback"] and stats["refined_pairs"] == 0 and got["tar_at_far"] == want["tar_at_far"]
@@ -446,7 +446,7 @@ def test_float32_error_bound_holds():
     f, r1, r2, _, _ = _pairs_case(2, "random", dim=512, n_pairs=20_000)
     s32 = pair_scores(f, r1, r2, dtype=torch.float32).double().numpy()
     s64 = pair_scores_loop(f.numpy(), r1, r2)
-    bound = ijb_module._f32_score_error_bound(f)
+    bound = refine_module._f32_score_error_bound(f)
     assert 5e-5 < bound < 7e-5 and np.abs(s32 - s64).max() < bound / 100
 
 

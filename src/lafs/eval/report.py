@@ -218,7 +218,8 @@ def identification_report(embed_fn, root: str | Path, *, ks=(1, 5, 20), batch_si
 def ijb_report(embed_fn, root: str | Path, name: str | None = None, *, mode: str = "N1D1F1", model_hash: str = "",
                cache_dir: str | Path | None = None, batch_size: int = 128, device="cpu", workers=None) -> dict:
     """IJB-B/C 1:1 and 1:N (``ijb.py``) with the image features cached by model hash, meta files and flip."""
-    from .ijb import embed_ijb, load_ijb_meta, score_ijb
+    from ..data.ijb import load_ijb_meta
+    from .ijb import embed_ijb, score_ijb
 
     if not re.fullmatch(r"N[01]D[01]F[01]", mode):
         raise ValueError(f"IJB mode must look like N1D1F1 (norm score, detector score, flip test), got {mode!r}")
