@@ -1,12 +1,13 @@
 import math
 
 import kornia.enhance as KE
-from kornia.color import rgb_to_grayscale
 import pytest
 import torch
+from kornia.color import rgb_to_grayscale
 
 import lafs.augment.supervised as sup
 from lafs.augment import MIXUP_PRESETS, RANDAUGMENT_OPS, Mixup, SupervisedAugment, rand_augment_op
+from lafs.augment.ops import color_jitter, shift_hue
 
 PRESETS = ("none", "flip", "shift", "webface4m", "ms1mv3", "misalign")
 
@@ -195,13 +196,13 @@ def test_hue_shift_matches_hsv_rotation():
     img = torch.rand(4, 3, 16, 16)
     img[:, :, :3] = img[:, :1, :3]  # grey rows: no hue to rotate
     shift = torch.tensor([-0.5, -0.1, 0.05, 0.3])
-    out = sup._shift_hue(img, shift)
+    out = shift_hue(img, shift)
     torch.testing.assert_close(out, KE.adjust_hue(img, shift * 2 * math.pi), atol=1e-5, rtol=0)
     torch.testing.assert_close(out[:, :, :3], img[:, :, :3])
 
 
 def _shift_hue_remainder_formula(x, shift):
-    """_shift_hue as first written (issue 18 made it 2.5x faster on CPU): its outputs must stay bit for bit."""
+    """shift_hue as first written (issue 18 made it 2.5x faster on CPU): its outputs must stay bit for bit."""
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     v = x.amax(1, keepdim=True)
     c = v - x.amin(1, keepdim=True)
@@ -220,7 +221,7 @@ def test_hue_shift_is_bit_identical_to_the_remainder_formula():
     x = torch.cat([corners.expand(len(shifts), -1, -1, -1), torch.rand(len(shifts), 3, 7, 49)], 3)
     for dtype in (torch.float32, torch.float64):
         for sh in (shifts, torch.rand(len(shifts)) - 0.5):
-            got, want = sup._shift_hue(x.to(dtype), sh.to(dtype)), _shift_hue_remainder_formula(x.to(dtype), sh.to(dtype))
+            got, want = shift_hue(x.to(dtype), sh.to(dtype)), _shift_hue_remainder_formula(x.to(dtype), sh.to(dtype))
             assert got.dtype == want.dtype and torch.equal(got, want)
 
 
@@ -318,3 +319,97 @@ def test_shift_moves_whole_pixels_replicates_edges_and_keypoints_follow():
     assert set(out.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match=r"shift must be in \[0, 0.5\)"):
         SupervisedAugment(shift=0.5)
+
+
+# --- one RandomResizedCrop and one ColorJitter for the supervised and multi-crop views ----------------------------
+# The two pipelines each had their own until issue 23; these are those copies, frozen: the shared implementation
+# must give the same floats for the same seed (CPU, where torch's uniform draws are one serial stream).
+
+
+def _old_uniform(low, high, shape):
+    return low + (high - low) * torch.rand(shape)
+
+
+def _old_supervised_resized_crop(x, scale, kp):
+    (b, _, h, w) = x.shape
+    ratio_lo, ratio_hi = 3 / 4, 4 / 3
+    area = h * w * _old_uniform(*scale, (b, 10))
+    ratio = torch.exp(_old_uniform(math.log(ratio_lo), math.log(ratio_hi), (b, 10)))
+    cw, ch = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
+    fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+    first = fits.int().argmax(1, keepdim=True)
+    found = fits.any(1)
+    fw = w if w / h <= ratio_hi else round(h * ratio_hi)
+    fh = h if w / h >= ratio_lo else round(w / ratio_lo)
+    cw = torch.where(found, cw.gather(1, first).squeeze(1), float(fw))
+    ch = torch.where(found, ch.gather(1, first).squeeze(1), float(fh))
+    top = torch.where(found, torch.floor(torch.rand(b) * (h - ch + 1)), (h - ch) // 2)
+    left = torch.where(found, torch.floor(torch.rand(b) * (w - cw + 1)), (w - cw) // 2)
+    zero = torch.zeros_like(cw)
+    theta = torch.stack([cw / w, zero, left, zero, ch / h, top], -1).view(-1, 2, 3)
+    kp.copy_(sup.move_points(kp, theta))
+    return sup._warp(x, theta, "border").clamp_(0, 1)
+
+
+def _old_supervised_color_jitter(x, s):
+    b = len(x)
+    factors = _old_uniform(max(0.0, 1 - s), 1 + s, (3, b))
+    hue = _old_uniform(-s, s, (b,))
+    ops = (lambda x, f: x * f.view(-1, 1, 1, 1), KE.adjust_contrast_with_mean_subtraction,
+           KE.adjust_saturation_with_gray_subtraction, _shift_hue_remainder_formula)
+    params = (factors[0], factors[1], factors[2], hue)
+    order = torch.rand(b, 4).argsort(1)
+    for step in range(4):
+        for k in range(4):
+            idx = (order[:, step] == k).nonzero().squeeze(1)
+            if len(idx):
+                x[idx] = ops[k](x.index_select(0, idx), params[k][idx]).clamp_(0, 1)
+    return x
+
+
+def _old_photometric_color_jitter(y, jitter):
+    b = len(y)
+    bs, cs, ss, hs = jitter
+    params = (_old_uniform(max(0.0, 1 - bs), 1 + bs, (b,)), _old_uniform(max(0.0, 1 - cs), 1 + cs, (b,)),
+              _old_uniform(max(0.0, 1 - ss), 1 + ss, (b,)), _old_uniform(-hs, hs, (b,)))
+    ops = (lambda x, f: x * f.view(-1, 1, 1, 1), KE.adjust_contrast_with_mean_subtraction,
+           KE.adjust_saturation_with_gray_subtraction, _shift_hue_remainder_formula)
+    order = torch.rand(b, 4).argsort(1)
+    for step in range(4):
+        for k in range(4):
+            idx = (order[:, step] == k).nonzero().squeeze(1)
+            if len(idx) and jitter[k] > 0:
+                y[idx] = ops[k](y[idx], params[k][idx]).clamp(0, 1)
+    return y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resized_crop_and_jitter_are_bit_identical_to_the_two_former_copies(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.rand(48, 3, 40, 36, generator=g)  # [0, 1], not square: the ratio fallback is reached too
+    kp = torch.rand(48, 5, 2, generator=g) * 36
+    aug = SupervisedAugment(flip=False, resized_crop_scale=(0.3, 1.0), color_jitter=0.1)
+    for scale in ((0.9, 1.0), (0.05, 1.0), (0.95, 1.0)):
+        aug.resized_crop_scale = scale
+        torch.manual_seed(seed)
+        want_kp = kp.clone()
+        want = _old_supervised_resized_crop(x.clone(), scale, want_kp)
+        torch.manual_seed(seed)
+        got_kp = kp.clone()
+        assert torch.equal(aug._resized_crop(x.clone(), got_kp), want) and torch.equal(got_kp, want_kp)
+    torch.manual_seed(seed)
+    want = _old_supervised_color_jitter(x.clone(), 0.1)
+    torch.manual_seed(seed)
+    assert torch.equal(color_jitter(x.clone(), (0.1,) * 4), want)
+    for jitter in ((0.4, 0.4, 0.2, 0.1), (0.0, 0.3, 0.0, 0.05)):
+        torch.manual_seed(seed)
+        want = _old_photometric_color_jitter(x.clone(), jitter)
+        torch.manual_seed(seed)
+        assert torch.equal(color_jitter(x.clone(), jitter), want)
+    # and the whole pipelines, which call them
+    y = x * 2 - 1
+    torch.manual_seed(seed)
+    want = _old_supervised_resized_crop(y.add(1).div_(2).clamp_(0, 1), (0.9, 1.0), kp.clone())
+    want = _old_supervised_color_jitter(want, 0.1).mul_(2).sub_(1)
+    torch.manual_seed(seed)
+    assert torch.equal(SupervisedAugment(flip=False, resized_crop_scale=(0.9, 1.0), color_jitter=0.1)(y), want)

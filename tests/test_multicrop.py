@@ -16,8 +16,8 @@ from lafs.augment.multicrop import (
     Photometric,
     crop_resize,
     random_resized_crop,
-    sample_boxes,
 )
+from lafs.augment.ops import sample_boxes
 
 OFF = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
 

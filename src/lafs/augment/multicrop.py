@@ -12,9 +12,9 @@ The photometric pipeline (:class:`Photometric`) is DINO's: ColorJitter(0.4, 0.4,
 in a random order per image), RandomGrayscale(0.2), GaussianBlur with sigma ~ U(0.1, 2) and a preset probability,
 and Solarization (threshold 128) with a preset probability.
 
-As in :mod:`lafs.augment.supervised`, every draw is per image but each op runs once on the batch (or on the group of
-images that drew it), on the images' device, with torch's global RNG for that device, so a resumed run repeats the
-draws exactly. Input and output are floats in [-1, 1]; the ops work in [0, 1], where the reference's uint8 value v
+The crop boxes (``RandomResizedCrop``) and the colour jitter are :mod:`lafs.augment.ops`', shared with the supervised
+pipeline: every draw is per image but each op runs once on the batch (or on the group of images that drew it), on
+the images' device, with torch's global RNG for that device, so a resumed run repeats the draws exactly. Input and output are floats in [-1, 1]; the ops work in [0, 1], where the reference's uint8 value v
 is v / 255. The normalisation is always the project's (0.5, 0.5), also for the DINO views (the reference's DINO
 class uses ImageNet mean/std, §9).
 
@@ -33,45 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lafs.augment.supervised import _ENHANCE, _groups, _shift_hue, _uniform
+from .ops import color_jitter, sample_boxes, uniform
 
 __all__ = [
-    "DINO_GLOBAL_1", "DINO_GLOBAL_2", "DINO_LOCAL", "LAFSViews", "MultiCropViews", "Photometric",
-    "random_resized_crop", "sample_boxes",
+    "DINO_GLOBAL_1", "DINO_GLOBAL_2", "DINO_LOCAL", "LAFSViews", "MultiCropViews", "Photometric", "crop_resize",
+    "random_resized_crop",
 ]  # fmt: skip
 
 _SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize inverts every value >= 128
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, torchvision rgb_to_grayscale
-
-
-def sample_boxes(
-    n: int,
-    h: int,
-    w: int,
-    scale: tuple[float, float] = (0.4, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """torchvision ``RandomResizedCrop.get_params`` for n images of h x w: returns n x 4 (left, top, width, height).
-
-    10 tries at a box of area fraction ~ U(scale) and log-uniform aspect ratio w/h in ``ratio``; the first that fits
-    the image is placed uniformly at integer offsets. Where none fits, the whole image clipped to the ratio range,
-    centred. Values are whole numbers stored as floats.
-    """
-    area = h * w * _uniform(scale[0], scale[1], (n, 10), device)
-    r = torch.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), (n, 10), device))
-    cw, ch = torch.round(torch.sqrt(area * r)), torch.round(torch.sqrt(area / r))
-    fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
-    first = fits.int().argmax(1, keepdim=True)  # the first try that fits
-    found = fits.any(1)
-    fw = w if w / h <= ratio[1] else round(h * ratio[1])
-    fh = h if w / h >= ratio[0] else round(w / ratio[0])
-    cw = torch.where(found, cw.gather(1, first).squeeze(1), float(fw))
-    ch = torch.where(found, ch.gather(1, first).squeeze(1), float(fh))
-    u = torch.rand(2, n, device=device)
-    top = torch.where(found, torch.floor(u[0] * (h - ch + 1)), (h - ch) // 2)
-    left = torch.where(found, torch.floor(u[1] * (w - cw + 1)), (w - cw) // 2)
-    return torch.stack([left, top, cw, ch], 1)
 
 
 def crop_resize(images: Tensor, boxes: Tensor, size: int, mode: str = "bicubic") -> Tensor:
@@ -158,14 +128,14 @@ class Photometric(nn.Module):
         if jitter_on:
             idx = (torch.rand(b, device=dev) < self.jitter_prob).nonzero().squeeze(1)
             if len(idx):
-                y[idx] = self._color_jitter(y[idx])
+                y[idx] = color_jitter(y[idx], self.jitter)
         if self.grayscale_prob > 0:
             gray = torch.rand(b, device=dev) < self.grayscale_prob
             luma = (y * y.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(y)
             y = torch.where(gray.view(-1, 1, 1, 1), luma, y)
         if self.blur_prob > 0:
             blur = torch.rand(b, device=dev) < self.blur_prob
-            sigma = _uniform(*self.blur_sigma, (b,), dev)
+            sigma = uniform(*self.blur_sigma, (b,), dev)
             idx = blur.nonzero().squeeze(1)
             if len(idx):
                 s = sigma[idx].view(-1, 1).expand(-1, 2)
@@ -174,25 +144,6 @@ class Photometric(nn.Module):
             sol = (torch.rand(b, device=dev) < self.solarize_prob).view(-1, 1, 1, 1)
             y = torch.where(sol & (y >= _SOLARIZE_THRESHOLD), 1 - y, y)
         return (y * 2 - 1).to(x.dtype)
-
-    def _color_jitter(self, y: Tensor) -> Tensor:
-        b, dev = len(y), y.device
-        bs, cs, ss, hs = self.jitter
-        params = (
-            _uniform(max(0.0, 1 - bs), 1 + bs, (b,), dev),
-            _uniform(max(0.0, 1 - cs), 1 + cs, (b,), dev),
-            _uniform(max(0.0, 1 - ss), 1 + ss, (b,), dev),
-            _uniform(-hs, hs, (b,), dev),
-        )
-        ops = (_ENHANCE["Brightness"], _ENHANCE["Contrast"], _ENHANCE["Color"], _shift_hue)
-        order = torch.rand(b, 4, device=dev).argsort(1)
-        active = [s > 0 for s in self.jitter]
-        for step in range(4):
-            for k, idx in _groups(order[:, step], 4):
-                if active[k]:
-                    y[idx] = ops[k](y[idx], params[k][idx]).clamp(0, 1)
-        return y
-
 
 # DINO's three photometric presets: global view 1, global view 2, local views (§5.1).
 DINO_GLOBAL_1 = Photometric(blur_prob=1.0, solarize_prob=0.0)

@@ -29,7 +29,7 @@ distributions match.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import kornia.enhance as KE
 import torch
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..geometry import flip_keypoints
+from .ops import brightness, color_jitter, groups, sample_boxes, uniform
 
 RANDAUGMENT_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Color", "Contrast", "Brightness", "Sharpness",
@@ -47,7 +48,7 @@ _GEOMETRIC_MAX = {"Rotate": 30.0, "ShearX": 0.3, "ShearY": 0.3, "TranslateXRel":
 _ENHANCE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "Color": KE.adjust_saturation_with_gray_subtraction,  # PIL ImageEnhance.Color: blend with the grey image
     "Contrast": KE.adjust_contrast_with_mean_subtraction,  # PIL: blend with the mean grey level
-    "Brightness": lambda x, f: x * f.view(-1, 1, 1, 1),  # PIL: blend with black
+    "Brightness": brightness,  # PIL: blend with black
     "Sharpness": KE.sharpness,  # PIL: blend with the 3x3 smoothed image, border kept
 }
 # timm's mixup_my settings per dataset preset: (alpha, probability). Beta(alpha, alpha) weights, batch mode.
@@ -66,47 +67,6 @@ _PRESETS: dict[str, dict] = {
     # KP-RPE training (CVLface gridsample_v1, kprpe_spec §3.3): deliberately misaligned faces whose keypoints follow
     "misalign": dict(affine_scale=(0.8, 1.2), affine_rotate=20.0, affine_rotate_prob=0.2, affine_translate=0.1),
 }
-
-
-def _uniform(low: float, high: float, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    return low + (high - low) * torch.rand(shape, device=device)
-
-
-def _groups(choice: Tensor, n: int) -> Iterator[tuple[int, Tensor]]:
-    """Yield (k, indices of the images that chose k) for k < n; entries outside [0, n) choose nothing.
-
-    One host sync per call (the group sizes), not one per group.
-    """
-    choice = torch.where((choice >= 0) & (choice < n), choice, n)
-    order = torch.argsort(choice, stable=True)
-    sizes = torch.bincount(choice, minlength=n + 1).tolist()
-    for k, idx in enumerate(torch.split(order, sizes)[:n]):
-        if len(idx):
-            yield k, idx
-
-
-def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """torchvision's adjust_hue: rotate the HSV hue by ``shift`` (N, fraction of the circle), V and S kept.
-
-    Written out in RGB because the round trip through HSV (kornia.enhance.adjust_hue) is ~3x slower on CPU.
-    The arithmetic is that of ``h = where(v == r, (g - b) / d, where(v == g, (b - r) / d + 2, (r - g) / d + 4))``,
-    ``h = remainder(h / 6 + shift, 1) * 6``, ``k = remainder(h + (5, 3, 1), 6)``,
-    ``v - c * minimum(k, 4 - k).clamp(0, 1)`` with the same float results, in fewer passes (2.5x faster on CPU):
-    one division instead of three, ``a - floor(a)`` for ``remainder(a, 1)`` (the same single rounding of the same
-    exact value), ``k - 6`` where ``k >= 6`` for ``remainder(k, 6)`` (exact, as 0 <= k < 12), in-place steps.
-    """
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    v = x.amax(1, keepdim=True)
-    c = v - x.amin(1, keepdim=True)
-    d = torch.where(c > 0, c, 1)  # a grey pixel has no hue; its output is v whatever h is
-    is_r, is_g = v == r, v == g
-    h = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g)).div_(d)
-    h = h.add_(torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0)))
-    h = h.div_(6).add_(shift.view(-1, 1, 1, 1))
-    h = h.sub_(torch.floor(h)).mul_(6)
-    k = h + x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
-    k = k.sub_((k >= 6) * 6.0)
-    return torch.minimum(k, 4 - k).clamp_(0, 1).mul_(c).neg_().add_(v)
 
 
 def _warp(images: Tensor, theta: Tensor, padding_mode: str) -> Tensor:
@@ -256,7 +216,7 @@ class SupervisedAugment(nn.Module):
         if self.resized_crop_scale:
             x = self._resized_crop(x, kp)
         if self.color_jitter > 0:
-            x = self._color_jitter(x)
+            x = color_jitter(x, (self.color_jitter,) * 4)
         if self.erasing_prob > 0:
             x = self._erase(x)
         x = x.mul_(2).sub_(1).to(images.dtype)  # x is this call's own tensor
@@ -288,7 +248,7 @@ class SupervisedAugment(nn.Module):
             magnitude = self.randaugment_magnitude + self.randaugment_magnitude_std * torch.randn(b, device=dev)
             magnitude = magnitude.clamp(0, 10)
             sign = torch.randint(0, 2, (b,), device=dev) * 2.0 - 1
-            for k, idx in _groups(torch.where(applied, op, -1), len(RANDAUGMENT_OPS)):
+            for k, idx in groups(torch.where(applied, op, -1), len(RANDAUGMENT_OPS)):
                 name = RANDAUGMENT_OPS[k]
                 x[idx] = rand_augment_op(x.index_select(0, idx), name, magnitude[idx], sign[idx])
                 if kp is not None and name in _GEOMETRIC_MAX:
@@ -296,22 +256,10 @@ class SupervisedAugment(nn.Module):
         return x
 
     def _resized_crop(self, x: Tensor, kp: Tensor | None = None) -> Tensor:
-        """torchvision RandomResizedCrop: 10 tries at a box of random area and log-uniform aspect ratio inside the
-        image, else the whole image clipped to the ratio range; the box is resized back to H x W."""
+        """torchvision RandomResizedCrop (:func:`lafs.augment.ops.sample_boxes`, ratio 3/4 to 4/3); the box is
+        resized back to H x W bilinearly, through the same warp as the other geometric steps (keypoints follow)."""
         (b, _, h, w), dev = x.shape, x.device
-        ratio_lo, ratio_hi = 3 / 4, 4 / 3
-        area = h * w * _uniform(*self.resized_crop_scale, (b, 10), dev)
-        ratio = torch.exp(_uniform(math.log(ratio_lo), math.log(ratio_hi), (b, 10), dev))
-        cw, ch = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
-        fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
-        first = fits.int().argmax(1, keepdim=True)  # the first try that fits
-        found = fits.any(1)
-        fw = w if w / h <= ratio_hi else round(h * ratio_hi)
-        fh = h if w / h >= ratio_lo else round(w / ratio_lo)
-        cw = torch.where(found, cw.gather(1, first).squeeze(1), float(fw))
-        ch = torch.where(found, ch.gather(1, first).squeeze(1), float(fh))
-        top = torch.where(found, torch.floor(torch.rand(b, device=dev) * (h - ch + 1)), (h - ch) // 2)
-        left = torch.where(found, torch.floor(torch.rand(b, device=dev) * (w - cw + 1)), (w - cw) // 2)
+        left, top, cw, ch = sample_boxes(b, h, w, self.resized_crop_scale, (3 / 4, 4 / 3), dev).unbind(1)
         zero = torch.zeros_like(cw)
         theta = torch.stack([cw / w, zero, left, zero, ch / h, top], -1).view(-1, 2, 3)
         if kp is not None:
@@ -322,11 +270,11 @@ class SupervisedAugment(nn.Module):
         """A random similarity about the image centre: scale ~ U(affine_scale), rotation ~ U(+-affine_rotate) degrees
         with probability affine_rotate_prob, shift ~ U(+-affine_translate) of the size per axis; black border."""
         (b, _, h, w), dev = x.shape, x.device
-        scale = _uniform(*self.affine_scale, (b,), dev)
-        angle = _uniform(-self.affine_rotate, self.affine_rotate, (b,), dev)
+        scale = uniform(*self.affine_scale, (b,), dev)
+        angle = uniform(-self.affine_rotate, self.affine_rotate, (b,), dev)
         angle = torch.where(torch.rand(b, device=dev) < self.affine_rotate_prob, angle, torch.zeros_like(angle))
-        tx = _uniform(-self.affine_translate, self.affine_translate, (b,), dev) * w
-        ty = _uniform(-self.affine_translate, self.affine_translate, (b,), dev) * h
+        tx = uniform(-self.affine_translate, self.affine_translate, (b,), dev) * w
+        ty = uniform(-self.affine_translate, self.affine_translate, (b,), dev) * h
         # output -> input: undo the shift, then the rotation and scale about the centre
         cos, sin = torch.cos(torch.deg2rad(angle)) / scale, torch.sin(torch.deg2rad(angle)) / scale
         cx, cy = w / 2, h / 2
@@ -336,29 +284,13 @@ class SupervisedAugment(nn.Module):
             kp.copy_(move_points(kp, theta))
         return _warp(x, theta, "zeros")
 
-    def _color_jitter(self, x: Tensor) -> Tensor:
-        """torchvision ColorJitter(s, s, s, s): brightness, contrast and saturation factors ~ U(1 - s, 1 + s) and a
-        hue shift ~ U(-s, s) of the colour circle, applied in a random order drawn per image."""
-        b, dev, s = len(x), x.device, self.color_jitter
-        factors = _uniform(max(0.0, 1 - s), 1 + s, (3, b), dev)
-        hue = _uniform(-s, s, (b,), dev)
-        ops = (_ENHANCE["Brightness"], KE.adjust_contrast_with_mean_subtraction,
-               KE.adjust_saturation_with_gray_subtraction, _shift_hue)  # fmt: skip
-        params = (factors[0], factors[1], factors[2], hue)
-        order = torch.rand(b, 4, device=dev).argsort(1)
-        for step in range(4):
-            for k, idx in _groups(order[:, step], 4):
-                # index_select: the same gather as x[idx], 3x faster on CPU
-                x[idx] = ops[k](x.index_select(0, idx), params[k][idx]).clamp_(0, 1)
-        return x
-
     def _erase(self, x: Tensor) -> Tensor:
         """torchvision RandomErasing(value=0): 10 tries at a box of area fraction ~ U(scale) and log-uniform aspect
         ratio in (0.3, 3.3) that fits strictly inside the image; an image where no try fits is left alone."""
         (b, _, h, w), dev = x.shape, x.device
         erased = torch.rand(b, device=dev) < self.erasing_prob
-        area = h * w * _uniform(*self.erasing_scale, (b, 10), dev)
-        ratio = torch.exp(_uniform(math.log(0.3), math.log(3.3), (b, 10), dev))
+        area = h * w * uniform(*self.erasing_scale, (b, 10), dev)
+        ratio = torch.exp(uniform(math.log(0.3), math.log(3.3), (b, 10), dev))
         eh, ew = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
         fits = (eh < h) & (ew < w)
         first = fits.int().argmax(1, keepdim=True)
