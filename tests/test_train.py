@@ -69,6 +69,16 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(50, 100, 0.5, schedule="constant") == 0.5
 
 
+def test_lr_cosine_is_the_one_cosine_and_bit_identical_to_its_former_formula():
+    from lafs.ssl.dino import cosine_at
+
+    for total, warmup, base, low in ((100, 10, 1e-3, 1e-6), (37, 0, 0.3, 0.0), (5, 8, 2e-3, 1e-5), (1000, 999, 1.0, 0.5)):
+        for step in range(warmup, total + 3):
+            span = max(1, total - warmup)  # lr_at's own cosine until issue 23
+            former = low + 0.5 * (base - low) * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+            assert lr_at(step, total, base, warmup, low) == former == cosine_at(step - warmup, total - warmup, base, low)
+
+
 def test_beta_step_schedule_reference_preset():
     values, epochs = [1000.0, 100.0, 1.0, 0.11, 0.0], [0, 8, 14, 21, 28]
     got = {e: step_schedule(e, values, epochs) for e in (0, 7, 8, 13, 14, 20, 21, 27, 28, 40)}

@@ -34,8 +34,8 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 __all__ = [
-    "TEACHER_TEMP_PRESETS", "DINOHead", "DINOLoss", "teacher_temp_at", "teacher_temp_at_step", "momentum_at",
-    "weight_decay_at",
+    "TEACHER_TEMP_PRESETS", "DINOHead", "DINOLoss", "teacher_temp_at", "teacher_temp_at_step", "cosine_at",
+    "momentum_at", "weight_decay_at",
     "ema_update", "clip_gradients_per_param", "cancel_last_layer_grads", "teacher_entropy", "teacher_entropy_tensor",
     "mean_entropy",
     "teacher_student_kl",
@@ -247,8 +247,12 @@ def teacher_temp_at_step(step: int, warmup_teacher_temp: float, teacher_temp: fl
     return float(warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * step / warmup_steps)
 
 
-def _cosine(step: int, total_steps: int, base: float, final: float) -> float:
-    # DINO cosine_scheduler: final + 0.5 (base - final)(1 + cos(pi i / N)), i = 0..N-1; clamped past the end.
+def cosine_at(step: int, total_steps: int, base: float, final: float) -> float:
+    """The one cosine schedule of lafs: ``base`` at step 0 to ``final`` at ``total_steps``, held outside that span.
+
+    DINO's ``cosine_scheduler``, final + 0.5 (base - final)(1 + cos(pi i / N)): the EMA momentum and the weight decay
+    here, and the learning rate after its warm-up (``lafs.train.optim.lr_at``, the same curve as ``CosineAnnealingLR``).
+    """
     t = min(1.0, max(0.0, step / max(1, total_steps)))
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * t))
 
@@ -257,13 +261,13 @@ def momentum_at(step: int, total_steps: int, base: float = 0.996, final: float =
     """EMA teacher momentum at iteration ``step`` (cosine base -> final; lafs_spec §4). Spans the whole run
     (``total_steps``: the loop's final count, a budgeted run's once timed), as DINO's schedule over every
     iteration: already run-relative, no fraction key."""
-    return _cosine(step, total_steps, base, final)
+    return cosine_at(step, total_steps, base, final)
 
 
 def weight_decay_at(step: int, total_steps: int, base: float = 0.04, final: float = 0.4) -> float:
     """Weight decay at iteration ``step`` (cosine base -> final; applied to the regularised group only), over the
     whole run like :func:`momentum_at`."""
-    return _cosine(step, total_steps, base, final)
+    return cosine_at(step, total_steps, base, final)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,11 +13,12 @@ linear warm-up from 0 (the reference ``GradualWarmupScheduler``, multiplier 1), 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from ..ssl.dino import cosine_at
 
 
 def param_groups(
@@ -75,9 +76,7 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, mi
         return base_lr
     if schedule != "cosine":
         raise ValueError(f"unknown schedule {schedule!r}; use cosine or constant")
-    span = max(1, total_steps - warmup_steps)
-    t = min(1.0, (step - warmup_steps) / span)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t))
+    return cosine_at(step - warmup_steps, total_steps - warmup_steps, base_lr, min_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
