@@ -89,3 +89,37 @@ def test_package_does_not_require_torchvision_or_timm():
     reqs = " ".join(requires(packages_distributions()["lafs"][0]) or [])
     assert "torch" in reqs
     assert "torchvision" not in reqs and "timm" not in reqs and "mxnet" not in reqs
+
+
+def test_choices_are_the_registries_names():
+    import dataclasses
+
+    from lafs.augment.supervised import PRESETS
+    from lafs.config import AugmentConfig, HeadConfig, ModelConfig, SSLConfig, allowed_values
+    from lafs.heads.margin import HEADS
+    from lafs.models import vit
+    from lafs.models.registry import BACKBONES
+    from lafs.ssl import METHODS, TEACHER_TEMP_PRESETS
+
+    def allowed(schema, name):
+        return allowed_values(next(f for f in dataclasses.fields(schema) if f.name == name))
+
+    assert allowed(ModelConfig, "name") == tuple(BACKBONES)
+    assert allowed(ModelConfig, "pool") == (None, *vit.POOLS)  # None: the size preset's value
+    assert allowed(HeadConfig, "name") == HEADS
+    assert allowed(AugmentConfig, "preset") == tuple(PRESETS)
+    assert allowed(SSLConfig, "method") == ("none", *METHODS)
+    assert allowed(SSLConfig, "teacher_temp_schedule") == tuple(TEACHER_TEMP_PRESETS)
+
+
+def test_a_backbone_registered_later_is_a_valid_model_name():
+    from lafs.models import IResNet
+    from lafs.models.registry import BACKBONES, IRESNET_OPTIONS, IRESNET_SIZES, BackboneEntry, register_backbone
+
+    register_backbone(BackboneEntry("iresnet_copy", "test", IResNet, IRESNET_SIZES, IRESNET_OPTIONS))
+    try:
+        assert load_config(overrides=["model.name=iresnet_copy", "model.size=micro"]).model.name == "iresnet_copy"
+    finally:
+        del BACKBONES["iresnet_copy"]
+    with pytest.raises(ConfigError, match="model.name"):
+        load_config(overrides=["model.name=iresnet_copy"])

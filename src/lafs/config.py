@@ -6,7 +6,9 @@ the schema does not have, a value of the wrong type or a value outside a field's
 :class:`ConfigError` that names the key, where it came from and, for a typo, the closest valid key.
 ``save_config`` writes the resolved config next to a run's outputs.
 
-Model fields left at ``None`` take the value of the chosen size preset (``models/registry.py``).
+Model fields left at ``None`` take the value of the chosen size preset (``models/registry.py``). A field whose
+values a registry of the package defines (backbones, their options, heads, augmentation presets, SSL methods)
+takes its choices from that registry (:func:`registered`), read when a config is checked.
 """
 
 from __future__ import annotations
@@ -33,6 +35,43 @@ def choice(default: Any, choices: tuple, help: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "help": help})
 
 
+def registered(default: Any, registry: str, help: str = "") -> Any:
+    """A choice among the names a registry of the package defines (:func:`registry_names`), so that each list lives
+    once, beside the code it selects. ``None`` is allowed where it is the default (the size preset's value)."""
+    return field(default=default, metadata={"registry": registry, "help": help})
+
+
+def _registries() -> dict[str, tuple]:
+    # Imported when a config is checked, not with this module: the registries live beside torch code, and
+    # `lafs --help` imports this module. Read at each check, so a backbone registered later is a valid name.
+    from .augment.supervised import PRESETS as AUGMENT_PRESETS
+    from .data.datasets import COLORS
+    from .heads.margin import HEADS
+    from .models import part_fvit, rpe, vit
+    from .models.registry import BACKBONES
+    from .ssl import METHODS, TEACHER_TEMP_PRESETS
+    from .ssl.lafs import SHUFFLE_SCOPES
+
+    return {
+        "backbones": tuple(BACKBONES), "drop_path_schedules": vit.DROP_PATH_SCHEDULES, "attn_scales": vit.ATTN_SCALES,
+        "pools": vit.POOLS, "token_inits": vit.TOKEN_INITS, "mlp_acts": vit.MLP_ACTS, "weight_inits": vit.WEIGHT_INITS,
+        "rpes": vit.RPES, "irpe_modes": rpe.IRPE_MODES, "kprpe_variants": rpe.KPRPE_VARIANTS,
+        "patch_layouts": part_fvit.PATCH_LAYOUTS, "keypoint_sources": part_fvit.KEYPOINT_SOURCES, "heads": HEADS,
+        "colors": COLORS, "augment_presets": tuple(AUGMENT_PRESETS),
+        "ssl_methods": ("none", *METHODS),  # none: supervised, `lafs train`
+        "teacher_temp_schedules": tuple(TEACHER_TEMP_PRESETS), "shuffle_scopes": SHUFFLE_SCOPES,
+    }
+
+
+def allowed_values(f: dataclasses.Field) -> tuple | None:
+    """The values a config field accepts: its ``choices``, or its registry's names (with ``None`` where that is the
+    default); None for a field that takes any value of its type."""
+    if "registry" in f.metadata:
+        names = _registries()[f.metadata["registry"]]
+        return (None, *names) if f.default is None else names
+    return f.metadata.get("choices")
+
+
 def fraction(replaces: tuple[str, ...], help: str = "", length_of: str | None = None) -> Any:
     """A run-relative schedule key (``lafs.train.schedules``): None, or a fraction of the run's optimizer steps in
     [0, 1] (one per value of the section's key ``length_of``, for a step schedule) that replaces the epoch/step
@@ -42,7 +81,7 @@ def fraction(replaces: tuple[str, ...], help: str = "", length_of: str | None = 
 
 @dataclass
 class ModelConfig:
-    name: str = choice("part_fvit", ("part_fvit", "fvit", "iresnet", "vit", "vit_irpe", "vit_kprpe"), "backbone")
+    name: str = registered("part_fvit", "backbones", "backbone")
     size: str = "micro"
     img_size: Optional[int] = None
     patch_size: Optional[int] = None
@@ -56,25 +95,25 @@ class ModelConfig:
     emb_dropout: Optional[float] = None
     attn_dropout: Optional[float] = None
     drop_path: Optional[float] = None
-    drop_path_schedule: Optional[str] = choice(None, (None, "constant", "linear"))
-    attn_scale: Optional[str] = choice(None, (None, "dim", "head_dim"), "dim: reference code; head_dim: standard")
-    pool: Optional[str] = choice(None, (None, "cls", "mean", "flatten"), "flatten: insightface face ViT head")
+    drop_path_schedule: Optional[str] = registered(None, "drop_path_schedules")
+    attn_scale: Optional[str] = registered(None, "attn_scales", "dim: reference code; head_dim: standard")
+    pool: Optional[str] = registered(None, "pools", "flatten: insightface face ViT head")
     embedding_size: Optional[int] = None
-    token_init: Optional[str] = choice(None, (None, "normal", "trunc_normal"), "CLS/pos init: normal = reference N(0,1), trunc_normal = DINO std 0.02")
-    patch_layout: Optional[str] = choice(None, (None, "centred", "reference"))
+    token_init: Optional[str] = registered(None, "token_inits", "CLS/pos init: normal = reference N(0,1), trunc_normal = DINO std 0.02")
+    patch_layout: Optional[str] = registered(None, "patch_layouts")
     landmark_width_mult: Optional[float] = None
     landmark_dropout: Optional[float] = None
     width: Optional[int] = None
-    mlp_act: Optional[str] = choice(None, (None, "gelu", "relu6"))
-    weight_init: Optional[str] = choice(None, (None, "torch", "trunc_normal"))
-    rpe: Optional[str] = choice(None, (None, "none", "irpe", "kprpe"), "relative position encoding (models/rpe.py)")
-    rpe_mode: Optional[str] = choice(None, (None, "bias", "ctx"), "iRPE mode")
+    mlp_act: Optional[str] = registered(None, "mlp_acts")
+    weight_init: Optional[str] = registered(None, "weight_inits")
+    rpe: Optional[str] = registered(None, "rpes", "relative position encoding (models/rpe.py)")
+    rpe_mode: Optional[str] = registered(None, "irpe_modes", "iRPE mode")
     rpe_on: Optional[str] = None  # iRPE contextual terms: any of "qkv"
     rpe_shared_head: Optional[bool] = None
     rpe_ratio: Optional[float] = None
-    kprpe_variant: Optional[str] = choice(None, (None, "absolute", "relative", "multihead"), "KP-RPE f(P)")
+    kprpe_variant: Optional[str] = registered(None, "kprpe_variants", "KP-RPE f(P)")
     num_keypoints: Optional[int] = None
-    keypoint_source: Optional[str] = choice(None, (None, "data", "landmarks"), "Part fViT + KP-RPE: keypoints P from the data or the landmark CNN")
+    keypoint_source: Optional[str] = registered(None, "keypoint_sources", "Part fViT + KP-RPE: keypoints P from the data or the landmark CNN")
 
     def overrides(self) -> dict[str, Any]:
         """The options set explicitly (not None), as keyword arguments for ``build_backbone``."""
@@ -87,7 +126,7 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    name: str = choice("cosface", ("cosface", "arcface", "adaface"), "margin softmax")
+    name: str = registered("cosface", "heads", "margin softmax")
     scale: Optional[float] = None  # s; None = the head's paper value (64)
     margin: Optional[float] = None  # m; None = paper value (CosFace 0.4, ArcFace 0.5, AdaFace 0.4)
     h: float = 0.333  # AdaFace
@@ -125,10 +164,10 @@ class DataConfig:
 
     source: str = choice("synthetic", ("synthetic", "records", "folder"))
     train: list[str] = field(default_factory=list)  # .rec files or image folders, concatenated (labels offset)
-    color: str = choice("rgb", ("rgb", "bgr"), "channel order the training files store (lafs_spec §9.14)")
+    color: str = registered("rgb", "colors", "channel order the training files store (lafs_spec §9.14)")
     index: Optional[str] = None  # few-shot / subset index file (.npy of positions, `lafs data subset`)
     val: list[str] = field(default_factory=list)  # .bin verification sets evaluated during training
-    val_color: str = choice("rgb", ("rgb", "bgr"))
+    val_color: str = registered("rgb", "colors")
     # the face geometry of the training crops (lafs.geometry): verification sets in another geometry are
     # brought to it by one similarity per set (from their keypoint sidecar's mean, else the ArcFace template), in
     # training and in `lafs eval` of the checkpoint. None: sets are only resized to the model's input (no warp)
@@ -156,7 +195,7 @@ class DataConfig:
 class AugmentConfig:
     """lafs_spec §6.4: "w/ Aug" = webface4m (RandAugment m1, mixup 0.1) / ms1mv3 (m2, mixup 0.2); "w/o Aug" = flip."""
 
-    preset: str = choice("flip", ("none", "flip", "shift", "webface4m", "ms1mv3", "misalign"), "misalign: KP-RPE's random similarity (keypoints follow)")
+    preset: str = registered("flip", "augment_presets", "misalign: KP-RPE's random similarity (keypoints follow)")
     mixup_alpha: Optional[float] = None  # None = the preset's (0.2)
     mixup_prob: Optional[float] = None  # None = the preset's
 
@@ -202,6 +241,11 @@ class TrainConfig:
     sync_bn: bool = False
 
 
+# LAFS §3.5: a, the landmark CNN frozen; b, trained freely (the released code); c, trained with beta x MSE to the
+# frozen CNN's landmarks (the paper). lafs.train.supervised reads them from here.
+LANDMARK_OPTIONS = ("a", "b", "c")
+
+
 @dataclass
 class FinetuneConfig:
     """Finetuning from a pretrained ViT (lafs_spec §6.1) with the landmark options of LAFS §3.5.
@@ -213,7 +257,7 @@ class FinetuneConfig:
     init: Optional[str] = None  # pretrained backbone checkpoint (LAFS/DINO teacher or supervised)
     landmark_init: Optional[str] = None  # supervised Part fViT checkpoint whose landmark CNN is used
     from_scratch: bool = False  # lafs finetune with neither: the recipe from random weights (a few-shot baseline)
-    landmark: str = choice("c", ("a", "b", "c"), "a: frozen CNN; b: trained freely (released code); c: + beta*MSE (paper)")
+    landmark: str = choice("c", LANDMARK_OPTIONS, "a: frozen CNN; b: trained freely (released code); c: + beta*MSE (paper)")
     beta_schedule: list[float] = field(default_factory=lambda: [1000.0, 100.0, 1.0, 0.11, 0.0])
     beta_epochs: list[int] = field(default_factory=lambda: [0, 8, 14, 21, 28])
     # the beta steps as fractions of the run (one per beta_schedule value, from 0, increasing), applied per step;
@@ -230,7 +274,7 @@ class SSLConfig:
     (out_dim 100000 in its presets, sampling with replacement); the presets in configs/ name each choice.
     """
 
-    method: str = choice("none", ("none", "dino", "lafs"), "none: supervised (lafs train)")
+    method: str = registered("none", "ssl_methods", "none: supervised (lafs train)")
     landmark_init: Optional[str] = None  # supervised Part fViT checkpoint: its landmark CNN, frozen (§5.2)
     out_dim: int = 65536  # DINO 65536; the LAFS code 100000
     hidden_dim: int = 2048
@@ -238,7 +282,7 @@ class SSLConfig:
     head_layers: int = 3
     norm_last_layer: bool = True
     student_temp: float = 0.1
-    teacher_temp_schedule: str = choice("dino", ("dino", "lafs_code"), "dino: 0.04 -> 0.07; lafs_code: 0.07 -> 0.04")
+    teacher_temp_schedule: str = registered("dino", "teacher_temp_schedules", "dino: 0.04 -> 0.07; lafs_code: 0.07 -> 0.04")
     warmup_teacher_temp: Optional[float] = None  # None = the schedule preset's
     teacher_temp: Optional[float] = None
     warmup_teacher_temp_epochs: Optional[int] = None
@@ -258,7 +302,7 @@ class SSLConfig:
     local_size: Optional[int] = None  # DINO local crop side; None = 48/112 of the model input
     subset_size: Optional[int] = None  # LAFS student landmarks; None = 36/196 of num_landmarks
     replacement: bool = True  # LAFS subset drawn with replacement (the released code's randint)
-    shuffle: str = choice("student", ("student", "both", "none"), "landmark shuffle scope; both = paper Eq. 4")
+    shuffle: str = registered("student", "shuffle_scopes", "landmark shuffle scope; both = paper Eq. 4")
     perturb_alpha: float = 2.0  # Eq. 6, pixels of a 112 x 112 face (paper best 2, code 5)
 
 
@@ -302,8 +346,8 @@ def _check_choices(node: Any, prefix: str = "") -> None:
         value = getattr(node, f.name)
         if dataclasses.is_dataclass(value):
             _check_choices(value, f"{prefix}{f.name}.")
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            allowed = ", ".join(repr(c) if c is not None else "null" for c in f.metadata["choices"])
+        elif (choices := allowed_values(f)) is not None and value not in choices:
+            allowed = ", ".join(repr(c) if c is not None else "null" for c in choices)
             raise ConfigError(f"config key '{prefix}{f.name}' is {value!r}; allowed: {allowed}")
 
 

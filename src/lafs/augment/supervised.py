@@ -56,7 +56,7 @@ MIXUP_PRESETS = {"none": (0.2, 0.0), "flip": (0.2, 0.0), "shift": (0.2, 0.0), "w
                  "ms1mv3": (0.2, 0.2), "misalign": (0.2, 0.0)}
 
 _W_AUG = dict(randaugment_ops=2, resized_crop_scale=(0.9, 1.0), color_jitter=0.1, erasing_prob=0.5)
-_PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict] = {
     "none": dict(flip=False),
     "flip": {},
     # flip + whole-pixel shifts up to 1/16 of the side (4 px at 64), edges replicated: the small-data CPU recipes
@@ -182,9 +182,9 @@ class SupervisedAugment(nn.Module):
     @classmethod
     def preset(cls, name: str) -> SupervisedAugment:
         """``none`` (identity), ``flip`` ("w/o Aug"), ``webface4m`` ("w/ Aug", RandAugment M=1), ``ms1mv3`` (M=2)."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown augmentation preset {name!r}; valid presets: {', '.join(_PRESETS)}")
-        return cls(**_PRESETS[name])
+        if name not in PRESETS:
+            raise ValueError(f"unknown augmentation preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
 
     def extra_repr(self) -> str:
         keys = ("flip", "randaugment_ops", "randaugment_magnitude", "randaugment_magnitude_std", "randaugment_prob",

@@ -16,8 +16,10 @@ from lafs.ssl.dino import (
     weight_decay_at,
 )
 
+METHODS = ("dino", "lafs")  # the self-supervised methods `lafs pretrain` runs (ssl.method)
+
 __all__ = [
-    "TEACHER_TEMP_PRESETS", "DINOHead", "DINOLoss", "cancel_last_layer_grads", "clip_gradients_per_param",
+    "METHODS", "TEACHER_TEMP_PRESETS", "DINOHead", "DINOLoss", "cancel_last_layer_grads", "clip_gradients_per_param",
     "ema_update", "mean_entropy", "momentum_at", "teacher_entropy", "teacher_student_kl", "teacher_temp_at",
     "teacher_temp_at_step", "weight_decay_at",
 ]

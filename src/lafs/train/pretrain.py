@@ -38,13 +38,13 @@ from torch import Tensor, nn
 from ..augment.multicrop import LAFSViews, MultiCropViews
 from ..models.fvit import FViT, grid_landmarks
 from ..data.datasets import to_model_input
+from ..ssl import METHODS
 from ..ssl.dino import (
     TEACHER_TEMP_PRESETS, DINOHead, DINOLoss, cancel_last_layer_grads, ema_update, momentum_at,
     teacher_entropy_tensor, teacher_temp_at, teacher_temp_at_step,
 )
 from ..ssl.lafs import landmark_view
 
-METHODS = ("dino", "lafs")
 REFERENCE_SIZE = 112  # perturb_alpha and the DINO local-crop size are defined on a 112 x 112 face
 
 

@@ -25,11 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..augment.supervised import MIXUP_PRESETS, Mixup, SupervisedAugment
+from ..config import LANDMARK_OPTIONS
 from ..data.datasets import resize_keypoints, to_model_input
 from ..heads import build_head
 from .optim import step_schedule
-
-LANDMARK_OPTIONS = ("a", "b", "c")
 
 
 class SupervisedTask(nn.Module):
