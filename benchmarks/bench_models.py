@@ -315,8 +315,8 @@ def bench_model(name: str, size: str, settings: list[str], batch: int, warmup: i
 
 
 # The official Part fViT-Tiny: ``ViT_face_landmark_patch8`` (Part_fViT repo, vit_pytorch_my/vit_face_withlandmark.py)
-# with the Tiny configuration (lafs_spec §1.4: 512/3/11/2560) and the released dropout values; loss_type "None" =
-# no classifier, so it has exactly the parameters of lafs's part_fvit:tiny (15.28 M).
+# with the Tiny configuration (512/3/11/2560, the LAFS paper's §4.2 ablation model) and the released dropout values;
+# loss_type "None" = no classifier, so it has exactly the parameters of lafs's part_fvit:tiny (15.28 M).
 OFFICIAL_MODULE = "vit_pytorch_my.vit_face_withlandmark"
 OFFICIAL_CLASS = "ViT_face_landmark_patch8"
 OFFICIAL_TINY_KWARGS = {"loss_type": "None", "GPU_ID": None, "num_class": None, "image_size": 112, "patch_size": 8,

@@ -1,4 +1,5 @@
-"""DINO components (lafs.ssl.dino; lafs_spec §4): head, loss and centre, schedules, EMA, clipping, collapse stats."""
+"""DINO components (lafs.ssl.dino; Caron et al. 2021): head, loss and centre, schedules, EMA, clipping, collapse
+stats."""
 
 import copy
 import math

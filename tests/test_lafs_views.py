@@ -1,4 +1,4 @@
-"""LAFS landmark views: subset sampling, shuffle, perturbation (lafs_spec §5.2)."""
+"""LAFS landmark views: subset sampling, shuffle, perturbation (LAFS §3.2-§3.4, Eq. 6)."""
 
 import math
 

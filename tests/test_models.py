@@ -43,7 +43,7 @@ def test_param_counts_match_references(name, size, expected_m):
 
 def test_landmark_cnn_param_count_and_feature_map():
     cnn = LandmarkCNN()
-    # lafs_spec §1.2: 2.81 M in the trunk + 63.1 k in the head (160 x 392 + 392).
+    # the official MobileNetV3 trunk: 2.81 M in the trunk + 63.1 k in the head (160 x 392 + 392).
     assert round(count_params(cnn.trunk) / 1e6, 2) == 2.81
     assert count_params(cnn.output_layer) == 160 * 392 + 392
     assert cnn.trunk(torch.zeros(1, 3, 112, 112)).shape == (1, 160, 4, 4)

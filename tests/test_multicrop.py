@@ -1,4 +1,4 @@
-"""Tests of lafs.augment.multicrop: DINO / LAFS multi-crop views (lafs_spec §5.1)."""
+"""Tests of lafs.augment.multicrop: DINO / LAFS multi-crop views (the official code's)."""
 
 from __future__ import annotations
 

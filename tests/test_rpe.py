@@ -18,9 +18,9 @@ from lafs.models.rpe import (
 )
 
 
-def test_piecewise_index_matches_the_spec_table():
+def test_piecewise_index_matches_the_official_table():
     d = torch.arange(14)
-    expected = [0, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]  # kprpe_spec §1.2 for ratio 1.9
+    expected = [0, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]  # iRPE Eq. 18 at ratio 1.9, truncated
     assert piecewise_index(d).tolist() == expected
     assert piecewise_index(-d).tolist() == [-e for e in expected]
     assert num_buckets(1.9) == 49
@@ -74,7 +74,7 @@ def test_kprpe_shapes_and_parameter_counts(variant, size, count):
 
 
 def test_model_parameter_counts_match_table_3():
-    """kprpe_spec §3.1 / §6: ViT-S 95.95M, +iRPE 96.07M, +KP-RPE 96.00M; ViT-B 114.87M, 114.98M, 115.08M."""
+    """KP-RPE paper, Table 3: ViT-S 95.95M, +iRPE 96.07M, +KP-RPE 96.00M; ViT-B 114.87M, 114.98M, 115.08M."""
     counts = {(n, s): sum(p.numel() for p in build_backbone(n, s).parameters())
               for n in ("vit", "vit_irpe", "vit_kprpe") for s in ("small", "base")}
     assert counts[("vit", "small")] == 95_952_384 and counts[("vit", "base")] == 114_869_760
@@ -98,7 +98,7 @@ def test_multihead_layout_is_layer_major_then_head():
     with torch.no_grad():
         m.linear.bias.copy_(torch.arange(2 * 3 * 49, dtype=torch.float32))
     tables = m(torch.rand(1, 5, 2), torch.rand(4, 2))
-    # output feature (l·H + h)·K + k goes to layer l, head h, bucket k (kprpe_spec §2.3)
+    # output feature (l·H + h)·K + k goes to layer l, head h, bucket k (the official code's layout)
     assert tables[1][0, 2, 0, 5] == (1 * 3 + 2) * 49 + 5
 
 

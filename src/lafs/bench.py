@@ -1,4 +1,4 @@
-"""``lafs bench``: measured cost tables. ``kprpe``: the KP-RPE paper's Table 3 (kprpe_spec §6) on this machine.
+"""``lafs bench``: measured cost tables. ``kprpe``: the KP-RPE paper's Table 3 on this machine.
 
 ViT vs ViT + iRPE vs ViT + KP-RPE of one size, built from the same seed: parameters, GFLOPs (2 x conv + linear
 MACs, the paper's DeepSpeed convention; the attention and iRPE table products listed apart), evaluation throughput

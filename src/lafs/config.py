@@ -164,7 +164,7 @@ class DataConfig:
 
     source: str = choice("synthetic", ("synthetic", "records", "folder"))
     train: list[str] = field(default_factory=list)  # .rec files or image folders, concatenated (labels offset)
-    color: str = registered("rgb", "colors", "channel order the training files store (lafs_spec §9.14)")
+    color: str = registered("rgb", "colors", "channel order the training files store (LAFS README: MS1MV3 BGR)")
     index: Optional[str] = None  # few-shot / subset index file (.npy of positions, `lafs data subset`)
     val: list[str] = field(default_factory=list)  # .bin verification sets evaluated during training
     val_color: str = registered("rgb", "colors")
@@ -193,7 +193,8 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """lafs_spec §6.4: "w/ Aug" = webface4m (RandAugment m1, mixup 0.1) / ms1mv3 (m2, mixup 0.2); "w/o Aug" = flip."""
+    """The official LAFS code's "w/ Aug" = webface4m (RandAugment m1, mixup 0.1) / ms1mv3 (m2, mixup 0.2); "w/o Aug"
+    = flip."""
 
     preset: str = registered("flip", "augment_presets", "misalign: KP-RPE's random similarity (keypoints follow)")
     mixup_alpha: Optional[float] = None  # None = the preset's (0.2)
@@ -248,10 +249,10 @@ LANDMARK_OPTIONS = ("a", "b", "c")
 
 @dataclass
 class FinetuneConfig:
-    """Finetuning from a pretrained ViT (lafs_spec §6.1) with the landmark options of LAFS §3.5.
+    """Finetuning from a pretrained ViT with the landmark options of LAFS §3.5 (the official code loads the teacher).
 
     ``landmark`` applies when finetuning (``init`` or ``landmark_init`` set); training from scratch is the
-    stage-1 recipe (§3), where the landmark CNN learns from the identity loss alone (option b).
+    stage-1 recipe (Part fViT, BMVC 2022, §3), where the landmark CNN learns from the identity loss alone (option b).
     """
 
     init: Optional[str] = None  # pretrained backbone checkpoint (LAFS/DINO teacher or supervised)
@@ -268,14 +269,14 @@ class FinetuneConfig:
 
 @dataclass
 class SSLConfig:
-    """Self-supervised pretraining, ``lafs pretrain`` (lafs_spec §4 DINO, §5 LAFS; Eq. 5-6, Algorithm 1).
+    """Self-supervised pretraining, ``lafs pretrain``: DINO (Caron et al., ICCV 2021) or LAFS (§3, Eq. 5-6, Alg. 1).
 
     Defaults are the paper's where it has one (perturb_alpha 2, shuffle) and the released code's otherwise
     (out_dim 100000 in its presets, sampling with replacement); the presets in configs/ name each choice.
     """
 
     method: str = registered("none", "ssl_methods", "none: supervised (lafs train)")
-    landmark_init: Optional[str] = None  # supervised Part fViT checkpoint: its landmark CNN, frozen (§5.2)
+    landmark_init: Optional[str] = None  # supervised Part fViT checkpoint: its landmark CNN, frozen (LAFS §3.2)
     out_dim: int = 65536  # DINO 65536; the LAFS code 100000
     hidden_dim: int = 2048
     bottleneck_dim: int = 256

@@ -1,11 +1,11 @@
 """``lafs demo``: the whole LAFS story on the embedded synthetic faces, on a laptop CPU, in minutes.
 
-1. **Stage 1** (lafs_spec §3): a supervised Part fViT-micro learns its landmark CNN from identity labels
+1. **Stage 1** (Part fViT, BMVC 2022, §3): a supervised Part fViT-micro learns its landmark CNN from identity labels
    (identities 0..63).
-2. **Pretraining** (§5): LAFS on the unlabelled images of identities 0..127, landmark CNN frozen; DINO on the
-   same images when the budget allows.
-3. **Few-shot finetune** (§7): identities 64..127 with ``shots`` labelled images each, from the LAFS teacher,
-   from the DINO teacher, and from scratch (a random ViT with the stage-1 landmark CNN, the paper's baseline).
+2. **Pretraining** (LAFS, CVPR 2024, §3): LAFS on the unlabelled images of identities 0..127, landmark CNN frozen; DINO
+   on the same images when the budget allows.
+3. **Few-shot finetune** (LAFS §4, Table 3): identities 64..127 with ``shots`` labelled images each, from the LAFS
+   teacher, from the DINO teacher, and from scratch (a random ViT with the stage-1 landmark CNN, the paper's baseline).
 4. **Evaluation**: verification pairs of identities 128..175, never seen by any stage; plus LFW when
    ``../shared/data/lfw/lfw.bin`` or ``--lfw`` exists.
 

@@ -3,7 +3,7 @@
 The paper trains a shallow ViT on MNIST and tests it on affNIST (unseen affine transforms of MNIST digits): a learned
 absolute position embedding drops from 98.1 % to 77.27 %, and KP-RPE, whose attention bias depends on the offsets
 between tokens and "five keypoints from the four corners and the center of the minimum cover box of a foreground
-image" (§3.2), generalises best (kprpe_spec §5.3). This module is the same experiment at laptop scale, with
+image" (§3.2), generalises best (Fig. 1). This module is the same experiment at laptop scale, with
 scikit-learn's shipped 8 x 8 digits (:func:`sklearn.datasets.load_digits`, 1,797 images) instead of MNIST, so it
 needs no download. Everything the paper leaves unspecified (its supplementary holds the toy's settings) is our
 choice, stated here:

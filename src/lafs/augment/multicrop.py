@@ -1,12 +1,14 @@
-"""Multi-crop views for self-supervised pretraining (lafs_spec §5.1 and DINO's ``DataAugmentationDINO``), batched.
+"""Multi-crop views for self-supervised pretraining (LAFS's and DINO's official code), batched.
 
 Two view generators share one set of building blocks:
 
-- :class:`LAFSViews` (``DataAugmentation_LAFS``, §5.1): every view is a ``RandomResizedCrop(112, scale=(0.4, 1.0))``
-  plus a horizontal flip, emitted twice: clean, and photometrically augmented with the same geometry. View 0 uses
-  :data:`DINO_GLOBAL_1`, view 1 :data:`DINO_GLOBAL_2` and the others :data:`DINO_LOCAL`.
-- :class:`MultiCropViews` (``DataAugmentationDINO``, present in the reference but not wired up, §9): two 112 global
-  crops at scale (0.4, 1.0) and ``num_local`` 48 local crops at scale (0.05, 0.4), each flipped and augmented once.
+- :class:`LAFSViews` (the official LAFS code's ``DataAugmentation_LAFS``): every view is a
+  ``RandomResizedCrop(112, scale=(0.4, 1.0))`` plus a horizontal flip, emitted twice: clean, and photometrically
+  augmented with the same geometry. View 0 uses :data:`DINO_GLOBAL_1`, view 1 :data:`DINO_GLOBAL_2` and the others
+  :data:`DINO_LOCAL`.
+- :class:`MultiCropViews` (``DataAugmentationDINO``, present in the official LAFS code but not wired up): two 112
+  global crops at scale (0.4, 1.0) and ``num_local`` 48 local crops at scale (0.05, 0.4), each flipped and augmented
+  once.
 
 The photometric pipeline (:class:`Photometric`) is DINO's: ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8 (its four ops
 in a random order per image), RandomGrayscale(0.2), GaussianBlur with sigma ~ U(0.1, 2) and a preset probability,
@@ -14,9 +16,10 @@ and Solarization (threshold 128) with a preset probability.
 
 The crop boxes (``RandomResizedCrop``) and the colour jitter are :mod:`lafs.augment.ops`', shared with the supervised
 pipeline: every draw is per image but each op runs once on the batch (or on the group of images that drew it), on
-the images' device, with torch's global RNG for that device, so a resumed run repeats the draws exactly. Input and output are floats in [-1, 1]; the ops work in [0, 1], where the reference's uint8 value v
-is v / 255. The normalisation is always the project's (0.5, 0.5), also for the DINO views (the reference's DINO
-class uses ImageNet mean/std, §9).
+the images' device, with torch's global RNG for that device, so a resumed run repeats the draws exactly. Input and
+output are floats in [-1, 1]; the ops work in [0, 1], where the reference's uint8 value v is v / 255. The
+normalisation is always the project's (0.5, 0.5), also for the DINO views (the reference's DINO class uses ImageNet
+mean/std).
 
 Known differences from the reference: no rounding to uint8 between ops; crops are resampled bicubically without
 antialiasing (PIL antialiases when a DINO local crop is shrunk to 48 px); the blur is a true Gaussian with a
@@ -145,7 +148,7 @@ class Photometric(nn.Module):
             y = torch.where(sol & (y >= _SOLARIZE_THRESHOLD), 1 - y, y)
         return (y * 2 - 1).to(x.dtype)
 
-# DINO's three photometric presets: global view 1, global view 2, local views (§5.1).
+# DINO's three photometric presets: global view 1, global view 2, local views (LAFS uses them unchanged).
 DINO_GLOBAL_1 = Photometric(blur_prob=1.0, solarize_prob=0.0)
 DINO_GLOBAL_2 = Photometric(blur_prob=0.1, solarize_prob=0.2)
 DINO_LOCAL = Photometric(blur_prob=0.5, solarize_prob=0.0)
@@ -196,7 +199,7 @@ class MultiCropViews:
 
 
 class LAFSViews:
-    """LAFS's ``DataAugmentation_LAFS`` (lafs_spec §5.1) on a B x 3 x H x W batch in [-1, 1].
+    """The official LAFS code's ``DataAugmentation_LAFS`` on a B x 3 x H x W batch in [-1, 1].
 
     ``num_views`` crops per image, all ``RandomResizedCrop(size, scale, bicubic)`` then a flip with p = 0.5 when
     ``flip``. Views 0 and 1 are the global (teacher) views, the rest student views. Returns ``(clean, augmented)``,

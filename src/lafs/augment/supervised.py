@@ -1,4 +1,4 @@
-"""Supervised-finetuning augmentations of LAFS (lafs_spec §6.4), batched on the training device.
+"""Supervised-finetuning augmentations of LAFS (the official code's ``train_largescale.py``), batched on the device.
 
 "w/ Aug" (the reference code's default; presets ``webface4m`` and ``ms1mv3``), in this order:
 
@@ -64,7 +64,7 @@ PRESETS: dict[str, dict] = {
     "shift": dict(shift=1 / 16),
     "webface4m": dict(_W_AUG, randaugment_magnitude=1.0),
     "ms1mv3": dict(_W_AUG, randaugment_magnitude=2.0),
-    # KP-RPE training (CVLface gridsample_v1, kprpe_spec §3.3): deliberately misaligned faces whose keypoints follow
+    # KP-RPE training (the official code's CVLface gridsample_v1): deliberately misaligned faces whose keypoints follow
     "misalign": dict(affine_scale=(0.8, 1.2), affine_rotate=20.0, affine_rotate_prob=0.2, affine_translate=0.1),
 }
 
@@ -196,7 +196,7 @@ class SupervisedAugment(nn.Module):
     def forward(self, images: Tensor, keypoints: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Augmented images; with ``keypoints`` (B x 5 x 2 pixels), ``(images, keypoints)`` with the keypoints moved
         by every geometric step (flip with left/right labels swapped, RandAugment's rotate / shear / translate, the
-        resized crop), as the KP-RPE training pipeline does (kprpe_spec §3.3)."""
+        resized crop), as the official KP-RPE training pipeline does."""
         kp = None if keypoints is None else keypoints.float().clone()
         if self.flip:  # in the input space, so that a flip-only pipeline is an exact mirror
             flipped = torch.rand(len(images), device=images.device) < 0.5
@@ -306,7 +306,7 @@ class SupervisedAugment(nn.Module):
 
 
 class Mixup:
-    """timm Mixup in "batch" mode, no CutMix, no label smoothing (lafs_spec §6.4).
+    """timm Mixup in "batch" mode, no CutMix, no label smoothing (the official LAFS code's ``util/mixup_my.py``).
 
     With probability ``prob`` the whole batch is mixed with its reverse at one lam ~ Beta(alpha, alpha); the loss
     is then ``lam * loss(labels_a) + (1 - lam) * loss(labels_b)``. Random draws come from torch's global RNG on the

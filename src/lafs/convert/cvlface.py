@@ -104,7 +104,7 @@ def _cvlface_to_lafs(state: dict[str, Tensor], meta: dict[str, Any], kprpe: bool
             variant = "relative" if ctx == "rel_keypoint" else "absolute"
             if variant == "absolute":
                 notes.append("ctx_type keypoint: CVLface emits a (B, 1, 1, K) table that its gather reads out of "
-                             "range (kprpe_spec §2.3); lafs's absolute variant gives every query that row, so "
+                             "range (its rpe_options.py); lafs's absolute variant gives every query that row, so "
                              "embeddings may differ from the released code's")
         elif ctx in (None, "rel_keypoint_splithead_unshared") and out % (k * depth) == 0:
             variant, from_table = "multihead", out // (k * depth)

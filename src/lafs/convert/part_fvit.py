@@ -69,7 +69,7 @@ def _part_fvit_to_lafs(state: dict[str, Tensor], meta: dict[str, Any]) -> Conver
     notes = [f"heads = {inner} / dim_head {OFFICIAL_DIM_HEAD} (the official Attention's fixed head width)",
              "input 112 x 112 (the official landmark rescale is hard-coded to [0, 111] pixels)",
              ("channel order not recorded in the weights: the LAFS README says MS1MV3 was used in BGR order and "
-              "WebFace4M in RGB (lafs_spec §9.14); lafs feeds RGB. `lafs eval --color bgr` on an RGB .bin feeds the "
+              "WebFace4M in RGB; lafs feeds RGB. `lafs eval --color bgr` on an RGB .bin feeds the "
               "model BGR, for comparison")]
     if any(k.startswith("landmark_cnn.") for k in mapped):
         landmarks = need(mapped, "landmark_cnn.output_layer.weight", name).shape[0] // 2

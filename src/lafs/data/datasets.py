@@ -59,7 +59,10 @@ def decode_image_chw(data: bytes, color: str = "rgb", source: str = "image") -> 
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [-1, 1] (x / 127.5 - 1): the one input scaling of every model (lafs_spec §9.11)."""
+    """uint8 images -> float32 in [-1, 1] (x / 127.5 - 1): the one input scaling of every model.
+
+    The official LAFS code trains in [-1, 1] but evaluates in [-0.5, 0.5] (``x / 255 - 0.5``); lafs uses one
+    scaling everywhere."""
     if images.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images, got {images.dtype}")
     # in place on the new float tensor: the scaling is memory-bound and costs as much as a small model on CPU

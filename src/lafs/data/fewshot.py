@@ -1,4 +1,4 @@
-"""Few-shot training subsets as seeded, reproducible index files (LAFS paper, Sun et al. CVPR 2024, §4.1 and §7).
+"""Few-shot training subsets as seeded, reproducible index files (LAFS paper, Sun et al. CVPR 2024, §4.1, Table 3).
 
 The few-shot protocol trains on x% of the identities with k images each (e.g. 1% / 10% / 100% of the
 identities at k = 1, 5, 10 or all); the unsupervised LAFS pretraining uses one image per identity with the

@@ -1,11 +1,12 @@
 """insightface ``.bin`` verification files: read (as encoded bytes or decoded images), write, build from an LFW
 ``pairs.txt``, a CSV of pairs or a dataset; and the keypoints that travel beside a set.
 
-A ``.bin`` is ``pickle((list of encoded images, list of issame bools))``; images 2k and 2k+1 form pair k
-(ecosystem.md §4). Image entries may be ``bytes`` or numpy uint8 buffers (older files); both are accepted and
-returned as ``bytes``. Reading admits nothing else (a restricted unpickler, :func:`lafs.io_safe.load_bin_pickle`: a
-file naming any other Python global is refused unopened). Writing is atomic. Keypoint-aware models (KP-RPE) and
-geometry changes read a set's five points from its ``<stem>_kps.npy`` sidecar (:func:`sidecar_keypoints`).
+A ``.bin`` is ``pickle((list of encoded images, list of issame bools))``; images 2k and 2k+1 form pair k (insightface
+``eval/verification.py``, ``load_bin``). Image entries may be ``bytes`` or numpy uint8 buffers (older files); both are
+accepted and returned as ``bytes``. Reading admits nothing else (a restricted unpickler,
+:func:`lafs.io_safe.load_bin_pickle`: a file naming any other Python global is refused unopened). Writing is atomic.
+Keypoint-aware models (KP-RPE) and geometry changes read a set's five points from its ``<stem>_kps.npy`` sidecar
+(:func:`sidecar_keypoints`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MXNet-compatible RecordIO (``.rec`` + ``.idx``) reader and writer, without mxnet.
 
-Byte layout (dmlc-core ``RecordIOWriter``; ecosystem.md §4): every record part is
+Byte layout (dmlc-core ``RecordIOWriter``, as MXNet's C++ documentation gives it): every record part is
 ``uint32 magic 0xced7230a | uint32 lrec | payload | zero padding to 4 bytes``, where ``lrec`` holds a
 3-bit continuation flag (bits 29-31: 0 whole, 1 first, 2 middle, 3 last part) and a 29-bit length. The
 writer splits a payload wherever the magic number occurs at a 4-byte-aligned offset, dropping those four

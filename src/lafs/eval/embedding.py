@@ -9,8 +9,8 @@ training task's ``embed``, a lambda.
   face.evoLVe's ``perform_val``) or ``"concat"`` ([emb(x), emb(flip x)], 2D-dimensional; the halves are not
   normalised separately, the whole vector is L2-normalised by ``ten_fold_accuracy``).
 - Scaling: pixels go to the model as ``x / 127.5 - 1`` in [-1, 1], the training range, for every batch. The
-  reference ``perform_val`` feeds ``x/255 - 0.5`` and leaves the last partial batch unscaled (lafs_spec §9 item
-  11); we do not copy that, so scores here can differ slightly from numbers produced by the reference script.
+  official LAFS code's ``perform_val`` feeds ``x/255 - 0.5`` and leaves the last partial batch unscaled; we do not
+  copy that, so scores here can differ slightly from numbers produced by the reference script.
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ def tinyface_identification(
     chunk_size: int | None = None,
     device=None,
 ) -> dict:
-    """TinyFace closed-set 1:N identification (kprpe_spec §5.2; CVLface ``evaluations/tinyface``).
+    """TinyFace closed-set 1:N identification (the KP-RPE paper's; its official code, CVLface ``evaluations/tinyface``).
 
     Each probe is compared by cosine to gallery = the "match" images plus the distractor set (distractors never
     match; CVLface labels them -100). Rank-k is a hit when a same-identity gallery image is in the top k. CVLface
@@ -223,7 +223,8 @@ def megaface_evaluation(
     chunk_size: int | None = None,
     device=None,
 ) -> dict:
-    """MegaFace Challenge 1 style identification and verification (lafs_spec §8: protocol inferred, not in LAFS code).
+    """MegaFace Challenge 1 style identification and verification (the LAFS paper's Table 5; its protocol is not in
+    the official code, so this is the standard Challenge 1 one).
 
     Probes are FaceScrub-like images with identities; ``distractor_feats`` the MegaFace distractors (pass the cleaned
     lists: remove the insightface noise list beforehand). ``num_distractors`` uses the first N rows (the devkit's

@@ -1,7 +1,7 @@
 """Metrics of pair scores: ROC counts and AUC, EER, TAR@FAR (one rule for verification, IJB and identification)
 and the 10-fold protocol of LFW / CFP-FP / AgeDB-30 pairs. numpy only: scores in, numbers out.
 
-Protocol (lafs_spec §8; insightface/face.evoLVe ``verification.evaluate``, which LAFS's ``perform_val`` calls):
+Protocol (insightface/face.evoLVe ``verification.evaluate``, which the official LAFS code's ``perform_val`` calls):
 each image and its horizontal flip are embedded, the two embeddings summed, then L2-normalised; the score is the
 squared Euclidean distance (= 2 - 2 cos); 10 contiguous, unshuffled folds; per fold the threshold from
 ``arange(0, 4, 0.01)`` with the best accuracy on the other 9 folds is applied to the held-out fold, and the mean

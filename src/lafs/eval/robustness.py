@@ -1,7 +1,7 @@
 """Robustness to misalignment: unaligned evaluation and the affine-sensitivity curve (KP-RPE paper §4.4, Fig. 5).
 
 The KP-RPE paper evaluates on *unaligned* faces, the detector crop resized to 112x112 without any landmark warp
-(``kprpe_spec.md`` §5.1), and plots verification accuracy while the affine transform is moved step by step from the
+(the paper's Table 1), and plots verification accuracy while the affine transform is moved step by step from the
 detector crop (t = 0) to the 5-point aligned face (t = 1). Everything here starts from a set of detector crops, its
 pairs and the 5 keypoints of each crop (``lfw_unaligned.bin`` + ``lfw_unaligned_kps.npy`` in ``../shared/data``):
 

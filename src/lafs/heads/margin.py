@@ -7,19 +7,19 @@ change the target logit only, scale by s and apply softmax cross-entropy:
 - ArcFace (Deng et al. 2019, Eq. 3):  s * cos(theta_y + m), s = 64, m = 0.5. Where theta_y + m would pass pi,
   cos(theta + m) stops decreasing; there the target logit is s * (cos(theta_y) - m * sin(m)) instead (the
   insightface fallback), which keeps it monotone in theta and its gradient finite at theta = pi.
-- AdaFace (Kim et al. 2022, Eq. 9-12; kprpe_spec §4.1): the margin adapts to the feature norm, an image-quality
-  proxy. z = clip(h * (||f|| - mu) / (sigma + 1e-3), -1, 1) with running mean/std (mu, sigma) of the detached,
-  clipped norms (EMA weight t_alpha, updated before use, initialised to 20 and 100); target logit
-  s * (cos(clip(theta_y - m z, eps, pi - eps)) - (m + m z)). m = 0.4, h = 0.333, s = 64.
+- AdaFace (Kim et al., CVPR 2022, Eq. 9-12; its official head.py): the margin adapts to the feature norm, an
+  image-quality proxy. z = clip(h * (||f|| - mu) / (sigma + 1e-3), -1, 1) with running mean/std (mu, sigma) of the
+  detached, clipped norms (EMA weight t_alpha, updated before use, initialised to 20 and 100); target logit s *
+  (cos(clip(theta_y - m z, eps, pi - eps)) - (m + m z)). m = 0.4, h = 0.333, s = 64.
 
 Interface: ``head(embeddings, labels) -> loss`` and ``head.logits(embeddings, labels=None)``; the margin
 itself is :meth:`MarginHead.margin_logits` on cosines, so a sampled classifier (Partial FC) reuses it.
 Cosines are computed in fp32 even under autocast.
 
-Mixup (lafs_spec §6.2, margin-aware soft targets): ``head(embeddings, labels, labels_b, lam)`` applies the
-margin to column ``labels`` with weight ``lam`` and to ``labels_b`` with weight ``1 - lam``
-(logit = cos + w * (margin(cos) - cos); for CosFace that is s * (cos - m * y_j), the reference code's soft
-one-hot mask) and returns ``lam * CE(labels) + (1 - lam) * CE(labels_b)``.
+Mixup (margin-aware soft targets, as the official LAFS code's CosFace takes them): ``head(embeddings, labels, labels_b,
+lam)`` applies the margin to column ``labels`` with weight ``lam`` and to ``labels_b`` with weight ``1 - lam`` (logit =
+cos + w * (margin(cos) - cos); for CosFace that is s * (cos - m * y_j), the reference code's soft one-hot mask) and
+returns ``lam * CE(labels) + (1 - lam) * CE(labels_b)``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Parameter and multiply-accumulate (MAC) counts, measured by running the model once.
 
-Convention of the papers' tables (ptflops-style, lafs_spec §1.4): MACs of convolutions and linear layers
-only; normalisation, activations, pooling and ``grid_sample`` are not counted. The attention matmuls
+Convention of the papers' tables (ptflops-style; it reproduces the LAFS paper's §4.2 counts): MACs of convolutions
+and linear layers only; normalisation, activations, pooling and ``grid_sample`` are not counted. The attention matmuls
 (Q K^T and A V, and iRPE's contextual table products) are counted separately, because ptflops misses them:
 Part fViT-Tiny is 2.48 GMACs without them, as the paper reports. The KP-RPE paper's "GFLOPs" (DeepSpeed's
-profiler, kprpe_spec §6) are 2 x the conv + linear MACs: ViT-S 2 x 8.71 = 17.42.
+profiler, its Table 3) are 2 x the conv + linear MACs: ViT-S 2 x 8.71 = 17.42.
 """
 
 from __future__ import annotations

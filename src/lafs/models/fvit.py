@@ -1,4 +1,4 @@
-"""fViT: the grid-token face ViT baseline (Part fViT paper, BMVC 2022, §4; lafs_spec §2).
+"""fViT: the grid-token face ViT baseline (Part fViT paper, BMVC 2022, §4; its official ``vit_face_nolandmark.py``).
 
 Non-overlapping ``patch_size`` x ``patch_size`` patches on a regular grid (8 x 8 on 112 x 112 gives
 14 x 14 = 196 tokens), each flattened in (row, column, channel) order, as the reference's

@@ -1,4 +1,4 @@
-"""Landmark CNN of Part fViT (BMVC 2022, §3.1; lafs_spec §1.2).
+"""Landmark CNN of Part fViT (Sun & Tzimiropoulos, BMVC 2022, §3.1; its official code's ``mobilenet_v3_my.py``).
 
 A truncated MobileNetV3-Large trunk (Howard et al. 2019, Table 1: stem + 15 bottlenecks, no 960-channel
 1x1 conv, no classifier) -> global average pool -> Dropout(0.5) -> Linear(C_last, 2R). The 2R outputs of

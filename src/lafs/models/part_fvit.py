@@ -1,4 +1,4 @@
-"""Part fViT: ViT on patches sampled at learned landmarks (Sun & Tzimiropoulos, BMVC 2022, §3; lafs_spec §1).
+"""Part fViT: ViT on patches sampled at learned landmarks (Sun & Tzimiropoulos, BMVC 2022, §3).
 
 The landmark CNN predicts R landmarks; a ``patch_size`` x ``patch_size`` patch is sampled around each by
 bilinear interpolation (differentiable in the image and in the landmarks), flattened to a token, and the

@@ -1,6 +1,6 @@
 """Build any backbone by name and size; the size presets of the papers.
 
-Presets (the paper code's values, lafs_spec §1.4 and §2):
+Presets (the values of the papers' official code, Part fViT and fViT alike):
 
 - ``part_fvit``: Part fViT. ``tiny`` = 512/3/11/2560 (15.28 M params, 2.48 GMACs with the landmark CNN,
   paper §4.2), ``base`` = 768/12/11/2048 (66.96 M). ``small`` = 512/6/8/2048 is our choice (the papers
@@ -79,8 +79,8 @@ PART_FVIT_SIZES = {
     for name, cfg in VIT_SIZES.items()
 }
 PART_FVIT_SIZES["micro"]["landmark_width_mult"] = 0.5
-# The KP-RPE paper's face ViT (insightface's; kprpe_spec §3.1): patch 8, 196 tokens, dim 512, no CLS token, a
-# flattened-token head to 512, ReLU6 MLP, head-dim scaling, trunc-normal init, DropPath 0.1 (linear).
+# The KP-RPE paper's face ViT (insightface's, as its official code builds it): patch 8, 196 tokens, dim 512, no
+# CLS token, a flattened-token head to 512, ReLU6 MLP, head-dim scaling, trunc-normal init, DropPath 0.1 (linear).
 _FACE_VIT = dict(img_size=112, patch_size=8, dim=512, dim_head=64, dropout=0.0, emb_dropout=0.0, drop_path=0.1,
                  drop_path_schedule="linear", attn_scale="head_dim", pool="flatten", embedding_size=512,
                  token_init="trunc_normal", weight_init="trunc_normal", mlp_act="relu6")
@@ -90,8 +90,8 @@ FACE_VIT_SIZES: dict[str, dict[str, Any]] = {
     "small": {**_FACE_VIT, "depth": 12, "heads": 8, "mlp_dim": 2560},
     "base": {**_FACE_VIT, "depth": 24, "heads": 16, "dim_head": 32, "mlp_dim": 1536},
 }
-# "ViT + iRPE" (contextual product on q, k, v, heads shared, kprpe_spec §1.6) and "ViT + KP-RPE" (multi-head
-# relative f(P), §2.3): the same ViT, one option apart.
+# "ViT + iRPE" (contextual product on q, k, v, heads shared: the official code's v1_base_irpe.yaml) and "ViT +
+# KP-RPE" (multi-head relative f(P), the paper's Table 2 best): the same ViT, one option apart.
 IRPE_DEFAULTS = dict(rpe="irpe", rpe_mode="ctx", rpe_on="qkv", rpe_shared_head=True, rpe_ratio=1.9)
 KPRPE_DEFAULTS = dict(rpe="kprpe", kprpe_variant="multihead", num_keypoints=5, rpe_ratio=1.9)
 IRESNET_SIZES: dict[str, dict[str, Any]] = {

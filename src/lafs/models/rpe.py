@@ -1,25 +1,28 @@
 """Relative position encodings for face ViTs: iRPE (Wu et al., ICCV 2021) and KP-RPE (Kim et al., CVPR 2024).
 
-- :func:`piecewise_index` is iRPE's Eq. 18 (``kprpe_spec`` §1.2): exact near zero, logarithmic up to β, clipped,
-  with α:β:γ = 1:2:8 times ``ratio`` (1.9: α 1.9, β 3.8, γ 15.2; |Δ| = 0..13 -> 0,1,2,2,3,...,3).
-- :func:`product_buckets` is iRPE's product method (§1.3): bucket = (g(Δrow) + β)·S + g(Δcol) + β, S = 2·int(β) + 1,
-  K = S² = 49 buckets on any grid. Grid buckets are input-independent and cached per (grid, ratio, device);
-  :func:`position_buckets` gives the same buckets for tokens at arbitrary positions (Part fViT's landmark tokens).
+- :func:`piecewise_index` is iRPE's Eq. 18: exact near zero, logarithmic up to β, clipped, with α:β:γ = 1:2:8 times
+  ``ratio`` (1.9: α 1.9, β 3.8, γ 15.2; |Δ| = 0..13 -> 0,1,2,2,3,...,3).
+- :func:`product_buckets` is iRPE's product method (the one that keeps direction): bucket = (g(Δrow) + β)·S +
+  g(Δcol) + β, S = 2·int(β) + 1, K = S² = 49 buckets on any grid. Grid buckets are input-independent and cached per
+  (grid, ratio, device); :func:`position_buckets` gives the same buckets for tokens at arbitrary positions (Part
+  fViT's landmark tokens).
 - :class:`IRPE`: one layer's iRPE, bias mode (a scalar per bucket) or contextual mode on q, k and/or v (a vector
-  per bucket), heads shared or not, zero-initialised (§1.1; the KP-RPE paper's "ViT + iRPE" baseline is contextual
-  product on q, k, v with shared heads, §1.6). The k and q terms become an additive logit bias; the v term adds
-  ``Σ_j attn_ij r_v[b(i,j)]``, computed by first summing the attention per bucket (B x H x N x K), so no
-  H x N x N x d tensor is ever built.
-- :class:`KPRPE`: the keypoint-dependent table f(P) (§2), computed once per forward (each layer's table from its
-  own slice of W_L). Variants (§2.3): ``absolute`` (f from the flattened keypoints, one row for all queries, heads
-  and layers), ``relative`` (f from each query's offsets to the keypoints, shared by heads and layers) and
-  ``multihead`` (relative, unique per layer and head: the paper's best and the released model). W_L is a
-  zero-initialised Linear with bias (the code's), so a KP-RPE model starts as the same ViT without it. The offsets
-  are computed without gradient: the keypoints are never trained through (§2.2).
+  per bucket), heads shared or not, zero-initialised as in the official iRPE code (the KP-RPE paper's "ViT + iRPE"
+  baseline is contextual product on q, k, v with shared heads: the official KP-RPE code's ``v1_base_irpe.yaml``).
+  The k and q terms become an additive logit bias; the v term adds ``Σ_j attn_ij r_v[b(i,j)]``, computed by first
+  summing the attention per bucket (B x H x N x K), so no H x N x N x d tensor is ever built.
+- :class:`KPRPE`: the keypoint-dependent table f(P) (KP-RPE, Eqs. 5-11), computed once per forward (each layer's
+  table from its own slice of W_L). Variants (the paper's Table 2; the official code's ``ctx_type``): ``absolute``
+  (f from the flattened keypoints, one row for all queries, heads and layers), ``relative`` (f from each query's
+  offsets to the keypoints, shared by heads and layers) and ``multihead`` (relative, unique per layer and head: the
+  paper's best and the released model). W_L is a zero-initialised Linear with bias (the official code's), so a
+  KP-RPE model starts as the same ViT without it. The offsets are computed without gradient, as in the official
+  code: the keypoints are never trained through.
 - :func:`gather_bias` turns a per-query table (B x H x N x K) into the B x H x N x N additive bias
   ``bias[b,h,i,j] = table[b,h,i,bucket(i,j)]`` with one gather, the largest tensor it builds.
 
-The bias is added to the already scaled logits before the softmax, as the code does (§2.1). A layer gets it as a
+The bias is added to the already scaled logits before the softmax, as the official code does (the paper's equation
+puts it inside the 1/sqrt(d_k); with W_L learned from zero the two differ by a rescaling of W_L). A layer gets it as a
 :class:`TableBias` (table and buckets). Training on the CPU in float32 runs :func:`table_bias_attention`: explicit
 attention with the bias gathered into the logits and a written-out backward, because a float mask that needs a
 gradient sends ``scaled_dot_product_attention`` to its unfused math path there (measured by ``lafs bench kprpe``).
@@ -51,7 +54,8 @@ def num_buckets(ratio: float = DEFAULT_RATIO) -> int:
 
 
 def piecewise_index(x: Tensor, ratio: float = DEFAULT_RATIO) -> Tensor:
-    """iRPE Eq. 18 with α, β, γ = ratio·(1, 2, 8); long output in [-int(β), int(β)] (the cast truncates, §1.2)."""
+    """iRPE Eq. 18 with α, β, γ = ratio·(1, 2, 8); long output in [-int(β), int(β)] (the cast truncates, as in the
+    official code)."""
     alpha, beta, gamma = ratio, 2 * ratio, 8 * ratio
     x = x.float()
     mag = x.abs()
@@ -309,7 +313,7 @@ class KPRPE(nn.Module):
         if keypoints.ndim != 3 or keypoints.shape[1:] != (self.num_keypoints, 2):
             raise ValueError(f"keypoints of shape {tuple(keypoints.shape)}: expected (B, {self.num_keypoints}, 2)")
         n = token_positions.shape[-2]
-        with torch.no_grad():  # the keypoints are inputs, never trained through (kprpe_spec §2.2)
+        with torch.no_grad():  # the keypoints are inputs, never trained through
             p = keypoints.detach().to(self.linear.weight.dtype)
             if self.variant == "absolute":
                 return p.reshape(bsz, 1, -1)
@@ -320,13 +324,14 @@ class KPRPE(nn.Module):
     def table(self, offsets: Tensor, layer: int, n: int | None = None) -> Tensor:
         """Layer ``layer``'s (B, H', N, K) table from :meth:`offsets` (``n``: the token count, for ``absolute``).
 
-        ``multihead``: output features ``[(l·H)·K, (l+1)·H·K)`` of W_L (layer-major, then head, then bucket,
-        kprpe_spec §2.3), computed for this layer alone as one product per head, H x (B·N) x K, seen as (B, H, N, K):
-        each (image, head) table is one contiguous block, which the gather reads at the speed of a contiguous table,
-        and the gradient goes straight to this layer's slice of W_L (no (B, N, L·H·K) gradient assembled).
+        ``multihead``: output features ``[(l·H)·K, (l+1)·H·K)`` of W_L (layer-major, then head, then bucket, as the
+        official code's ``rel_keypoint_splithead_unshared``), computed for this layer alone as one product per head,
+        H x (B·N) x K, seen as (B, H, N, K): each (image, head) table is one contiguous block, which the gather reads
+        at the speed of a contiguous table, and the gradient goes straight to this layer's slice of W_L (no
+        (B, N, L·H·K) gradient assembled).
         """
         bsz = offsets.shape[0]
-        if self.variant == "absolute":  # one row for every query (the released code's shape bug avoided, §2.3)
+        if self.variant == "absolute":  # one row for every query (the released code's shape bug avoided)
             return self.linear(offsets).view(bsz, 1, 1, self.k).expand(bsz, 1, n, self.k)
         if self.variant == "relative":
             return self.linear(offsets).view(bsz, 1, offsets.shape[1], self.k)

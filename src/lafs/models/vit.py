@@ -2,8 +2,8 @@
 
 Tokens -> Linear embedding -> [CLS] + learned absolute position embedding -> pre-norm blocks
 (attention, feed-forward, each with DropPath) -> pooled token -> embedding head.
-This is the encoder of Part fViT (Sun & Tzimiropoulos, BMVC 2022, §3) as released with LAFS
-(lafs_spec §1.4). The released code's quirks are options whose preset values are the code's:
+This is the encoder of Part fViT (Sun & Tzimiropoulos, BMVC 2022, §3) as the official code releases it
+(``ViT_face_landmark_patch8``). The released code's quirks are options whose preset values are the code's:
 
 - ``attn_scale="dim"``: logits are scaled by ``dim ** -0.5`` instead of ``dim_head ** -0.5``;
 - ``dim_head=64`` independent of ``heads`` (11 heads give an inner width of 704 != dim);
@@ -16,7 +16,7 @@ This is the encoder of Part fViT (Sun & Tzimiropoulos, BMVC 2022, §3) as releas
 
 Attention goes through :func:`torch.nn.functional.scaled_dot_product_attention`, which accepts an
 optional additive per-head bias (B x H x N x N or broadcastable, added to the scaled logits before
-the softmax, kprpe_spec §2.7). iRPE / KP-RPE supply that bias.
+the softmax, where the official KP-RPE code adds its bias). iRPE / KP-RPE supply that bias.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.dim_head = dim_head
         inner = heads * dim_head
-        # The reference scales by the model width, not the head width (lafs_spec §1.4).
+        # The official code scales by the model width, not the head width.
         self.scale = (dim if attn_scale == "dim" else dim_head) ** -0.5
         self.attn_dropout = attn_dropout
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
@@ -115,9 +115,10 @@ class Attention(nn.Module):
             attn_bias = attn_bias.to(q.dtype)
         value_term = self.rpe is not None and self.rpe.has_value_term
         if value_term or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
-            # Explicit attention, for two reasons: iRPE's value term needs the attention probabilities (kprpe_spec
-            # §1.6), and in bf16 on the CPU the fused kernel's backward is several times slower than these batched
-            # bf16 matrix products at face-token counts (N <= 197; benchmarks/bench_models.py measures both).
+            # Explicit attention, for two reasons: iRPE's value term needs the attention probabilities (its
+            # contextual v term), and in bf16 on the CPU the fused kernel's backward is several times slower than
+            # these batched bf16 matrix products at face-token counts (N <= 197; benchmarks/bench_models.py measures
+            # both).
             logits = (q @ k.transpose(-2, -1)) * self.scale
             attn = (logits if attn_bias is None else logits + attn_bias).softmax(dim=-1)
             attn = apply_dropout(attn, self.attn_dropout, self.training)
@@ -200,9 +201,9 @@ class ViTEncoder(nn.Module):
     ``num_tokens`` is the maximum sequence length; a shorter sequence (for example the 36-landmark
     student views of LAFS) uses the first ``N + 1`` position embeddings, as the reference does.
 
-    ``pool="flatten"`` is insightface's face ViT, used by the KP-RPE paper (kprpe_spec §3.1): no CLS token, and the
-    head is LayerNorm -> flatten all N tokens -> Linear(N·dim, E, no bias) -> BN -> Linear(E, E, no bias) -> BN
-    (E = ``embedding_size``, default 512).
+    ``pool="flatten"`` is insightface's face ViT, used by the KP-RPE paper (its official code's ``vit_kprpe``): no
+    CLS token, and the head is LayerNorm -> flatten all N tokens -> Linear(N·dim, E, no bias) -> BN -> Linear(E, E,
+    no bias) -> BN (E = ``embedding_size``, default 512).
 
     Relative position encodings (``rpe``, ``models/rpe.py``): ``"irpe"`` puts an :class:`~lafs.models.rpe.IRPE` in
     every attention layer (``rpe_mode``, ``rpe_on``, ``rpe_shared_head``, ``rpe_ratio``); ``"kprpe"`` adds the
@@ -302,7 +303,7 @@ class ViTEncoder(nn.Module):
                     nn.init.trunc_normal_(m.weight, std=0.02)
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
-        # created after the init above, so W_L stays zero and the model starts as the plain ViT (kprpe_spec §2.4)
+        # created after the init above, so W_L stays zero and the model starts as the plain ViT (the official code's)
         self.kprpe = KPRPE(kprpe_variant, depth, heads, num_keypoints, rpe_ratio) if rpe == "kprpe" else None
 
     @property
@@ -323,7 +324,7 @@ class ViTEncoder(nn.Module):
         return buckets
 
     def _token_positions(self, n: int, token_xy: Tensor | None, device) -> Tensor:
-        """Token centres in [0, 1] of the image, (x, y): grid cells ``(k + 0.5) / s`` (kprpe_spec §2.2)."""
+        """Token centres in [0, 1] of the image, (x, y): grid cells ``(k + 0.5) / s`` (the official code's)."""
         if token_xy is not None:
             return (token_xy.float() + 0.5) / self.img_size
         side = math.isqrt(n)

@@ -1,4 +1,5 @@
-"""Self-supervised pretraining components (DINO as used by LAFS; lafs_spec §4)."""
+"""Self-supervised pretraining components: DINO (Caron et al., ICCV 2021) as LAFS uses it, and the LAFS landmark
+views (Sun et al., CVPR 2024)."""
 
 from lafs.ssl.dino import (
     TEACHER_TEMP_PRESETS,

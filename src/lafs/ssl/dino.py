@@ -1,8 +1,8 @@
 """DINO self-distillation components used by LAFS pretraining.
 
 Reference: M. Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (DINO), ICCV 2021, and
-its released code (``main_dino.py``, ``utils.py``, ``vision_transformer.DINOHead``), which LAFS copies unchanged
-(lafs_spec §4). What is here:
+its released code (``main_dino.py``, ``utils.py``, ``vision_transformer.DINOHead``), which the official LAFS code
+copies unchanged. What is here:
 
 - ``DINOHead``: 3-layer MLP -> bottleneck -> L2-normalise -> weight-normalised linear layer to ``out_dim``
   prototypes with the weight norm ``g`` fixed at 1 (``norm_last_layer``), so every prototype row has unit norm.
@@ -17,9 +17,9 @@ its released code (``main_dino.py``, ``utils.py``, ``vision_transformer.DINOHead
 - Collapse diagnostics: mean entropy of the teacher's centred, sharpened distribution (~0: one-hot collapse,
   ~log(out_dim): uniform collapse) and the teacher-student KL.
 
-Temperatures (lafs_spec §9.4): the DINO paper warms the teacher temperature up 0.04 -> 0.07 over 30 epochs (its
+Temperatures: the DINO paper warms the teacher temperature up 0.04 -> 0.07 over 30 epochs (its
 code defaults to 0.04 -> 0.04); the LAFS code runs it *down* 0.07 -> 0.04 over 30 epochs. Both are presets in
-``TEACHER_TEMP_PRESETS``. The LAFS code uses ``out_dim=100000`` (DINO: 65536; §9.5).
+``TEACHER_TEMP_PRESETS``. The LAFS code uses ``out_dim=100000`` (DINO: 65536; the LAFS paper gives neither).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 # (warmup_teacher_temp, teacher_temp, warmup_epochs). "dino": the paper's setting; "lafs_code": the released LAFS
-# script (decreasing; whether intended is unknown, lafs_spec §9.4).
+# script (decreasing; whether intended is unknown: the LAFS paper states no temperatures).
 TEACHER_TEMP_PRESETS: dict[str, tuple[float, float, int]] = {
     "dino": (0.04, 0.07, 30),
     "lafs_code": (0.07, 0.04, 30),
@@ -107,7 +107,7 @@ def _views(x: torch.Tensor | Sequence[torch.Tensor], n: int | None = None) -> li
 
 
 class DINOLoss(nn.Module):
-    """DINO cross-view distillation loss with a centred, sharpened teacher (lafs_spec §4 "Loss").
+    """DINO cross-view distillation loss with a centred, sharpened teacher (Caron et al. 2021, §3.1; LAFS Eq. 5).
 
     ``forward(student_out, teacher_out, teacher_temp)``: ``student_out`` is a list with one ``B x out_dim`` tensor
     per view (the first ``num_teacher_views`` are the global views the teacher also saw), ``teacher_out`` a list of
@@ -258,7 +258,7 @@ def cosine_at(step: int, total_steps: int, base: float, final: float) -> float:
 
 
 def momentum_at(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
-    """EMA teacher momentum at iteration ``step`` (cosine base -> final; lafs_spec §4). Spans the whole run
+    """EMA teacher momentum at iteration ``step`` (cosine base -> final; DINO §3.1). Spans the whole run
     (``total_steps``: the loop's final count, a budgeted run's once timed), as DINO's schedule over every
     iteration: already run-relative, no fraction key."""
     return cosine_at(step, total_steps, base, final)

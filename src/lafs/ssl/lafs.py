@@ -1,4 +1,4 @@
-"""LAFS landmark views (Sun et al., CVPR 2024, §3.2-§3.4, Algorithm 1; lafs_spec §5.2).
+"""LAFS landmark views (Sun et al., CVPR 2024, §3.2-§3.4, Algorithm 1).
 
 A view of an image is a set of landmark tokens. The frozen landmark CNN predicts R landmarks on the clean
 crop; then, per image:

@@ -1,10 +1,11 @@
-"""Optimizer, parameter groups and per-iteration schedules of the supervised recipe (lafs_spec §3, §6.3).
+"""Optimizer, parameter groups and per-iteration schedules of the supervised recipe (the official LAFS code's
+``train_largescale.py``).
 
 Parameter groups follow the reference ``param_groups_lrd``: weight decay on every parameter with >= 2
 dimensions (so position embeddings, the CLS token and the margin-head centres decay too), none on 1-D
 parameters (norm weights, biases), and a separate decay for the landmark CNN's >= 2-D parameters (stage-1
 code: 0.05 while the transformer gets 0.1). The reference also sets up a layer-wise LR decay that it never
-applies (§9.9); we do not build it.
+applies; we do not build it.
 
 The learning rate is a pure function of the optimizer step (``lr_at``), so resuming needs only the step:
 linear warm-up from 0 (the reference ``GradualWarmupScheduler``, multiplier 1), then cosine annealing to
@@ -87,9 +88,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def step_schedule(epoch: int, values: list[float], epochs: list[int]) -> float:
     """A per-epoch step schedule: ``values[i]`` from epoch ``epochs[i]`` (0-indexed) on.
 
-    The finetuning ``beta_schedule`` (lafs_spec §6.2) is 1000/100/1/0.11/0 from epochs 0/8/14/21/28. Any unit works
-    if ``epoch`` and ``epochs`` share it: with ``finetune.beta_fractions`` the task passes the optimizer step and
-    the fractions resolved to steps (``lafs.train.schedules``).
+    The finetuning ``beta_schedule`` (the official code's; the paper's Eq. 7 gives no beta) is 1000/100/1/0.11/0 from
+    epochs 0/8/14/21/28. Any unit works if ``epoch`` and ``epochs`` share it: with ``finetune.beta_fractions`` the task
+    passes the optimizer step and the fractions resolved to steps (``lafs.train.schedules``).
     """
     if len(values) != len(epochs) or not values:
         raise ValueError(f"schedule values {list(values)} and epochs {list(epochs)} must be non-empty and of equal length")

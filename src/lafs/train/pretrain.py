@@ -1,14 +1,14 @@
-"""Self-supervised pretraining as a task of the shared loop: DINO and LAFS (lafs_spec §4-§5, Eq. 5, Algorithm 1).
+"""Self-supervised pretraining as a task of the shared loop: DINO and LAFS (LAFS §3, Eq. 5, Algorithm 1).
 
 One student and one teacher *branch* (backbone trunk + :class:`~lafs.ssl.dino.DINOHead`), the teacher an EMA copy
 of the student. Per iteration, on uint8 images straight from the loader:
 
-- **DINO** (§4): :class:`~lafs.augment.multicrop.MultiCropViews` gives 2 global crops at the model's input size
-  and ``num_local`` smaller local crops. The teacher sees the globals; the student sees every crop.
-- **LAFS** (§5): :class:`~lafs.augment.multicrop.LAFSViews` gives 2 + ``num_local`` full-size crops, each clean
-  and photometrically augmented. Landmarks come from the *clean* crops (the frozen landmark CNN of a supervised
-  Part fViT, or the fixed patch grid for fViT), patches from the augmented ones. The 2 teacher views keep all R
-  landmarks, the student views ``subset_size`` of them (:func:`~lafs.ssl.lafs.landmark_view`: perturbation
+- **DINO** (Caron et al., ICCV 2021): :class:`~lafs.augment.multicrop.MultiCropViews` gives 2 global crops at the
+  model's input size and ``num_local`` smaller local crops. The teacher sees the globals; the student sees every crop.
+- **LAFS** (Sun et al., CVPR 2024, §3.2-§3.4): :class:`~lafs.augment.multicrop.LAFSViews` gives 2 + ``num_local``
+  full-size crops, each clean and photometrically augmented. Landmarks come from the *clean* crops (the frozen landmark
+  CNN of a supervised Part fViT, or the fixed patch grid for fViT), patches from the augmented ones. The 2 teacher views
+  keep all R landmarks, the student views ``subset_size`` of them (:func:`~lafs.ssl.lafs.landmark_view`: perturbation
   Eq. 6, subset sampling, landmark shuffle §3.3).
 
 The loss is Eq. 5 / DINO's multi-crop loss: each teacher view against every other student view. The student
@@ -20,9 +20,9 @@ step ``set_epoch`` / ``set_step`` set the teacher temperature (per epoch as DINO
 fraction of the run; the steps come from the loop's :class:`~lafs.train.schedules.RunSchedule`, ``set_schedule``); the loop itself applies per-parameter clipping (``optim.clip_mode=per_param``),
 the cosine weight-decay schedule (``optim.weight_decay_end``) and the LR rule ``optim.lr_scale_batch``.
 
-The frozen landmark CNN runs in fp32 outside autocast, in eval mode and without gradient (§5.2). The teacher
+The frozen landmark CNN runs in fp32 outside autocast, in eval mode and without gradient (LAFS §3.2). The teacher
 runs in eval mode (no dropout / drop-path) unless ``ssl.teacher_mode=train`` asks for the reference code's
-stochastic teacher (§9.12). Checkpoints carry, besides the loop's state, a ``teacher`` and a ``student`` entry:
+stochastic teacher. Checkpoints carry, besides the loop's state, a ``teacher`` and a ``student`` entry:
 the backbone trunk (with the landmark CNN for Part fViT), which ``lafs finetune --init`` loads (teacher first).
 """
 
@@ -265,7 +265,7 @@ def build_pretrain_task(cfg, log=print) -> PretrainTask:
     if hasattr(backbone, "landmark_cnn"):
         if not ssl.landmark_init:
             raise ConfigError("ssl.landmark_init: pretraining a Part fViT needs a trained landmark CNN (the checkpoint "
-                              "of a supervised Part fViT run, `lafs train`); it stays frozen (lafs_spec §5.2)")
+                              "of a supervised Part fViT run, `lafs train`); it stays frozen (LAFS §3.2)")
         report = load_pretrained(backbone, ssl.landmark_init, only_prefix="landmark_cnn.")
         if not report.loaded:
             raise ConfigError(f"ssl.landmark_init: {ssl.landmark_init} holds no landmark_cnn.* tensors of this shape")

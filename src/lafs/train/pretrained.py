@@ -1,10 +1,11 @@
-"""Initialise a backbone from another run's checkpoint, reporting every key it did not use (lafs_spec §6.1).
+"""Initialise a backbone from another run's checkpoint, reporting every key it did not use.
 
 Accepted files: our checkpoints (``{"model": {"backbone.*": ...}}``), SSL checkpoints holding a ``teacher``
 or ``student`` (the LAFS code finetunes from the *teacher*), or a bare state dict. Wrapper prefixes
 (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``, ``backbone.``) are stripped. Keys the target
 does not have (SSL projection heads, a classifier with another class count) and keys with another shape are
-skipped and listed in the report, never silently dropped and never a crash (§9.13).
+skipped and listed in the report, never silently dropped and never a crash (the official LAFS teacher holds an
+unused 30000-class classifier).
 
 A safetensors model folder (``lafs export CKPT --safetensors DIR``) or its ``model.safetensors`` is read as the
 backbone's state dict. Files and folders open through :func:`lafs.checkpoint.read_checkpoint` (``weights_only``): a

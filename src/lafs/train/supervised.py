@@ -1,10 +1,10 @@
 """Supervised training and finetuning as one task: backbone -> margin head, with the LAFS landmark options.
 
-lafs_spec §3 (stage 1: Part fViT learns its landmark CNN from the identity loss alone) and §6 (finetuning
-from a pretrained ViT). The landmark options of LAFS §3.5 for a Part fViT:
+Stage 1 (Part fViT, BMVC 2022, §3: the landmark CNN learns from the identity loss alone) and finetuning from a
+pretrained ViT (LAFS, CVPR 2024, §3.5). The landmark options of LAFS §3.5 for a Part fViT:
 
 - ``a``: the landmark CNN is frozen (eval mode, no gradient); only the ViT and the head train.
-- ``b``: the landmark CNN trains freely with the identity loss (the released code's default, §9.7).
+- ``b``: the landmark CNN trains freely with the identity loss (the released code's default).
 - ``c``: as (b) plus ``beta * MSE(r_hat / (S-1), r / (S-1))`` (Eq. 7; S = image size, 111 at 112 px), where
   ``r`` are the trainable CNN's landmarks and ``r_hat`` those of a frozen copy of the initial CNN on the
   same (augmented) image; ``beta`` follows a per-epoch step schedule (reference 1000/100/1/0.11/0 from
