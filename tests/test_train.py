@@ -356,6 +356,31 @@ def test_finetune_cli_option_c_from_a_supervised_checkpoint(tmp_path):
     assert main(["finetune", *BASE, "--init", str(tmp_path / "missing.pt"), "--out", str(ft)]) == 2
 
 
+def test_finetune_init_from_another_architecture_is_refused(tmp_path, capsys):
+    """Not one tensor of an IResNet fits an fViT: an error naming the checkpoint and both architectures, not
+    "loaded 0 tensors" and a run from random weights."""
+    from conftest import FAST_RUN, lafs_cli
+
+    from lafs.cli import main
+
+    src = tmp_path / "iresnet"
+    assert main(["train", *[a for a in FAST_RUN if not a.startswith(("model.emb_dropout", "model.drop_path"))],
+                 "model.name=iresnet", "train.steps=1", "--out", str(src)]) == 0
+    ckpt = checkpoints_in(src / "checkpoints")[-1]
+    ft = tmp_path / "ft"
+    code, _, err = lafs_cli(capsys, "finetune", "train.steps=1", "--init", str(ckpt), "--out", str(ft))
+    assert code == 2
+    assert f"lafs: error: finetune.init: {ckpt} is a checkpoint of iresnet-micro; none of its" in err
+    assert "fits this run's model fvit-micro" in err
+    assert not (ft / "checkpoints").exists()
+    # a checkpoint of the same architecture still loads
+    same = tmp_path / "fvit"
+    assert lafs_cli(capsys, "train", "train.steps=1", "--out", str(same))[0] == 0
+    code, stdout, _ = lafs_cli(capsys, "finetune", "train.steps=1", "--init",
+                               str(checkpoints_in(same / "checkpoints")[-1]), "--out", str(tmp_path / "ft2"))
+    assert code == 0 and f"{checkpoints_in(same / 'checkpoints')[-1]} [model]: loaded" in stdout
+
+
 def test_train_cli_rejects_unknown_key(tmp_path, capsys):
     from lafs.cli import main
 

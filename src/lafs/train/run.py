@@ -14,7 +14,7 @@ from ..heads.partial_fc import PartialFC
 from ..models import build_backbone
 from .distributed import DistEnv, setup, teardown
 from .loop import Trainer, TrainResult
-from .pretrained import load_pretrained
+from .pretrained import load_pretrained, require_match
 from .supervised import SupervisedTask, build_augment, build_classifier
 
 
@@ -111,12 +111,14 @@ def build_val_sets(cfg, log=print) -> dict:
 def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask:
     backbone = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides())
     ft = cfg.finetune
+    arch = f"{cfg.model.name}-{cfg.model.size}"
     if ft.init:
-        log(load_pretrained(backbone, ft.init).summary())
+        log(require_match(load_pretrained(backbone, ft.init), arch, "finetune.init").summary())
     if ft.landmark_init:
         if not hasattr(backbone, "landmark_cnn"):
             raise ConfigError("finetune.landmark_init needs model.name=part_fvit")
-        log(load_pretrained(backbone, ft.landmark_init, only_prefix="landmark_cnn.").summary())
+        report = load_pretrained(backbone, ft.landmark_init, only_prefix="landmark_cnn.")
+        log(require_match(report, arch, "finetune.landmark_init").summary())
     head = build_classifier(cfg, backbone.embedding_size, num_classes, env.rank, env.world_size)
     augment, mixup = build_augment(cfg)
     if mixup is not None and isinstance(head, PartialFC):
