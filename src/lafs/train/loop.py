@@ -8,11 +8,13 @@ know which method runs. Per optimizer step the loop:
    step (``set_step``, where the task has it: schedules given as fractions of the run move per step);
 2. runs ``accumulation`` micro-batches under autocast (bf16 on CPU/GPU, fp16 + GradScaler on GPU), with
    DDP's gradient all-reduce only on the last one (``no_sync``);
-3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective); after
-   ``max_nonfinite`` consecutive skips it stops with :class:`NonFiniteLossError`, leaving the checkpoints
-   of the last good steps untouched;
+3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective);
 4. clips the gradients if asked (one global norm, or DINO's per-parameter norms), calls the task's
-   ``after_backward(epoch)`` hook, steps, calls ``after_step(step, total_steps)`` (the EMA teacher of
+   ``after_backward(epoch)`` hook, steps, and undoes the step if it made a weight non-finite (``guard.py``: weights,
+   buffers and optimizer state restored; so no checkpoint ever holds a non-finite weight); after ``max_nonfinite``
+   consecutive skipped steps, or more than ``max_skipped_fraction`` of the steps so far (and more than
+   ``max_nonfinite``), it stops with :class:`NonFiniteLossError`, naming the last checkpoint;
+5. calls ``after_step(step, total_steps)`` (the EMA teacher of
    DINO/LAFS), logs (JSONL, TensorBoard, tqdm with images/s and ETA), verifies on ``.bin`` pairs and
    checkpoints when due. The weight decay follows a cosine schedule when ``optim.weight_decay_end`` is set.
 
@@ -49,6 +51,7 @@ from ..heads.partial_fc import PartialFC
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
 from ..io import atomic_write_bytes
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
+from .guard import StepGuard, too_many_skipped
 from .logging import RunLogger
 from .model_card import model_card
 from .optim import build_optimizer, lr_at, param_groups, set_lr
@@ -61,7 +64,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses; the message lists the steps."""
+    """Too many skipped steps (non-finite losses or updates), in a row or in all; the message lists the steps."""
 
 
 def collate(items: list[dict]) -> dict:
@@ -101,6 +104,8 @@ class Trainer:
             raise ValueError("train.amp=fp16 needs CUDA (a GradScaler); use train.amp=bf16 on CPU")
         if t.accumulation < 1:
             raise ValueError(f"train.accumulation must be >= 1, got {t.accumulation}")
+        if not 0 <= t.max_skipped_fraction <= 1:
+            raise ValueError(f"train.max_skipped_fraction must be in [0, 1], got {t.max_skipped_fraction}")
         self.sampler = EpochBatchSampler(len(train_set), t.batch_size, env.rank, env.world_size, t.seed)
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.steps_per_epoch = max(1, self.batches_per_epoch // t.accumulation)
@@ -124,6 +129,7 @@ class Trainer:
             o.fused,
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.guard = StepGuard(task, self.optimizer)
         for g in self.optimizer.param_groups:
             g["base_weight_decay"] = g["weight_decay"]
         global_batch = t.batch_size * env.world_size * t.accumulation
@@ -151,6 +157,7 @@ class Trainer:
         self.step = 0
         self.micro_batches = 0
         self.nonfinite_steps: list[int] = []
+        self.last_checkpoint: Path | None = None  # written or resumed from: the one a stop message names
         self.best: float | None = None
         self.val_last: dict = {}  # the latest validation, saved with the checkpoint (lafs verify's threshold)
         self.schedule: RunSchedule
@@ -212,6 +219,7 @@ class Trainer:
             state.update(extras())
         if self.env.is_main:
             path = write_checkpoint(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+            self.last_checkpoint = path
             if best:
                 tmp = self.ckpt_dir / ".best.pt.link"
                 tmp.unlink(missing_ok=True)
@@ -247,6 +255,7 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.micro_batches = state["step"], state["micro_batches"]
+        self.last_checkpoint = path
         self.nonfinite_steps, self.best = list(state["nonfinite_steps"]), state["best"]
         self.val_last = state.get("val", {})
         self.monitors = state.get("monitors", {})
@@ -372,6 +381,30 @@ class Trainer:
         if self.schedule.fractional:
             logger.write(self.schedule.describe())
 
+    def _skip(self, what: str, consecutive: int, logger, record: dict) -> int:
+        """Undo this step (weights, buffers, optimizer state as before it), count and log it as skipped; stop with
+        :class:`NonFiniteLossError` when too many were, in a row or in all. Returns the count in a row."""
+        t = self.cfg.train
+        self.guard.restore()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1  # steps are numbered from 1; a skipped one still counts (schedules move on)
+        self.nonfinite_steps.append(self.step)
+        consecutive += 1
+        logger.log(self.step, {**record, "skipped": 1, "nonfinite": what})
+        cause = "non-finite loss" if what == "loss" else "the update made a weight non-finite"
+        logger.write(f"step {self.step}: {cause}, step skipped and undone ({consecutive} in a row, "
+                     f"{len(self.nonfinite_steps)} in all)")
+        why = too_many_skipped(what, consecutive, self.nonfinite_steps, self.step, t.max_nonfinite,
+                               t.max_skipped_fraction)
+        if why is None:
+            return consecutive
+        if self.last_checkpoint is None:
+            last = f"no checkpoint of this run was written to {self.ckpt_dir}"
+        else:  # every saved step passed the guard, and a resumed checkpoint was checked when read
+            last = f"the last checkpoint, {self.last_checkpoint}, holds finite weights (every saved step was checked)"
+        raise NonFiniteLossError(f"{why}; stopped, nothing of the skipped steps was saved: {last}. Lower optim.lr, "
+                                 "set optim.clip_grad or train.amp=none, then --resume.")
+
     def run(self, resume: str | None = None) -> TrainResult:
         t, env = self.cfg.train, self.env
         resumed_from = None
@@ -407,6 +440,7 @@ class Trainer:
                 if hasattr(self.task, "set_step"):
                     self.task.set_step(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
+                self.guard.snapshot()  # before the forward: BatchNorm statistics move there
                 losses, extras, images, finite = [], {}, 0, True
                 for micro in range(t.accumulation):
                     _, batch = next(stream)
@@ -431,20 +465,8 @@ class Trainer:
                         if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
                             extras.setdefault(k, []).append(v.detach().float())
                 if not finite:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1  # steps are numbered from 1; a skipped one still counts (schedules move on)
-                    self.nonfinite_steps.append(self.step)
-                    consecutive += 1
-                    logger.log(self.step, {"loss": float("nan"), "lr": lr, "skipped": 1})
-                    logger.write(f"step {self.step}: non-finite loss, step skipped ({consecutive} in a row)")
-                    if consecutive >= t.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{consecutive} consecutive non-finite losses (steps {self.nonfinite_steps[-consecutive:]}); "
-                            f"stopped. The last good checkpoint in {self.ckpt_dir} is intact; lower optim.lr, "
-                            "set optim.clip_grad or train.amp=none, then --resume."
-                        )
+                    consecutive = self._skip("loss", consecutive, logger, {"loss": float("nan"), "lr": lr})
                     continue
-                consecutive = 0
                 record = {"lr": lr}
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
@@ -459,6 +481,11 @@ class Trainer:
                     self.scaler.update()
                 else:
                     self.optimizer.step()
+                if any_rank(self.guard.nonfinite(), env.device):  # one fused check of every weight
+                    loss_value = float(all_reduce_mean(torch.stack(losses).mean()))
+                    consecutive = self._skip("update", consecutive, logger, {"loss": loss_value, "lr": lr})
+                    continue
+                consecutive = 0
                 if hasattr(self.task, "after_step"):
                     self.task.after_step(self.step, self.total_steps)
                 self.step += 1
