@@ -258,8 +258,13 @@ def test_two_process_ddp_matches_one_process(tmp_path, partial_fc):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
     if partial_fc:  # centres and their AdamW moments were saved gathered: resume the 2-process run on 1
-        more = [*BASE, "train.batch_size=16", *args, "train.steps=8", "--out", str(tmp_path / "two"), "--resume"]
-        out = finish(run_cli(["-m", "lafs.cli", "train", *more]))
+        more = [*BASE, "train.batch_size=16", *args, "train.steps=8", "--out", str(tmp_path / "two")]
+        refused = run_cli(["-m", "lafs.cli", "train", *more, "--resume"])
+        out, _ = refused.communicate(timeout=300)
+        assert refused.returncode == 2 and "world size: 2 processes in the checkpoint, 1 now" in out
+        # asked for: the same global batch (2 x 8 = 1 x 16), so the same position in the data
+        out = finish(run_cli(["-m", "lafs.cli", "train", *more, "--resume-anyway"]))
+        assert "--resume-anyway: train.batch_size: 8 in the checkpoint, 16 now" in out
         assert "resumed 2-process checkpoint on 1 processes" in out and "at step 6" in out
         assert sorted(train_losses(tmp_path / "two")) == list(range(1, 9))
 

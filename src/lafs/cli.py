@@ -281,7 +281,7 @@ def cmd_train(args: argparse.Namespace, finetune: bool = False, pretrain: bool =
     if not pretrain and cfg.ssl.method != "none":
         raise ConfigError(f"ssl.method={cfg.ssl.method} is self-supervised pretraining: run `lafs pretrain`")
     try:
-        result = train(cfg, resume=args.resume, progress=not args.quiet)
+        result = train(cfg, resume=args.resume, progress=not args.quiet, resume_anyway=args.resume_anyway)
     except NonFiniteLossError as err:
         print(f"lafs: training stopped: {err}", file=sys.stderr)
         return 1
@@ -619,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="run folder (= out_dir=...)")
         p.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="resume from a checkpoint file, or (no value) the run folder's latest")
+        p.add_argument("--resume-anyway", action="store_true",
+                       help="resume although the checkpoint's run had another model, head, data, batch size, world "
+                       "size, seed or thread count (listed; not bit-exact); implies --resume")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "finetune":
             p.add_argument("--init", help="pretrained checkpoint (LAFS/DINO teacher or supervised) or safetensors folder")

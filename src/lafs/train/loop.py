@@ -23,11 +23,13 @@ final step count (again once a budgeted run has timed its count); the task gets 
 A warm-up or frozen-prototype phase longer than a quarter of the run is warned about (``ScheduleWarning``).
 
 Exact resume: a checkpoint (its entries: ``lafs.checkpoint``) holds the model, optimizer, GradScaler, every rank's
-RNG states, the step and the data position (micro-batches consumed; ``data/sampler.py`` turns it into epoch +
-batch). The learning rate is a function of the step. A run killed mid-epoch and resumed on the same number of
-processes repeats the uninterrupted run's losses exactly (CPU, same seed). Sharded Partial FC centres and their
-optimizer state are saved gathered, so a run can resume on another number of processes (then with fresh
-RNG streams, reported).
+RNG states, the step, torch's thread count and the data position (micro-batches consumed, and the global samples
+of the epoch seen; ``data/sampler.py`` turns it into epoch + batch). The learning rate is a function of the step. A
+run killed mid-epoch and resumed on the same number of processes and threads repeats the uninterrupted run's losses
+exactly (CPU, same seed). Resuming checks what it resumes (``lafs.checkpoint.check_resume``): another model, head,
+data, batch size, world size, seed or thread count is refused with the keys listed, unless ``--resume-anyway``.
+Sharded Partial FC centres and their optimizer state are saved gathered, so a run can resume on another number of
+processes (then at the same sample of its epoch, with fresh RNG streams, reported).
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import FORMAT, checkpoints_in, read_training_checkpoint, rng_state, set_rng_state, write_checkpoint
-from ..config import to_yaml
+from ..checkpoint import (FORMAT, check_resume, checkpoints_in, data_position, read_training_checkpoint,
+                          resume_position, rng_state, set_rng_state, shape_mismatches, write_checkpoint)
+from ..config import save_config, to_yaml
 from ..data.sampler import EpochBatchSampler
 from ..eval.embedding import evaluate_pairs
 from ..heads.partial_fc import PartialFC
@@ -211,7 +214,9 @@ class Trainer:
             "rng": all_gather_objects(rng_state()), "world_size": self.env.world_size,
             "nonfinite_steps": self.nonfinite_steps, "best": self.best, "config": to_yaml(self.cfg),
             "val": self.val_last, "total_steps": self.total_steps, "budget": self.budget,
-            "monitors": self.monitors, "floors": self.floors,
+            "monitors": self.monitors, "floors": self.floors, "threads": torch.get_num_threads(),
+            "data_position": data_position(self.micro_batches, self.batches_per_epoch,
+                                           self.cfg.train.batch_size * self.env.world_size),
         }
         path = None
         extras = getattr(self.task, "checkpoint_extras", None)
@@ -239,22 +244,41 @@ class Trainer:
         barrier()
         return path
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path, state: dict | None = None, anyway: bool = False) -> None:
+        """Resume from the checkpoint ``path`` (its entries ``state`` when already read). A run configured otherwise
+        is refused unless ``anyway`` (``lafs.checkpoint.check_resume``); tensors of another shape are named."""
         path = Path(path)
         # weights_only (lafs.io_safe): a file holding anything but tensors and plain values is refused unopened
-        state = read_training_checkpoint(path)
+        state = read_training_checkpoint(path) if state is None else state
+        threads = torch.get_num_threads() if self.env.device.type == "cpu" else None  # GPU math ignores the count
+        for diff in check_resume(path, state, to_yaml(self.cfg), self.env.world_size, threads, anyway):
+            print(f"--resume-anyway: {diff}")
+        shapes = shape_mismatches(state["model"], self.task.state_dict())
+        if shapes:
+            raise ValueError(f"{path}: tensors of another shape than this config's model: " + "; ".join(shapes[:5])
+                             + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else ""))
         missing, unexpected = self.task.load_state_dict(state["model"], strict=False)
         if self.partial_fc is not None:
             missing = [k for k in missing if not k.startswith("head.")]
-            self.partial_fc.load_full_state_dict(state["partial_fc"])
+            try:
+                self.partial_fc.load_full_state_dict(state["partial_fc"])
+            except ValueError as err:
+                raise ValueError(f"{path}: Partial FC centres: {err}") from None
         if missing or unexpected:
             raise ValueError(f"{path}: model keys differ from this config; missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.optimizer.load_state_dict(
-            self._map_shard_state(state["optimizer"], lambda t: self.partial_fc.shard_rows(t))
-        )
+        try:
+            self.optimizer.load_state_dict(
+                self._map_shard_state(state["optimizer"], lambda t: self.partial_fc.shard_rows(t))
+            )
+        except ValueError as err:
+            raise ValueError(f"{path}: optimizer state: {err}") from None
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.step, self.micro_batches = state["step"], state["micro_batches"]
+        self.step = state["step"]
+        self.micro_batches, note = resume_position(state, len(self.train_set),
+                                                   self.cfg.train.batch_size * self.env.world_size)
+        if note:
+            print(note)
         self.last_checkpoint = path
         self.nonfinite_steps, self.best = list(state["nonfinite_steps"]), state["best"]
         self.val_last = state.get("val", {})
@@ -405,14 +429,18 @@ class Trainer:
         raise NonFiniteLossError(f"{why}; stopped, nothing of the skipped steps was saved: {last}. Lower optim.lr, "
                                  "set optim.clip_grad or train.amp=none, then --resume.")
 
-    def run(self, resume: str | None = None) -> TrainResult:
+    def run(self, resume: str | None = None, anyway: bool = False) -> TrainResult:
+        """Train to the end; ``resume``: a checkpoint file or ``auto``, ``anyway``: resume a run configured
+        otherwise (``--resume-anyway``)."""
         t, env = self.cfg.train, self.env
         resumed_from = None
         if resume:
             path = self.find_resume(resume)
             if path is not None:
-                self.load(path)
+                self.load(path, anyway=anyway)
                 resumed_from = str(path)
+        if env.is_main:  # after the resume checks: a refused resume leaves the folder's config as it was
+            save_config(self.cfg, self.out)
         logger = RunLogger(self.out, enabled=env.is_main, total_steps=None if self.budget_pending else self.total_steps, start_step=self.step,
                            progress=self.progress)
         if resumed_from:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError, save_config
+from ..config import ConfigError
 from ..io import atomic_write_bytes
 from ..heads.partial_fc import PartialFC
 from ..models import build_backbone
@@ -132,11 +132,15 @@ def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask
     return task
 
 
-def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
+def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: bool = False) -> TrainResult:
     """Run (or resume) the run described by ``cfg``: supervised training / finetuning, or self-supervised
-    pretraining (DINO / LAFS, labels unused) when ``ssl.method`` is set."""
+    pretraining (DINO / LAFS, labels unused) when ``ssl.method`` is set. ``resume``: a checkpoint or ``auto`` (the run
+    folder's latest); ``resume_anyway``: resume although the checkpoint's run was configured otherwise (implies
+    ``auto`` when ``resume`` is not given)."""
     if not cfg.train.dist_timeout_minutes > 0:
         raise ConfigError(f"train.dist_timeout_minutes must be > 0, got {cfg.train.dist_timeout_minutes}")
+    if resume_anyway and not resume:
+        resume = "auto"
     env = setup(cfg.train.device, cfg.train.dist_timeout_minutes)
     try:
         # identical initial weights on every rank (DDP also broadcasts them); then per-rank random streams
@@ -154,9 +158,6 @@ def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
             task = build_task(cfg, num_classes, env, log)
         val_sets = build_val_sets(cfg, log) if env.is_main else {}
         torch.manual_seed(cfg.train.seed + env.rank)
-        if env.is_main:
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            save_config(cfg, cfg.out_dir)
         trainer = Trainer(cfg, task, train_set, env, val_sets, progress=progress and env.is_main)
         what = f"{cfg.ssl.method} pretraining" if pretraining else "training"
         data = f"{len(train_set)} images (labels unused)" if pretraining else f"{len(train_set)} images of {num_classes} identities"
@@ -165,7 +166,7 @@ def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
         log(f"{what} {cfg.model.name}-{cfg.model.size} on {data}; "
             f"{steps} of {cfg.train.batch_size} x {env.world_size} x {cfg.train.accumulation} images "
             f"({trainer.steps_per_epoch} steps/epoch) on {env.device}")
-        result = trainer.run(resume)
+        result = trainer.run(resume, anyway=resume_anyway)
         if env.is_main:
             summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
                        "val": result.val, "floors": trainer.floors, "best": result.best, "nonfinite_steps": result.nonfinite_steps,
