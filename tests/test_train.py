@@ -407,7 +407,7 @@ def test_bf16_autocast_and_clipping_on_cpu(tmp_path):
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
     assert all(r["grad_norm"] > 0 for r in records)
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
-        train(cfg_for(tmp_path, "train.steps=1", "train.amp=fp16"), progress=False)
+        train(cfg_for(tmp_path / "fp16", "train.steps=1", "train.amp=fp16"), progress=False)
 
 
 def test_budget_minutes_times_steps_then_fixes_the_count(tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ A checkpoint is a dict of tensors and plain values, so that it opens ``weights_o
 A safetensors model folder (``lafs export --safetensors``) reads as the entries ``config``, ``backbone`` (the
 backbone's own keys), ``step`` and ``val``.
 
-Writing is atomic (a temporary file renamed into place). Resuming checks what it resumes
-(:func:`resume_mismatches`, :func:`shape_mismatches`). Reading goes through :func:`read_checkpoint` alone, for
+Writing is atomic (a temporary file renamed into place); a full disk is a :class:`DiskFullError` naming the file.
+Resuming checks what it resumes (:func:`resume_mismatches`, :func:`shape_mismatches`) and skips a damaged latest
+checkpoint for the one before it (:func:`latest_readable`). Reading goes through :func:`read_checkpoint` alone, for
 resuming, finetuning from, evaluating, exporting and showing a model: files open with
 :func:`lafs.io_safe.load_checkpoint` (weights only, a file naming other Python objects is refused unopened),
 folders with :func:`lafs.io_safe.read_safetensors_folder`.
@@ -25,9 +26,12 @@ folders with :func:`lafs.io_safe.read_safetensors_folder`.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,15 +46,65 @@ if TYPE_CHECKING:
 
 FORMAT = "lafs-train-1"
 BEST = "best.pt"
+DAMAGED = ".damaged"  # suffix of a checkpoint set aside because it did not read
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space; the message names the file (the previous one is intact)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class ResumeMismatchError(ValueError):
     """The run being resumed was configured otherwise; the message lists the differing keys."""
 
 
+class _WriteErrors:
+    """A file whose write errors are remembered: ``torch.save`` reports a failed write as a bare ``RuntimeError``
+    ("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _is_full(err: BaseException | None) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def write_checkpoint(state: dict, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically: a crash mid-write leaves the previous file intact."""
-    return atomic_write(path, lambda fh: torch.save(state, fh))
+    """``torch.save`` to ``path`` atomically: a crash mid-write leaves the previous file intact. A full disk (or
+    quota) is a :class:`DiskFullError` naming ``path``; the temporary file is removed."""
+    path = Path(path)
+    seen: list[_WriteErrors] = []
+
+    def save(fh) -> None:
+        seen.append(_WriteErrors(fh))
+        torch.save(state, seen[0])
+
+    try:
+        return atomic_write(path, save)
+    except (OSError, RuntimeError) as err:
+        cause = err if _is_full(err) else (seen[0].error if seen else None)
+        if not _is_full(cause):
+            raise
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(cause.errno, f"the disk is full: writing checkpoint {path} failed ({free} on that "
+                            f"disk; {os.strerror(cause.errno)}); the previous checkpoint is intact. Free some "
+                            "space (or lower train.keep_last), then --resume") from err
 
 
 def read_checkpoint(path: str | Path, expected: str = "a lafs checkpoint", *, mmap: bool = False,
@@ -71,10 +125,15 @@ def read_checkpoint(path: str | Path, expected: str = "a lafs checkpoint", *, mm
 
 
 def read_training_checkpoint(path: str | Path) -> dict:
-    """A checkpoint that ``lafs.train.loop`` can resume from (its ``format`` is :data:`FORMAT`)."""
+    """A checkpoint that ``lafs.train.loop`` can resume from (its ``format`` is :data:`FORMAT`), with finite weights
+    (a ``ValueError`` naming the non-finite tensors otherwise: resuming from them would only train NaN)."""
     state = read_checkpoint(path, "a lafs training checkpoint")
     if state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a lafs training checkpoint (format {FORMAT})")
+    bad = [k for k, v in state["model"].items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path} holds non-finite weights ({len(bad)} tensors: {', '.join(bad[:3])})")
     return state
 
 
@@ -175,6 +234,23 @@ def best_or_latest(folder: Path) -> Path:
     if not found:
         raise FileNotFoundError(f"no checkpoint in {folder}")
     return found[-1]
+
+
+def latest_readable(folder: Path) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+    """The newest ``step_*.pt`` of a run that reads as a training checkpoint with finite weights: (its path, its
+    entries, [(each newer file skipped, why)]). A file asking for code (``UnsafeFileError``) is refused, not skipped:
+    that is no accident of a crash."""
+    from .io_safe import UnsafeFileError
+
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(checkpoints_in(folder)):
+        try:
+            return path, read_training_checkpoint(path), skipped
+        except UnsafeFileError:
+            raise
+        except ValueError as err:
+            skipped.append((path, str(err)))
+    return None, None, skipped
 
 
 # ---- resuming: what must match ----

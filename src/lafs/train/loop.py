@@ -29,7 +29,8 @@ run killed mid-epoch and resumed on the same number of processes and threads rep
 exactly (CPU, same seed). Resuming checks what it resumes (``lafs.checkpoint.check_resume``): another model, head,
 data, batch size, world size, seed or thread count is refused with the keys listed, unless ``--resume-anyway``.
 Sharded Partial FC centres and their optimizer state are saved gathered, so a run can resume on another number of
-processes (then at the same sample of its epoch, with fresh RNG streams, reported).
+processes (then at the same sample of its epoch, with fresh RNG streams, reported). ``--resume`` with no file takes
+the run's newest checkpoint that reads, setting aside (``step_N.pt.damaged``) newer ones that do not.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import (FORMAT, check_resume, checkpoints_in, data_position, read_training_checkpoint,
-                          resume_position, rng_state, set_rng_state, shape_mismatches, write_checkpoint)
+from ..checkpoint import (DAMAGED, FORMAT, check_resume, checkpoints_in, data_position, latest_readable,
+                          read_training_checkpoint, resume_position, rng_state, set_rng_state, shape_mismatches,
+                          write_checkpoint)
 from ..config import save_config, to_yaml
 from ..data.sampler import EpochBatchSampler
 from ..eval.embedding import evaluate_pairs
@@ -295,11 +297,23 @@ class Trainer:
             print(f"resumed {state['world_size']}-process checkpoint on {self.env.world_size} processes: "
                   "model, optimizer and data position restored; random streams restart (not bit-exact)")
 
-    def find_resume(self, resume: str) -> Path | None:
+    def find_resume(self, resume: str) -> tuple[Path | None, dict | None]:
+        """(checkpoint, its entries) to resume: the file ``resume``, or with ``auto`` the run's newest checkpoint that
+        reads; each newer one that does not is named with its reason and set aside as ``<name>.damaged`` (by rank 0,
+        once every rank has read)."""
         if resume != "auto":
-            return Path(resume)
-        found = checkpoints_in(self.ckpt_dir)
-        return found[-1] if found else None
+            return Path(resume), None
+        path, state, skipped = latest_readable(self.ckpt_dir)
+        for bad, why in skipped:
+            print(f"skipped {bad.name}: {why}; set aside as {bad.name}{DAMAGED}")
+        if skipped and path is None:
+            names = ", ".join(b.name for b, _ in skipped)
+            raise ValueError(f"no checkpoint in {self.ckpt_dir} reads (skipped {names}); nothing to resume")
+        barrier()
+        if self.env.is_main:
+            for bad, _ in skipped:
+                os.replace(bad, bad.with_name(bad.name + DAMAGED))
+        return path, state
 
     # ---------------------------------------------------------------- data
     def _stream(self):
@@ -435,9 +449,9 @@ class Trainer:
         t, env = self.cfg.train, self.env
         resumed_from = None
         if resume:
-            path = self.find_resume(resume)
+            path, state = self.find_resume(resume)
             if path is not None:
-                self.load(path, anyway=anyway)
+                self.load(path, state, anyway)
                 resumed_from = str(path)
         if env.is_main:  # after the resume checks: a refused resume leaves the folder's config as it was
             save_config(self.cfg, self.out)

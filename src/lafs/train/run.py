@@ -12,9 +12,10 @@ from ..config import ConfigError
 from ..io import atomic_write_bytes
 from ..heads.partial_fc import PartialFC
 from ..models import build_backbone
-from .distributed import DistEnv, setup, teardown
+from .distributed import DistEnv, broadcast_object, setup, teardown
 from .loop import Trainer, TrainResult
 from .pretrained import load_pretrained, require_match
+from .run_folder import RunFolderError, check_fresh, clean_temporaries, lock_run_folder, unlock_run_folder
 from .supervised import SupervisedTask, build_augment, build_classifier
 
 
@@ -132,6 +133,26 @@ def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask
     return task
 
 
+def _take_folder(out: Path, resume: str | None, is_main: bool) -> Path | None:
+    """The main process locks the run folder, refuses a fresh run over another's checkpoints and removes a killed
+    run's temporary files (``run_folder.py``); every rank learns the outcome, so all stop together. Returns the lock."""
+    lock, refused = None, None
+    if is_main:
+        try:
+            lock = lock_run_folder(out)
+            check_fresh(out, resume)
+            for p in clean_temporaries(out):
+                print(f"removed {p}: the temporary file of an interrupted write")
+        except RunFolderError as err:
+            refused = str(err)
+    refused = broadcast_object(refused)
+    if refused is not None:
+        if lock is not None:
+            unlock_run_folder(lock)
+        raise RunFolderError(refused)
+    return lock
+
+
 def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: bool = False) -> TrainResult:
     """Run (or resume) the run described by ``cfg``: supervised training / finetuning, or self-supervised
     pretraining (DINO / LAFS, labels unused) when ``ssl.method`` is set. ``resume``: a checkpoint or ``auto`` (the run
@@ -142,7 +163,9 @@ def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: 
     if resume_anyway and not resume:
         resume = "auto"
     env = setup(cfg.train.device, cfg.train.dist_timeout_minutes)
+    lock = None
     try:
+        lock = _take_folder(Path(cfg.out_dir), resume, env.is_main)
         # identical initial weights on every rank (DDP also broadcasts them); then per-rank random streams
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -174,4 +197,6 @@ def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: 
             atomic_write_bytes(Path(cfg.out_dir) / "summary.json", json.dumps(summary, indent=2).encode())
         return result
     finally:
+        if lock is not None:
+            unlock_run_folder(lock)
         teardown()
