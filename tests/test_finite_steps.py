@@ -92,3 +92,39 @@ def test_consecutive_non_finite_updates_stop_naming_no_checkpoint_when_none_was_
                        "no checkpoint of this run was written"):
         trainer.run()
     assert checkpoints_in(tmp_path / "checkpoints") == []
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.AdamW(p, lr=0.1, foreach=True),
+    lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),
+], ids=["sgd-momentum", "adamw-foreach", "adamw-fused"])
+def test_the_guard_restores_weights_buffers_and_optimizer_state(make):
+    from lafs.train.guard import StepGuard
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = make(net.parameters())
+    guard = StepGuard(net, opt)
+
+    def step(bad: bool):
+        guard.snapshot()
+        opt.zero_grad()
+        net(torch.randn(8, 4)).square().mean().backward()  # moves the BatchNorm statistics too
+        if bad:
+            net[0].weight.grad[0, 0] = float("nan")
+        opt.step()
+        return guard.nonfinite()
+
+    assert step(bad=True) and not opt.state == {}  # the first step creates the state ...
+    guard.restore()
+    assert opt.state == {} and not guard.nonfinite()  # ... and its undoing removes it
+    assert not step(bad=False)
+    before = copy.deepcopy((net.state_dict(), opt.state_dict()["state"]))
+    assert step(bad=True)
+    guard.restore()
+    weights, state = before
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+    now = opt.state_dict()["state"]
+    assert all(torch.equal(v, now[i][k]) if torch.is_tensor(v) else v == now[i][k]
+               for i, entries in state.items() for k, v in entries.items())
+    assert not step(bad=False)  # training goes on from there

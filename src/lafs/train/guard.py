@@ -1,7 +1,7 @@
 """Finite weights only: every optimizer step is checked, and a step that made a weight non-finite is undone.
 
-Before a step's forward (BatchNorm statistics move there) :meth:`StepGuard.snapshot` copies the weights, the floating
-buffers and the optimizer state into spare tensors on their device (no host sync, no allocation after the first
+Before a step's forward (BatchNorm statistics move there) :meth:`StepGuard.snapshot` copies the weights, the buffers
+and the optimizer state into spare tensors on their device (no host sync, no allocation after the first
 steps). After the optimizer step :meth:`StepGuard.nonfinite` checks them all with one fused max-abs norm
 (``torch._foreach_norm``, one host sync); when a value is NaN or infinite, :meth:`StepGuard.restore` puts the copies
 back, so the step leaves no trace and a non-finite weight can never reach a checkpoint. The cost is one copy of the
@@ -19,15 +19,16 @@ class StepGuard:
         self.optimizer = optimizer
         params = [p for g in optimizer.param_groups for p in g["params"]]
         seen = {id(p) for p in params}
-        buffers = [b for b in module.buffers() if b.is_floating_point() and id(b) not in seen]
-        self.tensors = [t for t in params + buffers if t.numel()]
+        buffers = [b for b in module.buffers() if id(b) not in seen]
+        self.saved = [t for t in params + buffers if t.numel()]  # counters too (BatchNorm's num_batches_tracked)
+        self.tensors = [t for t in self.saved if t.is_floating_point()]  # what can be non-finite
         self.copies: list[torch.Tensor] | None = None
         self.state: dict = {}  # param -> {key: copy of its optimizer state value}
 
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the weights, buffers and optimizer state as they are before this step."""
-        live = [t.detach() for t in self.tensors]
+        live = [t.detach() for t in self.saved]
         if self.copies is None:
             self.copies = [t.clone() for t in live]
         else:
@@ -65,7 +66,7 @@ class StepGuard:
     def restore(self) -> None:
         """Put back what :meth:`snapshot` copied: this step never happened."""
         if self.copies is not None:
-            torch._foreach_copy_([t.detach() for t in self.tensors], self.copies)
+            torch._foreach_copy_([t.detach() for t in self.saved], self.copies)
         for p in [p for p in self.optimizer.state if p not in self.state]:
             del self.optimizer.state[p]  # state the step created (its first): gone, as before it
         for p, kept in self.state.items():
