@@ -84,6 +84,16 @@ def _trained_steps(folder: Path) -> int:
 
 
 @pytest.mark.slow
+def test_a_demo_refuses_a_folder_holding_one(tmp_path, capsys):
+    stage = tmp_path / "demo" / "stage1_supervised" / "checkpoints"
+    stage.mkdir(parents=True)
+    (stage / "step_0000012.pt").write_bytes(b"a checkpoint")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--budget-minutes", "0.2", "--no-lfw", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"lafs: error: {tmp_path / 'demo'} already holds a demo (stage1_supervised); use another --out" in err
+    assert [p.name for p in stage.iterdir()] == ["step_0000012.pt"]
+
+
 def test_demo_end_to_end_writes_run_folder(demo):
     out, stdout, _ = demo
     assert ("| pretraining | pretraining steps | finetune steps | held-out accuracy | AUC | TAR@FAR=1e-2 |"

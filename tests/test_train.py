@@ -268,8 +268,13 @@ def test_two_process_ddp_matches_one_process(tmp_path, partial_fc):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
     if partial_fc:  # centres and their AdamW moments were saved gathered: resume the 2-process run on 1
-        more = [*BASE, "train.batch_size=16", *args, "train.steps=8", "--out", str(tmp_path / "two"), "--resume"]
-        out = finish(run_cli(["-m", "lafs.cli", "train", *more]))
+        more = [*BASE, "train.batch_size=16", *args, "train.steps=8", "--out", str(tmp_path / "two")]
+        refused = run_cli(["-m", "lafs.cli", "train", *more, "--resume"])
+        out, _ = refused.communicate(timeout=300)
+        assert refused.returncode == 2 and "world size: 2 processes in the checkpoint, 1 now" in out
+        # asked for: the same global batch (2 x 8 = 1 x 16), so the same position in the data
+        out = finish(run_cli(["-m", "lafs.cli", "train", *more, "--resume-anyway"]))
+        assert "--resume-anyway: train.batch_size: 8 in the checkpoint, 16 now" in out
         assert "resumed 2-process checkpoint on 1 processes" in out and "at step 6" in out
         assert sorted(train_losses(tmp_path / "two")) == list(range(1, 9))
 
@@ -366,6 +371,31 @@ def test_finetune_cli_option_c_from_a_supervised_checkpoint(tmp_path):
     assert main(["finetune", *BASE, "--init", str(tmp_path / "missing.pt"), "--out", str(ft)]) == 2
 
 
+def test_finetune_init_from_another_architecture_is_refused(tmp_path, capsys):
+    """Not one tensor of an IResNet fits an fViT: an error naming the checkpoint and both architectures, not
+    "loaded 0 tensors" and a run from random weights."""
+    from conftest import FAST_RUN, lafs_cli
+
+    from lafs.cli import main
+
+    src = tmp_path / "iresnet"
+    assert main(["train", *[a for a in FAST_RUN if not a.startswith(("model.emb_dropout", "model.drop_path"))],
+                 "model.name=iresnet", "train.steps=1", "--out", str(src)]) == 0
+    ckpt = checkpoints_in(src / "checkpoints")[-1]
+    ft = tmp_path / "ft"
+    code, _, err = lafs_cli(capsys, "finetune", "train.steps=1", "--init", str(ckpt), "--out", str(ft))
+    assert code == 2
+    assert f"lafs: error: finetune.init: {ckpt} is a checkpoint of iresnet-micro; none of its" in err
+    assert "fits this run's model fvit-micro" in err
+    assert not (ft / "checkpoints").exists()
+    # a checkpoint of the same architecture still loads
+    same = tmp_path / "fvit"
+    assert lafs_cli(capsys, "train", "train.steps=1", "--out", str(same))[0] == 0
+    code, stdout, _ = lafs_cli(capsys, "finetune", "train.steps=1", "--init",
+                               str(checkpoints_in(same / "checkpoints")[-1]), "--out", str(tmp_path / "ft2"))
+    assert code == 0 and f"{checkpoints_in(same / 'checkpoints')[-1]} [model]: loaded" in stdout
+
+
 def test_train_cli_rejects_unknown_key(tmp_path, capsys):
     from lafs.cli import main
 
@@ -387,7 +417,7 @@ def test_bf16_autocast_and_clipping_on_cpu(tmp_path):
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
     assert all(r["grad_norm"] > 0 for r in records)
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
-        train(cfg_for(tmp_path, "train.steps=1", "train.amp=fp16"), progress=False)
+        train(cfg_for(tmp_path / "fp16", "train.steps=1", "train.amp=fp16"), progress=False)
 
 
 def test_budget_minutes_times_steps_then_fixes_the_count(tmp_path, monkeypatch):

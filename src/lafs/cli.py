@@ -9,6 +9,7 @@ command that runs something takes ``--config FILE`` and dotted ``key=value`` ove
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -272,6 +273,7 @@ def _train_config(args: argparse.Namespace, finetune: bool) -> Config:
 
 
 def cmd_train(args: argparse.Namespace, finetune: bool = False, pretrain: bool = False) -> int:
+    from .checkpoint import DiskFullError
     from .train.loop import NonFiniteLossError
     from .train.run import train
 
@@ -281,9 +283,15 @@ def cmd_train(args: argparse.Namespace, finetune: bool = False, pretrain: bool =
     if not pretrain and cfg.ssl.method != "none":
         raise ConfigError(f"ssl.method={cfg.ssl.method} is self-supervised pretraining: run `lafs pretrain`")
     try:
-        result = train(cfg, resume=args.resume, progress=not args.quiet)
+        result = train(cfg, resume=args.resume, progress=not args.quiet, resume_anyway=args.resume_anyway)
     except NonFiniteLossError as err:
         print(f"lafs: training stopped: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a checkpoint's DiskFullError names its file and what is intact; other writes (logs) say what the system said
+        print(f"lafs: error: {err if isinstance(err, DiskFullError) else f'the disk is full: {err}'}", file=sys.stderr)
         return 1
     if result.val:
         for name, r in result.val.items():
@@ -618,7 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
         p.add_argument("--out", help="run folder (= out_dir=...)")
         p.add_argument("--resume", nargs="?", const="auto", default=None,
-                       help="resume from a checkpoint file, or (no value) the run folder's latest")
+                       help="resume from a checkpoint file, or (no value) the run folder's latest that reads")
+        p.add_argument("--resume-anyway", action="store_true",
+                       help="resume although the checkpoint's run had another model, head, data, batch size, world "
+                       "size, seed or thread count (listed; not bit-exact); implies --resume")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "finetune":
             p.add_argument("--init", help="pretrained checkpoint (LAFS/DINO teacher or supervised) or safetensors folder")

@@ -225,7 +225,9 @@ class TrainConfig:
     val_every: int = 0  # optimizer steps; 0 = at the end only
     ckpt_every: int = 0  # optimizer steps; 0 = at the end of every epoch
     keep_last: int = 2
-    max_nonfinite: int = 5  # consecutive non-finite losses that stop the run
+    max_nonfinite: int = 5  # consecutive skipped steps (non-finite loss or update) that stop the run
+    # skipped steps in all that stop the run: more than this share of the steps so far (and more than max_nonfinite)
+    max_skipped_fraction: float = 0.1
     # log each trunk's drift from its start, ||theta - theta_0|| / ||theta_0||, at every validation
     # (train/monitors.py; one CPU copy of the trunk's weights)
     monitors: bool = True

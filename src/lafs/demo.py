@@ -145,6 +145,7 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
     """Run the pipeline of the module docstring; returns the summary written to ``demo.json``.
 
     ``lfw``: a path, ``None`` (``../shared/data/lfw/lfw.bin`` when present) or ``False`` (no LFW evaluation)."""
+    from .checkpoint import checkpoints_in
     from .data.fewshot import save_index
     from .data.pairs import load_bin
     from .data.synthetic import SyntheticFaces, synthetic_pairs
@@ -154,6 +155,10 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
         raise ValueError(f"budget_minutes must be > 0, got {budget_minutes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # every stage starts a fresh run, and a fresh run refuses a folder holding one (lafs.train.run_folder)
+    done = [d.name for d in sorted(out.iterdir()) if d.is_dir() and checkpoints_in(d / "checkpoints")]
+    if done:
+        raise ValueError(f"{out} already holds a demo ({', '.join(done)}); use another --out, or remove it")
     if lfw is False:
         lfw_path = None
     else:

@@ -37,7 +37,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ import numpy as np
 import yaml
 
 from .config import ConfigError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, claim_file
 
 TRAINING = ("train", "pretrain", "finetune")
 REF = re.compile(r"@([A-Za-z0-9_.\-]+)(/[A-Za-z0-9_.\-/]+)?")
@@ -256,18 +255,6 @@ def command_line(run: Run, root: Path, steps_by_arm: dict) -> list[str]:
 
 
 CLAIM = "running.pid"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 CLAIM_GRACE_S = 30.0  # an unreadable claim younger than this may be a writer of the old format mid-write
 
 
@@ -278,35 +265,9 @@ def claim(folder: Path) -> int | None:
     train the same run twice at once; a claim whose runner has died is taken over. The claim appears with its pid
     already in it (written to a private file, then hard-linked into place, which fails if a claim exists), so no
     runner ever reads a claim whose pid is not yet written and takes it over; an unreadable claim counts as held
-    (pid -1) for ``CLAIM_GRACE_S`` seconds, then as stale."""
+    (pid -1) for ``CLAIM_GRACE_S`` seconds, then as stale (:func:`lafs.io.claim_file`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CLAIM
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CLAIM}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        while True:
-            try:
-                os.link(tmp, path)
-                return None
-            except FileExistsError:
-                pass
-            try:
-                text = path.read_text().strip()
-                age = time.time() - path.stat().st_mtime
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            try:
-                pid = int(text)
-            except ValueError:
-                if age < CLAIM_GRACE_S:
-                    return -1
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                return pid
-            path.unlink(missing_ok=True)  # stale: its runner is gone
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    return claim_file(folder / CLAIM, CLAIM_GRACE_S)
 
 
 def run_grid(runs: list[Run], root: str | Path, log=print, only=None, poll: float = 30.0) -> dict:

@@ -22,11 +22,28 @@ from tqdm import tqdm
 from ..io import atomic_write_bytes
 
 
+class TornLineWarning(UserWarning):
+    """The last line of a metrics file was cut short (its writer was killed mid-line) and is dropped."""
+
+
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``. A last line cut short by a killed writer is dropped with a
+    :class:`TornLineWarning` naming the file; an unreadable line before it is a ``ValueError`` naming file and line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if n < len(lines) - 1:
+                raise ValueError(f"{path}, line {i}: not a JSON record ({err.msg}); the metrics file is "
+                                 "damaged") from None
+            warnings.warn(f"{path}: its last line (line {i}) is cut short, the write of a killed run; dropped",
+                          TornLineWarning, stacklevel=2)
+    return records
 
 
 def _is_terminal() -> bool:

@@ -8,11 +8,13 @@ know which method runs. Per optimizer step the loop:
    step (``set_step``, where the task has it: schedules given as fractions of the run move per step);
 2. runs ``accumulation`` micro-batches under autocast (bf16 on CPU/GPU, fp16 + GradScaler on GPU), with
    DDP's gradient all-reduce only on the last one (``no_sync``);
-3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective); after
-   ``max_nonfinite`` consecutive skips it stops with :class:`NonFiniteLossError`, leaving the checkpoints
-   of the last good steps untouched;
+3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective);
 4. clips the gradients if asked (one global norm, or DINO's per-parameter norms), calls the task's
-   ``after_backward(epoch)`` hook, steps, calls ``after_step(step, total_steps)`` (the EMA teacher of
+   ``after_backward(epoch)`` hook, steps, and undoes the step if it made a weight non-finite (``guard.py``: weights,
+   buffers and optimizer state restored; so no checkpoint ever holds a non-finite weight); after ``max_nonfinite``
+   consecutive skipped steps, or more than ``max_skipped_fraction`` of the steps so far (and more than
+   ``max_nonfinite``), it stops with :class:`NonFiniteLossError`, naming the last checkpoint;
+5. calls ``after_step(step, total_steps)`` (the EMA teacher of
    DINO/LAFS), logs (JSONL, TensorBoard, tqdm with images/s and ETA), verifies on ``.bin`` pairs and
    checkpoints when due. The weight decay follows a cosine schedule when ``optim.weight_decay_end`` is set.
 
@@ -21,11 +23,14 @@ final step count (again once a budgeted run has timed its count); the task gets 
 A warm-up or frozen-prototype phase longer than a quarter of the run is warned about (``ScheduleWarning``).
 
 Exact resume: a checkpoint (its entries: ``lafs.checkpoint``) holds the model, optimizer, GradScaler, every rank's
-RNG states, the step and the data position (micro-batches consumed; ``data/sampler.py`` turns it into epoch +
-batch). The learning rate is a function of the step. A run killed mid-epoch and resumed on the same number of
-processes repeats the uninterrupted run's losses exactly (CPU, same seed). Sharded Partial FC centres and their
-optimizer state are saved gathered, so a run can resume on another number of processes (then with fresh
-RNG streams, reported).
+RNG states, the step, torch's thread count and the data position (micro-batches consumed, and the global samples
+of the epoch seen; ``data/sampler.py`` turns it into epoch + batch). The learning rate is a function of the step. A
+run killed mid-epoch and resumed on the same number of processes and threads repeats the uninterrupted run's losses
+exactly (CPU, same seed). Resuming checks what it resumes (``lafs.checkpoint.check_resume``): another model, head,
+data, batch size, world size, seed or thread count is refused with the keys listed, unless ``--resume-anyway``.
+Sharded Partial FC centres and their optimizer state are saved gathered, so a run can resume on another number of
+processes (then at the same sample of its epoch, with fresh RNG streams, reported). ``--resume`` with no file takes
+the run's newest checkpoint that reads, setting aside (``step_N.pt.damaged``) newer ones that do not.
 """
 
 from __future__ import annotations
@@ -41,14 +46,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import FORMAT, checkpoints_in, read_training_checkpoint, rng_state, set_rng_state, write_checkpoint
-from ..config import to_yaml
+from ..checkpoint import (DAMAGED, FORMAT, check_resume, checkpoints_in, data_position, latest_readable,
+                          read_training_checkpoint, resume_position, rng_state, set_rng_state, shape_mismatches,
+                          write_checkpoint)
+from ..config import save_config, to_yaml
 from ..data.sampler import EpochBatchSampler
 from ..eval.embedding import evaluate_pairs
 from ..heads.partial_fc import PartialFC
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
 from ..io import atomic_write_bytes
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
+from .guard import StepGuard, too_many_skipped
 from .logging import RunLogger
 from .model_card import model_card
 from .optim import build_optimizer, lr_at, param_groups, set_lr
@@ -61,7 +69,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses; the message lists the steps."""
+    """Too many skipped steps (non-finite losses or updates), in a row or in all; the message lists the steps."""
 
 
 def collate(items: list[dict]) -> dict:
@@ -101,6 +109,8 @@ class Trainer:
             raise ValueError("train.amp=fp16 needs CUDA (a GradScaler); use train.amp=bf16 on CPU")
         if t.accumulation < 1:
             raise ValueError(f"train.accumulation must be >= 1, got {t.accumulation}")
+        if not 0 <= t.max_skipped_fraction <= 1:
+            raise ValueError(f"train.max_skipped_fraction must be in [0, 1], got {t.max_skipped_fraction}")
         self.sampler = EpochBatchSampler(len(train_set), t.batch_size, env.rank, env.world_size, t.seed)
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.steps_per_epoch = max(1, self.batches_per_epoch // t.accumulation)
@@ -124,6 +134,7 @@ class Trainer:
             o.fused,
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.guard = StepGuard(task, self.optimizer)
         for g in self.optimizer.param_groups:
             g["base_weight_decay"] = g["weight_decay"]
         global_batch = t.batch_size * env.world_size * t.accumulation
@@ -151,6 +162,7 @@ class Trainer:
         self.step = 0
         self.micro_batches = 0
         self.nonfinite_steps: list[int] = []
+        self.last_checkpoint: Path | None = None  # written or resumed from: the one a stop message names
         self.best: float | None = None
         self.val_last: dict = {}  # the latest validation, saved with the checkpoint (lafs verify's threshold)
         self.schedule: RunSchedule
@@ -204,7 +216,9 @@ class Trainer:
             "rng": all_gather_objects(rng_state()), "world_size": self.env.world_size,
             "nonfinite_steps": self.nonfinite_steps, "best": self.best, "config": to_yaml(self.cfg),
             "val": self.val_last, "total_steps": self.total_steps, "budget": self.budget,
-            "monitors": self.monitors, "floors": self.floors,
+            "monitors": self.monitors, "floors": self.floors, "threads": torch.get_num_threads(),
+            "data_position": data_position(self.micro_batches, self.batches_per_epoch,
+                                           self.cfg.train.batch_size * self.env.world_size),
         }
         path = None
         extras = getattr(self.task, "checkpoint_extras", None)
@@ -212,6 +226,7 @@ class Trainer:
             state.update(extras())
         if self.env.is_main:
             path = write_checkpoint(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+            self.last_checkpoint = path
             if best:
                 tmp = self.ckpt_dir / ".best.pt.link"
                 tmp.unlink(missing_ok=True)
@@ -231,22 +246,42 @@ class Trainer:
         barrier()
         return path
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path, state: dict | None = None, anyway: bool = False) -> None:
+        """Resume from the checkpoint ``path`` (its entries ``state`` when already read). A run configured otherwise
+        is refused unless ``anyway`` (``lafs.checkpoint.check_resume``); tensors of another shape are named."""
         path = Path(path)
         # weights_only (lafs.io_safe): a file holding anything but tensors and plain values is refused unopened
-        state = read_training_checkpoint(path)
+        state = read_training_checkpoint(path) if state is None else state
+        threads = torch.get_num_threads() if self.env.device.type == "cpu" else None  # GPU math ignores the count
+        for diff in check_resume(path, state, to_yaml(self.cfg), self.env.world_size, threads, anyway):
+            print(f"--resume-anyway: {diff}")
+        shapes = shape_mismatches(state["model"], self.task.state_dict())
+        if shapes:
+            raise ValueError(f"{path}: tensors of another shape than this config's model: " + "; ".join(shapes[:5])
+                             + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else ""))
         missing, unexpected = self.task.load_state_dict(state["model"], strict=False)
         if self.partial_fc is not None:
             missing = [k for k in missing if not k.startswith("head.")]
-            self.partial_fc.load_full_state_dict(state["partial_fc"])
+            try:
+                self.partial_fc.load_full_state_dict(state["partial_fc"])
+            except ValueError as err:
+                raise ValueError(f"{path}: Partial FC centres: {err}") from None
         if missing or unexpected:
             raise ValueError(f"{path}: model keys differ from this config; missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.optimizer.load_state_dict(
-            self._map_shard_state(state["optimizer"], lambda t: self.partial_fc.shard_rows(t))
-        )
+        try:
+            self.optimizer.load_state_dict(
+                self._map_shard_state(state["optimizer"], lambda t: self.partial_fc.shard_rows(t))
+            )
+        except ValueError as err:
+            raise ValueError(f"{path}: optimizer state: {err}") from None
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.step, self.micro_batches = state["step"], state["micro_batches"]
+        self.step = state["step"]
+        self.micro_batches, note = resume_position(state, len(self.train_set),
+                                                   self.cfg.train.batch_size * self.env.world_size)
+        if note:
+            print(note)
+        self.last_checkpoint = path
         self.nonfinite_steps, self.best = list(state["nonfinite_steps"]), state["best"]
         self.val_last = state.get("val", {})
         self.monitors = state.get("monitors", {})
@@ -262,11 +297,23 @@ class Trainer:
             print(f"resumed {state['world_size']}-process checkpoint on {self.env.world_size} processes: "
                   "model, optimizer and data position restored; random streams restart (not bit-exact)")
 
-    def find_resume(self, resume: str) -> Path | None:
+    def find_resume(self, resume: str) -> tuple[Path | None, dict | None]:
+        """(checkpoint, its entries) to resume: the file ``resume``, or with ``auto`` the run's newest checkpoint that
+        reads; each newer one that does not is named with its reason and set aside as ``<name>.damaged`` (by rank 0,
+        once every rank has read)."""
         if resume != "auto":
-            return Path(resume)
-        found = checkpoints_in(self.ckpt_dir)
-        return found[-1] if found else None
+            return Path(resume), None
+        path, state, skipped = latest_readable(self.ckpt_dir)
+        for bad, why in skipped:
+            print(f"skipped {bad.name}: {why}; set aside as {bad.name}{DAMAGED}")
+        if skipped and path is None:
+            names = ", ".join(b.name for b, _ in skipped)
+            raise ValueError(f"no checkpoint in {self.ckpt_dir} reads (skipped {names}); nothing to resume")
+        barrier()
+        if self.env.is_main:
+            for bad, _ in skipped:
+                os.replace(bad, bad.with_name(bad.name + DAMAGED))
+        return path, state
 
     # ---------------------------------------------------------------- data
     def _stream(self):
@@ -372,14 +419,42 @@ class Trainer:
         if self.schedule.fractional:
             logger.write(self.schedule.describe())
 
-    def run(self, resume: str | None = None) -> TrainResult:
+    def _skip(self, what: str, consecutive: int, logger, record: dict) -> int:
+        """Undo this step (weights, buffers, optimizer state as before it), count and log it as skipped; stop with
+        :class:`NonFiniteLossError` when too many were, in a row or in all. Returns the count in a row."""
+        t = self.cfg.train
+        self.guard.restore()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1  # steps are numbered from 1; a skipped one still counts (schedules move on)
+        self.nonfinite_steps.append(self.step)
+        consecutive += 1
+        logger.log(self.step, {**record, "skipped": 1, "nonfinite": what})
+        cause = "non-finite loss" if what == "loss" else "the update made a weight non-finite"
+        logger.write(f"step {self.step}: {cause}, step skipped and undone ({consecutive} in a row, "
+                     f"{len(self.nonfinite_steps)} in all)")
+        why = too_many_skipped(what, consecutive, self.nonfinite_steps, self.step, t.max_nonfinite,
+                               t.max_skipped_fraction)
+        if why is None:
+            return consecutive
+        if self.last_checkpoint is None:
+            last = f"no checkpoint of this run was written to {self.ckpt_dir}"
+        else:  # every saved step passed the guard, and a resumed checkpoint was checked when read
+            last = f"the last checkpoint, {self.last_checkpoint}, holds finite weights (every saved step was checked)"
+        raise NonFiniteLossError(f"{why}; stopped, nothing of the skipped steps was saved: {last}. Lower optim.lr, "
+                                 "set optim.clip_grad or train.amp=none, then --resume.")
+
+    def run(self, resume: str | None = None, anyway: bool = False) -> TrainResult:
+        """Train to the end; ``resume``: a checkpoint file or ``auto``, ``anyway``: resume a run configured
+        otherwise (``--resume-anyway``)."""
         t, env = self.cfg.train, self.env
         resumed_from = None
         if resume:
-            path = self.find_resume(resume)
+            path, state = self.find_resume(resume)
             if path is not None:
-                self.load(path)
+                self.load(path, state, anyway)
                 resumed_from = str(path)
+        if env.is_main:  # after the resume checks: a refused resume leaves the folder's config as it was
+            save_config(self.cfg, self.out)
         logger = RunLogger(self.out, enabled=env.is_main, total_steps=None if self.budget_pending else self.total_steps, start_step=self.step,
                            progress=self.progress)
         if resumed_from:
@@ -407,6 +482,7 @@ class Trainer:
                 if hasattr(self.task, "set_step"):
                     self.task.set_step(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
+                self.guard.snapshot()  # before the forward: BatchNorm statistics move there
                 losses, extras, images, finite = [], {}, 0, True
                 for micro in range(t.accumulation):
                     _, batch = next(stream)
@@ -431,20 +507,8 @@ class Trainer:
                         if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
                             extras.setdefault(k, []).append(v.detach().float())
                 if not finite:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1  # steps are numbered from 1; a skipped one still counts (schedules move on)
-                    self.nonfinite_steps.append(self.step)
-                    consecutive += 1
-                    logger.log(self.step, {"loss": float("nan"), "lr": lr, "skipped": 1})
-                    logger.write(f"step {self.step}: non-finite loss, step skipped ({consecutive} in a row)")
-                    if consecutive >= t.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{consecutive} consecutive non-finite losses (steps {self.nonfinite_steps[-consecutive:]}); "
-                            f"stopped. The last good checkpoint in {self.ckpt_dir} is intact; lower optim.lr, "
-                            "set optim.clip_grad or train.amp=none, then --resume."
-                        )
+                    consecutive = self._skip("loss", consecutive, logger, {"loss": float("nan"), "lr": lr})
                     continue
-                consecutive = 0
                 record = {"lr": lr}
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
@@ -459,6 +523,11 @@ class Trainer:
                     self.scaler.update()
                 else:
                     self.optimizer.step()
+                if any_rank(self.guard.nonfinite(), env.device):  # one fused check of every weight
+                    loss_value = float(all_reduce_mean(torch.stack(losses).mean()))
+                    consecutive = self._skip("update", consecutive, logger, {"loss": loss_value, "lr": lr})
+                    continue
+                consecutive = 0
                 if hasattr(self.task, "after_step"):
                     self.task.after_step(self.step, self.total_steps)
                 self.step += 1

@@ -5,7 +5,8 @@ or ``student`` (the LAFS code finetunes from the *teacher*), or a bare state dic
 (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``, ``backbone.``) are stripped. Keys the target
 does not have (SSL projection heads, a classifier with another class count) and keys with another shape are
 skipped and listed in the report, never silently dropped and never a crash (the official LAFS teacher holds an
-unused 30000-class classifier).
+unused 30000-class classifier); a checkpoint of which not one tensor fits (another architecture) is an error naming
+both architectures (:func:`require_match`).
 
 A safetensors model folder (``lafs export CKPT --safetensors DIR``) or its ``model.safetensors`` is read as the
 backbone's state dict. Files and folders open through :func:`lafs.checkpoint.read_checkpoint` (``weights_only``): a
@@ -99,3 +100,30 @@ def load_pretrained(module: nn.Module, path: str | Path, source: str | None = No
     report.loaded = sorted(clean)
     report.missing = sorted(k for k in target if k not in clean and k.startswith(only_prefix))
     return report
+
+
+def source_architecture(path: str | Path) -> str:
+    """``name-size`` of the model a checkpoint or safetensors folder stores its config for, else a phrase saying so."""
+    import yaml
+
+    from ..checkpoint import config_text
+
+    try:
+        model = (yaml.safe_load(config_text(path) or "") or {}).get("model") or {}
+    except (ValueError, OSError, yaml.YAMLError):
+        model = {}
+    if not model.get("name"):
+        return "an architecture it does not name (no stored config)"
+    return f"{model['name']}-{model.get('size', '?')}"
+
+
+def require_match(report: LoadReport, target: str, what: str) -> LoadReport:
+    """``report``, or a ``ValueError`` naming the checkpoint and both architectures when not one tensor fitted the
+    model ``target`` (``name-size``): a finetune from random weights would otherwise pass for a finetune."""
+    if report.loaded:
+        return report
+    held = len(report.unexpected) + len(report.mismatched)
+    raise ValueError(f"{what}: {report.path} is a checkpoint of {source_architecture(report.path)}; none of its "
+                     f"{held} tensors [{report.source}] fits this run's model {target} ({len(report.mismatched)} "
+                     "of another shape, the rest not in the model). Initialise from a checkpoint of the same "
+                     "architecture (model.name / model.size)")

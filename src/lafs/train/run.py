@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError, save_config
+from ..config import ConfigError
 from ..io import atomic_write_bytes
 from ..heads.partial_fc import PartialFC
 from ..models import build_backbone
-from .distributed import DistEnv, setup, teardown
+from .distributed import DistEnv, broadcast_object, setup, teardown
 from .loop import Trainer, TrainResult
-from .pretrained import load_pretrained
+from .pretrained import load_pretrained, require_match
+from .run_folder import RunFolderError, check_fresh, clean_temporaries, lock_run_folder, unlock_run_folder
 from .supervised import SupervisedTask, build_augment, build_classifier
 
 
@@ -111,12 +112,14 @@ def build_val_sets(cfg, log=print) -> dict:
 def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask:
     backbone = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides())
     ft = cfg.finetune
+    arch = f"{cfg.model.name}-{cfg.model.size}"
     if ft.init:
-        log(load_pretrained(backbone, ft.init).summary())
+        log(require_match(load_pretrained(backbone, ft.init), arch, "finetune.init").summary())
     if ft.landmark_init:
         if not hasattr(backbone, "landmark_cnn"):
             raise ConfigError("finetune.landmark_init needs model.name=part_fvit")
-        log(load_pretrained(backbone, ft.landmark_init, only_prefix="landmark_cnn.").summary())
+        report = load_pretrained(backbone, ft.landmark_init, only_prefix="landmark_cnn.")
+        log(require_match(report, arch, "finetune.landmark_init").summary())
     head = build_classifier(cfg, backbone.embedding_size, num_classes, env.rank, env.world_size)
     augment, mixup = build_augment(cfg)
     if mixup is not None and isinstance(head, PartialFC):
@@ -130,13 +133,39 @@ def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask
     return task
 
 
-def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
+def _take_folder(out: Path, resume: str | None, is_main: bool) -> Path | None:
+    """The main process locks the run folder, refuses a fresh run over another's checkpoints and removes a killed
+    run's temporary files (``run_folder.py``); every rank learns the outcome, so all stop together. Returns the lock."""
+    lock, refused = None, None
+    if is_main:
+        try:
+            lock = lock_run_folder(out)
+            check_fresh(out, resume)
+            for p in clean_temporaries(out):
+                print(f"removed {p}: the temporary file of an interrupted write")
+        except RunFolderError as err:
+            refused = str(err)
+    refused = broadcast_object(refused)
+    if refused is not None:
+        if lock is not None:
+            unlock_run_folder(lock)
+        raise RunFolderError(refused)
+    return lock
+
+
+def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: bool = False) -> TrainResult:
     """Run (or resume) the run described by ``cfg``: supervised training / finetuning, or self-supervised
-    pretraining (DINO / LAFS, labels unused) when ``ssl.method`` is set."""
+    pretraining (DINO / LAFS, labels unused) when ``ssl.method`` is set. ``resume``: a checkpoint or ``auto`` (the run
+    folder's latest); ``resume_anyway``: resume although the checkpoint's run was configured otherwise (implies
+    ``auto`` when ``resume`` is not given)."""
     if not cfg.train.dist_timeout_minutes > 0:
         raise ConfigError(f"train.dist_timeout_minutes must be > 0, got {cfg.train.dist_timeout_minutes}")
+    if resume_anyway and not resume:
+        resume = "auto"
     env = setup(cfg.train.device, cfg.train.dist_timeout_minutes)
+    lock = None
     try:
+        lock = _take_folder(Path(cfg.out_dir), resume, env.is_main)
         # identical initial weights on every rank (DDP also broadcasts them); then per-rank random streams
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -152,9 +181,6 @@ def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
             task = build_task(cfg, num_classes, env, log)
         val_sets = build_val_sets(cfg, log) if env.is_main else {}
         torch.manual_seed(cfg.train.seed + env.rank)
-        if env.is_main:
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            save_config(cfg, cfg.out_dir)
         trainer = Trainer(cfg, task, train_set, env, val_sets, progress=progress and env.is_main)
         what = f"{cfg.ssl.method} pretraining" if pretraining else "training"
         data = f"{len(train_set)} images (labels unused)" if pretraining else f"{len(train_set)} images of {num_classes} identities"
@@ -163,7 +189,7 @@ def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
         log(f"{what} {cfg.model.name}-{cfg.model.size} on {data}; "
             f"{steps} of {cfg.train.batch_size} x {env.world_size} x {cfg.train.accumulation} images "
             f"({trainer.steps_per_epoch} steps/epoch) on {env.device}")
-        result = trainer.run(resume)
+        result = trainer.run(resume, anyway=resume_anyway)
         if env.is_main:
             summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
                        "val": result.val, "floors": trainer.floors, "best": result.best, "nonfinite_steps": result.nonfinite_steps,
@@ -171,4 +197,6 @@ def train(cfg, resume: str | None = None, progress: bool = True) -> TrainResult:
             atomic_write_bytes(Path(cfg.out_dir) / "summary.json", json.dumps(summary, indent=2).encode())
         return result
     finally:
+        if lock is not None:
+            unlock_run_folder(lock)
         teardown()
