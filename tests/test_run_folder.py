@@ -24,7 +24,8 @@ RUN = FAST_RUN
 
 def test_a_second_process_on_the_same_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    # the thread count of this process: the resume below, in this process, checks the count the run recorded
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO / "src")}
     first = subprocess.Popen([sys.executable, "-m", "lafs.cli", "train", *RUN, "train.steps=500", "--out", str(out)],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
