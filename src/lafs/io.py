@@ -7,6 +7,7 @@ eval``'s embeddings) are never served stale and exported models name the checkpo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -72,11 +73,9 @@ def claim_file(path: str | Path, grace_s: float = 30.0) -> int | None:
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         while True:
-            try:
+            with contextlib.suppress(FileExistsError):  # a claim exists: read its holder below
                 os.link(tmp, path)
                 return None
-            except FileExistsError:
-                pass
             try:
                 text = path.read_text().strip()
                 age = time.time() - path.stat().st_mtime

@@ -8,8 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .datasets import load_keypoints
 from .pairs import read_bin
-from ..io_safe import load_array
 from .recordio import RecordIOError, RecordReader, face_record_index, image_keys
 
 
@@ -61,11 +61,11 @@ def check_rec(path: str | Path, decode: bool = True) -> dict:
 def check_sidecar(path: Path, images: int) -> list[str]:
     """Problems of a keypoint sidecar: its shape against the image count, non-finite rows (listed by row)."""
     try:
-        kps = load_array(path)
-    except (ValueError, OSError) as err:
+        kps = load_keypoints(path, images)  # the loader a training run uses: its shape check and message
+    except OSError as err:
         return [f"{path}: cannot read keypoints ({err})"]
-    if kps.ndim != 3 or kps.shape[2] != 2 or kps.shape[0] != images:
-        return [f"{path}: keypoints of shape {kps.shape}, expected ({images}, K, 2) for {images} images"]
+    except ValueError as err:
+        return [str(err)]
     rows = np.flatnonzero(~np.isfinite(kps).all(axis=(1, 2)))
     return [f"{path}: row {int(r)} holds non-finite keypoints" for r in rows]
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -44,11 +45,9 @@ def lock_run_folder(out: Path) -> Path:
 
 def unlock_run_folder(path: Path) -> None:
     """Release a lock this process holds (a lock taken over by another process is left alone)."""
-    try:
+    with contextlib.suppress(FileNotFoundError):  # already gone: nothing to release
         if path.read_text().strip() == str(os.getpid()):
             path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def check_fresh(out: Path, resume: str | None) -> None:
