@@ -56,6 +56,7 @@ from ..data.sampler import EpochBatchSampler
 from ..eval.embedding import evaluate_pairs
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
 from ..io import atomic_write_bytes
+from ..models.precision import AMP_DTYPES
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
 from .guard import StepGuard, too_many_skipped
 from .logging import RunLogger
@@ -66,7 +67,6 @@ from .sync_bn import convert_sync_batchnorm
 from .schedules import RunSchedule, resolve_schedule, warn_long_phases
 
 BUDGET_UNSET = 10**9  # total_steps while train.budget_minutes is being timed
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -515,7 +515,7 @@ class Trainer:
                 record = {"lr": lr}
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
-                if o.clip_grad and o.clip_mode == "per_param":
+                if o.clip_grad and o.clip_mode == "per_param":  # one of optim.CLIP_MODES
                     record["grad_norm_max"] = max(clip_gradients_per_param(self.task, o.clip_grad), default=0.0)
                 elif o.clip_grad:
                     record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.clip_grad))
