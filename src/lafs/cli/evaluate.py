@@ -233,7 +233,7 @@ def register(sub) -> None:
     p.add_argument("--out", help="folder for eval.json, roc.png and sensitivity.png")
     p.add_argument("--affine-curve", metavar="CROPS.bin",
                    help="detector crops (.bin) + keypoints: accuracy from the crop (t=0) to the aligned face (t=1), "
-                   "the KP-RPE paper's affine-sensitivity curve")
+                   "the affine-sensitivity curve of KP-RPE (Kim et al., CVPR 2024)")
     p.add_argument("--keypoints", help="(images, 5, 2) .npy for --affine-curve or keypoint models "
                    "(default: <set>_kps.npy beside the .bin)")
     p.add_argument("--steps", type=int, default=6, help="evenly spaced t in [0, 1] for --affine-curve")

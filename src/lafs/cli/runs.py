@@ -105,11 +105,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
     # its options belong to lafs.cli.toy_affine (see `lafs toy-affine --help`); main() hands them over unparsed
-    p = sub.add_parser("toy-affine", add_help=False, help="KP-RPE Fig. 1 toy: digits -> affine digits, Abs-PE / RPE "
-                       "/ iRPE / KP-RPE (extra toy; options: lafs toy-affine --help)")
+    p = sub.add_parser("toy-affine", add_help=False, help="KP-RPE (Kim et al., CVPR 2024) Fig. 1 toy: digits -> "
+                       "affine digits, Abs-PE / RPE / iRPE / KP-RPE (extra toy; options: lafs toy-affine --help)")
     p.set_defaults(func=cmd_toy_affine, toy_args=[])
 
-    bench = sub.add_parser("bench", help="measured cost tables (kprpe: ViT vs iRPE vs KP-RPE, the paper's Table 3)")
+    bench = sub.add_parser("bench", help="measured cost tables (kprpe: ViT vs iRPE vs KP-RPE, as Kim et al., "
+                           "CVPR 2024, Table 3)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     p = bench_sub.add_parser("kprpe", help="params, GFLOPs, eval and train throughput, measured side by side")
     p.add_argument("--size", default="small", choices=("micro", "small", "base"))

@@ -1,4 +1,5 @@
-"""The training loop every method uses (supervised, finetuning, DINO, LAFS).
+"""The training loop every method uses (supervised, finetuning, DINO: Caron et al., ICCV 2021; LAFS: Sun et al.,
+CVPR 2024).
 
 A *task* is an ``nn.Module`` whose ``forward(images, labels)`` returns a dict with a scalar ``loss`` (plus
 any detached scalars to log) and whose ``embed(x)`` gives embeddings for verification; the loop does not
@@ -9,11 +10,11 @@ know which method runs. Per optimizer step the loop:
 2. runs ``accumulation`` micro-batches under autocast (bf16 on CPU/GPU, fp16 + GradScaler on GPU), with
    DDP's gradient all-reduce only on the last one (``no_sync``);
 3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective);
-4. clips the gradients if asked (one global norm, or DINO's per-parameter norms), calls the task's
-   ``after_backward(epoch)`` hook, steps, and undoes the step if it made a weight non-finite (``guard.py``: weights,
-   buffers and optimizer state restored; so no checkpoint ever holds a non-finite weight); after ``max_nonfinite``
-   consecutive skipped steps, or more than ``max_skipped_fraction`` of the steps so far (and more than
-   ``max_nonfinite``), it stops with :class:`NonFiniteLossError`, naming the last checkpoint;
+4. clips the gradients if asked (one global norm, or each tensor's own norm, as DINO's ``utils.clip_gradients``),
+   calls the task's ``after_backward(epoch)`` hook, steps, and undoes the step if it made a weight non-finite
+   (``guard.py``: weights, buffers and optimizer state restored; so no checkpoint ever holds a non-finite weight);
+   after ``max_nonfinite`` consecutive skipped steps, or more than ``max_skipped_fraction`` of the steps so far (and
+   more than ``max_nonfinite``), it stops with :class:`NonFiniteLossError`, naming the last checkpoint;
 5. calls ``after_step(step, total_steps)`` (the EMA teacher of
    DINO/LAFS), logs (JSONL, TensorBoard, tqdm with images/s and ETA), verifies on ``.bin`` pairs and
    checkpoints when due. The weight decay follows a cosine schedule when ``optim.weight_decay_end`` is set.
@@ -336,7 +337,8 @@ class Trainer:
             epoch, batch = epoch + 1, 0
 
     def _set_weight_decay(self) -> None:
-        """Cosine ``weight_decay -> weight_decay_end`` (DINO, per iteration) on every group that decays."""
+        """Cosine ``weight_decay -> weight_decay_end`` per iteration on every group that decays (DINO, Caron et al.,
+        ICCV 2021, §3.2: 0.04 -> 0.4)."""
         o = self.cfg.optim
         wd = weight_decay_at(self.step, self.total_steps, o.weight_decay, o.weight_decay_end)
         for g in self.optimizer.param_groups:

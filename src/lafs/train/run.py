@@ -124,7 +124,8 @@ def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask
     if mixup is not None and not head.supports_mixup:
         raise ConfigError(f"mixup with {type(head).__name__} (head.partial_fc) is not supported: set "
                           "augment.mixup_prob=0 or head.partial_fc=false")
-    # the landmark options are finetuning options; from scratch (stage 1, §3) the CNN learns freely
+    # the landmark options are finetuning options (LAFS, Sun et al., CVPR 2024, §3.5); from scratch, the stage-1
+    # recipe (Part fViT, Sun & Tzimiropoulos, BMVC 2022, §3), the CNN learns from the identity loss alone
     finetuning = bool(ft.init or ft.landmark_init)
     option = ft.landmark if finetuning and hasattr(backbone, "landmark_cnn") else "b"
     task = SupervisedTask(backbone, head, augment, mixup, option, (list(ft.beta_schedule), list(ft.beta_epochs)),
