@@ -1,6 +1,7 @@
 """The ``lafs`` console script: models table, config errors (``lafs demo`` end to end: test_demo.py)."""
 
-from lafs.cli import main, models_table
+from lafs.cli import main
+from lafs.cli.models import models_table
 
 
 def test_models_table_lists_every_backbone_and_size():

@@ -112,6 +112,34 @@ def test_choices_are_the_registries_names():
     assert allowed(SSLConfig, "teacher_temp_schedule") == tuple(TEACHER_TEMP_PRESETS)
 
 
+@pytest.mark.parametrize("key,module,name,extra", [
+    ("optim.name", "lafs.train.optim", "OPTIMIZERS", ()),
+    ("optim.schedule", "lafs.train.optim", "LR_SCHEDULES", ()),
+    ("optim.clip_mode", "lafs.train.optim", "CLIP_MODES", ()),
+    ("data.source", "lafs.data.datasets", "SOURCES", ()),
+    ("train.amp", "lafs.models.precision", "AMP_DTYPES", ("none",)),  # none: fp32
+    ("data.geometry", "lafs.geometry", "GEOMETRIES", (None,)),  # None: no warp
+])
+def test_an_unknown_value_names_the_key_and_the_registrys_values(key, module, name, extra):
+    """The choices are the registry's names, so a name added there is valid here and the error lists it."""
+    import importlib
+
+    names = (*extra, *getattr(importlib.import_module(module), name))
+    allowed = ", ".join(repr(c) if c is not None else "null" for c in names)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}=nonsense"])
+    assert str(err.value) == f"config key '{key}' is 'nonsense'; allowed: {allowed}"
+
+
+def test_an_optimizer_registered_later_is_a_valid_name(monkeypatch):
+    from lafs.train import optim
+
+    monkeypatch.setitem(optim.OPTIMIZERS, "lion", optim.OPTIMIZERS["sgd"])
+    assert load_config(None, ["optim.name=lion"]).optim.name == "lion"
+    with pytest.raises(ConfigError, match="'lion'"):
+        load_config(None, ["optim.name=nonsense"])
+
+
 def test_a_backbone_registered_later_is_a_valid_model_name():
     from lafs.models import IResNet
     from lafs.models.registry import BACKBONES, IRESNET_OPTIONS, IRESNET_SIZES, BackboneEntry, register_backbone

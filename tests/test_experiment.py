@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lafs import experiment as ex
+from lafs.cli import experiment as ex
 from lafs.cli import main
 from lafs.config import ConfigError
 

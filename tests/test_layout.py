@@ -107,3 +107,71 @@ def test_one_checkpoint_reader():
     readers = checkpoint_readers()
     assert {m: names for m, names in readers.items() if m != READER and FOREIGN_WEIGHTS.get(m) != names} == {}
     assert readers[READER] == {"load_checkpoint", "read_safetensors_folder"}
+
+
+# Size: a module a reader takes in at once. The synthetic-face generator is one long table of drawing rules.
+MAX_LINES = 600
+LONG_ALLOWED = {"lafs.data.synthetic"}
+
+
+def long_modules(root: Path = SRC, limit: int = MAX_LINES) -> list[str]:
+    return [f"{_module_name(p, root)}: {n} lines (at most {limit})" for p in sorted(root.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > limit and _module_name(p, root) not in LONG_ALLOWED]
+
+
+def test_no_module_over_600_lines():
+    assert long_modules() == []
+
+
+def test_a_long_module_is_named(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "big.py").write_text("x = 1\n" * 601)
+    (tmp_path / "data" / "synthetic.py").write_text("x = 1\n" * 700)
+    (tmp_path / "ok.py").write_text("x = 1\n" * 600)
+    assert long_modules(tmp_path) == ["lafs.big: 601 lines (at most 600)"]
+
+
+# Entry points live in lafs/cli; the package root is the library's face (the API, config, io, checkpoint, geometry,
+# the model-file services). An entry point parses a command line (argparse), defines a top-level ``main`` or runs
+# under ``if __name__ == "__main__"``. ``lafs/__main__.py`` (``python -m lafs``) may only hand over to lafs.cli.
+ENTRY = "lafs.cli"
+
+
+def _is_entry_point(tree: ast.Module) -> bool:
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "main":
+            return True
+        if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) and "__main__" in ast.unparse(node.test):
+            return True
+    return any(isinstance(n, ast.Import) and any(a.name == "argparse" for a in n.names)
+               or isinstance(n, ast.ImportFrom) and n.module == "argparse" for n in ast.walk(tree))
+
+
+def root_entry_points(root: Path = SRC) -> list[str]:
+    bad = []
+    for path in sorted(root.glob("*.py")):
+        name = _module_name(path, root)
+        if path.name == "__main__.py":
+            targets = {t for t, _ in _imports(path, root) if t.startswith("lafs")}
+            if targets - {ENTRY}:
+                bad.append(f"{name} imports {sorted(targets - {ENTRY})}: it may only hand over to {ENTRY}")
+        elif _is_entry_point(ast.parse(path.read_text())):
+            bad.append(f"{name} is an entry point: it belongs in lafs/cli/")
+    return bad
+
+
+def test_the_package_root_holds_no_entry_point():
+    assert root_entry_points() == []
+    assert (SRC / "cli" / "__main__.py").is_file()  # python -m lafs.cli, torchrun -m lafs.cli train ...
+
+
+def test_a_root_entry_point_is_named(tmp_path):
+    (tmp_path / "tool.py").write_text("import argparse\n")
+    (tmp_path / "run.py").write_text("def main():\n    pass\n")
+    (tmp_path / "lib.py").write_text("def helper():\n    import json\n")
+    (tmp_path / "__main__.py").write_text("from .tool import x\n")
+    assert root_entry_points(tmp_path) == [
+        "lafs.__main__ imports ['lafs.tool']: it may only hand over to lafs.cli",
+        "lafs.run is an entry point: it belongs in lafs/cli/",
+        "lafs.tool is an entry point: it belongs in lafs/cli/",
+    ]

@@ -198,6 +198,33 @@ def test_initial_centres_do_not_depend_on_the_number_of_processes():
     assert single.abs().max() <= math.sqrt(6 / (11 + D))  # xavier bound of the full matrix
 
 
+def test_a_plain_head_has_the_plain_hooks_and_the_trainer_asks_no_head_its_type():
+    """Partial FC is injected: the trainer (lafs.train) uses the ClassifierState hooks, which do the plain thing on a
+    replicated head, and never names PartialFC."""
+    import ast
+    from pathlib import Path
+
+    import lafs.train
+
+    head = build_head("adaface", D, 12)
+    assert not head.sharded and head.supports_mixup
+    assert build_partial_fc("adaface", D, 12).sharded and not build_partial_fc("adaface", D, 12).supports_mixup
+    state = head.full_state_dict()
+    plain = head.state_dict()
+    assert state.keys() == plain.keys() and all(torch.equal(state[k], v) for k, v in plain.items())
+    other = build_head("adaface", D, 12)
+    other.load_full_state_dict(state)
+    assert torch.equal(other.weight, head.weight)
+    moment = torch.randn(12, D)
+    assert head.gather_rows(moment) is moment and head.shard_rows(moment) is moment
+    # build_classifier (train/supervised.py) builds the head from the config; nothing in lafs.train names its class
+    for path in Path(lafs.train.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert "PartialFC" not in names, path.name
+
+
 def test_state_round_trip_single_process():
     pfc = build_partial_fc("adaface", D, 12)
     pfc(4 * torch.randn(5, D), torch.tensor([0, 1, 2, 3, 11]))  # moves the norm statistics

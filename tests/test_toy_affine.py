@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("sklearn", reason='the toy affine experiment needs scikit-learn: pip install "lafs-face[toy]"')
 
-from lafs import toy_affine as T  # noqa: E402
+from lafs.cli import toy_affine as T  # noqa: E402
 
 
 def test_box_keypoints_of_a_rectangle():

@@ -5,7 +5,8 @@ A checkpoint is a dict of tensors and plain values, so that it opens ``weights_o
 - every checkpoint: ``config`` (the run's YAML), ``model`` (the task's state dict, the backbone under
   ``backbone.``) and ``step``;
 - a training checkpoint (``format`` = :data:`FORMAT`, written by ``lafs.train.loop``) adds ``micro_batches``,
-  ``partial_fc``, ``optimizer``, ``scaler``, ``rng`` (every rank's :func:`rng_state`), ``world_size``,
+  ``partial_fc`` (None, or the gathered ``full_state_dict`` of a head sharded over the ranks, whose keys are then
+  left out of ``model``; the name is that of the first such head, Partial FC), ``optimizer``, ``scaler``, ``rng`` (every rank's :func:`rng_state`), ``world_size``,
   ``nonfinite_steps``, ``best``, ``val`` (the latest validation: its cosine threshold is the model's decision
   threshold, :func:`stored_threshold`), ``total_steps``, ``budget``, ``monitors``, ``floors``, ``threads`` (torch's
   thread count: CPU losses depend on it) and ``data_position`` (the epoch and the global samples of it consumed, so a

@@ -7,8 +7,10 @@ the schema does not have, a value of the wrong type or a value outside a field's
 ``save_config`` writes the resolved config next to a run's outputs.
 
 Model fields left at ``None`` take the value of the chosen size preset (``models/registry.py``). A field whose
-values a registry of the package defines (backbones, their options, heads, augmentation presets, SSL methods)
-takes its choices from that registry (:func:`registered`), read when a config is checked.
+values a registry of the package defines (backbones, their options, heads, optimizers, schedules, data sources,
+autocast precisions, augmentation presets, SSL methods) takes its choices from that registry (:func:`registered`),
+read when a config is checked; :func:`choice` lists the few whose values are intrinsic (a module's train/eval mode)
+or live in this file (the LAFS landmark options).
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ def _registries() -> dict[str, tuple]:
     # Imported when a config is checked, not with this module: the registries live beside torch code, and
     # `lafs --help` imports this module. Read at each check, so a backbone registered later is a valid name.
     from .augment.supervised import PRESETS as AUGMENT_PRESETS
-    from .data.datasets import COLORS
+    from .data.datasets import COLORS, SOURCES
     from .heads.margin import HEADS
     from .models import part_fvit, rpe, vit
+    from .models.precision import AMP_DTYPES
     from .models.registry import BACKBONES
     from .ssl import METHODS, TEACHER_TEMP_PRESETS
     from .ssl.lafs import SHUFFLE_SCOPES
+    from .train.optim import CLIP_MODES, LR_SCHEDULES, OPTIMIZERS
 
     return {
         "backbones": tuple(BACKBONES), "drop_path_schedules": vit.DROP_PATH_SCHEDULES, "attn_scales": vit.ATTN_SCALES,
@@ -60,6 +64,9 @@ def _registries() -> dict[str, tuple]:
         "colors": COLORS, "augment_presets": tuple(AUGMENT_PRESETS),
         "ssl_methods": ("none", *METHODS),  # none: supervised, `lafs train`
         "teacher_temp_schedules": tuple(TEACHER_TEMP_PRESETS), "shuffle_scopes": SHUFFLE_SCOPES,
+        "optimizers": tuple(OPTIMIZERS), "lr_schedules": LR_SCHEDULES, "clip_modes": CLIP_MODES,
+        "data_sources": SOURCES, "geometries": tuple(GEOMETRIES),
+        "amp_precisions": ("none", *AMP_DTYPES),  # none: fp32, no autocast
     }
 
 
@@ -137,20 +144,20 @@ class HeadConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = choice("adamw", ("adamw", "sgd"))
+    name: str = registered("adamw", "optimizers")
     lr: float = 1e-3
     weight_decay: float = 0.05
     landmark_weight_decay: Optional[float] = None  # landmark CNN >= 2-D params; None = weight_decay (ref: 0.05 vs 0.1)
     momentum: float = 0.9  # SGD only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
-    schedule: str = choice("cosine", ("cosine", "constant"), "after the warm-up, per optimizer step")
+    schedule: str = registered("cosine", "lr_schedules", "after the warm-up, per optimizer step")
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # added to warmup_epochs (handy for step-budgeted runs)
     # the warm-up as a fraction of the run's optimizer steps (DINO: 10 of 100 epochs = 0.1); replaces both above
     warmup_fraction: Optional[float] = fraction(("warmup_epochs", "warmup_steps"), "lr warm-up, share of the run")
     min_lr: float = 1e-6
     clip_grad: Optional[float] = None  # max grad norm; None = no clipping (supervised reference)
-    clip_mode: str = choice("global", ("global", "per_param"), "per_param: DINO's clip_gradients, each tensor on its own")
+    clip_mode: str = registered("global", "clip_modes", "per_param: DINO's clip_gradients, each tensor on its own")
     weight_decay_end: Optional[float] = None  # cosine weight_decay -> weight_decay_end per step (DINO 0.04 -> 0.4)
     lr_scale_batch: Optional[int] = None  # lr x global_batch / lr_scale_batch (DINO/LAFS: lr 5e-4 at 256)
     # AdamW's fused kernel (one pass over all parameters instead of a dozen foreach passes); None = where the
@@ -162,7 +169,7 @@ class OptimConfig:
 class DataConfig:
     """Training and validation data. ``source: synthetic`` renders faces in memory (the embedded default)."""
 
-    source: str = choice("synthetic", ("synthetic", "records", "folder"))
+    source: str = registered("synthetic", "data_sources")
     train: list[str] = field(default_factory=list)  # .rec files or image folders, concatenated (labels offset)
     color: str = registered("rgb", "colors", "channel order the training files store (LAFS README: MS1MV3 BGR)")
     index: Optional[str] = None  # few-shot / subset index file (.npy of positions, `lafs data subset`)
@@ -171,7 +178,7 @@ class DataConfig:
     # the face geometry of the training crops (lafs.geometry): verification sets in another geometry are
     # brought to it by one similarity per set (from their keypoint sidecar's mean, else the ArcFace template), in
     # training and in `lafs eval` of the checkpoint. None: sets are only resized to the model's input (no warp)
-    geometry: Optional[str] = choice(None, (None, *GEOMETRIES), "geometry of the training crops")
+    geometry: Optional[str] = registered(None, "geometries", "geometry of the training crops")
     num_identities: int = 16  # synthetic
     images_per_identity: int = 8  # synthetic
     val_pairs: int = 200  # synthetic: pairs of held-out identities
@@ -210,7 +217,7 @@ class TrainConfig:
     budget_timed_steps: int = 5  # steps timed (after one untimed step) to turn budget_minutes into steps
     epochs: Optional[float] = None
     accumulation: int = 1
-    amp: str = choice("none", ("none", "bf16", "fp16"), "fp16 uses a GradScaler (CUDA only)")
+    amp: str = registered("none", "amp_precisions", "fp16 uses a GradScaler (CUDA only)")
     # torch.compile (inductor) of the task's forward (training) and embedding (validation); the first steps, which
     # compile, are logged apart (first_steps_s) and never timed by train.budget_minutes
     compile: bool = False
@@ -298,6 +305,7 @@ class SSLConfig:
     freeze_last_layer: int = 1  # epochs with the prototype layer's grads cancelled
     # the frozen-prototype phase as a fraction of the run (DINO: 1 of 100 epochs = 0.01); replaces freeze_last_layer
     freeze_last_layer_fraction: Optional[float] = fraction(("freeze_last_layer",), "prototype layer frozen, share")
+    # the two modes of a torch module (nn.Module.train / eval): intrinsic, so listed here rather than in a registry
     teacher_mode: str = choice("eval", ("eval", "train"), "train: the reference code's teacher keeps dropout/drop-path")
     num_local: int = 8  # student-only views per image (2 global views + num_local)
     global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # crop area fraction, every LAFS view

@@ -36,6 +36,7 @@ from .checkpoint import backbone_weights, read_checkpoint, stored_config, stored
 from .data.datasets import resize_keypoints, to_model_input
 from .io import file_hash
 from .io_safe import CONFIG_FILE, SAFETENSORS_FILE, safetensors_folder
+from .models.precision import AMP_DTYPES
 
 
 @dataclass
@@ -116,13 +117,11 @@ def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, st
     return (lambda x: backbone(x)["embedding"]), backbone.img_size, desc, False
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _fast(fn: Callable[..., torch.Tensor], device, amp: str, compile: bool) -> Callable[..., torch.Tensor]:
     """``fn`` under autocast (``amp``) and ``torch.compile``; fp32 embeddings out."""
-    if amp not in ("none", *AMP_DTYPES):
-        raise ValueError(f"amp must be none, bf16 or fp16, got {amp!r}")
+    names = ("none", *AMP_DTYPES)
+    if amp not in names:
+        raise ValueError(f"amp must be {', '.join(names[:-1])} or {names[-1]}, got {amp!r}")
     run = torch.compile(fn) if compile else fn
     dtype, kind = AMP_DTYPES.get(amp), torch.device(device).type
 

@@ -26,6 +26,9 @@ from torch.utils.data import Dataset
 from .recordio import RecordIOError, RecordReader, face_record_index, image_keys
 
 COLORS = ("rgb", "bgr")
+# ``data.source``: faces rendered in memory (data/synthetic.py), .rec/.idx files (RecordDataset), identity/image
+# folders (ImageFolderDataset); lafs.train.run builds the training set from the one named
+SOURCES = ("synthetic", "records", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 

@@ -31,11 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import ClassifierState
+
 HEADS = ("cosface", "arcface", "adaface")
 
 
-class MarginHead(nn.Module, ABC):
-    """Base class: class centres W (num_classes x embedding_size) and the scaled-cosine classifier."""
+class MarginHead(ClassifierState, nn.Module, ABC):
+    """Base class: class centres W (num_classes x embedding_size) and the scaled-cosine classifier (replicated on
+    every rank: :class:`~lafs.heads.base.ClassifierState`'s defaults)."""
 
     default_scale = 64.0
     default_margin = 0.0

@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import ClassifierState
 from .margin import MarginHead, build_head
 
 __all__ = ["PartialFC", "build_partial_fc"]
@@ -131,7 +132,7 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-class PartialFC(nn.Module):
+class PartialFC(ClassifierState, nn.Module):
     """Margin softmax loss over class centres sharded across ranks, with optional centre sampling.
 
     ``margin_head`` holds this rank's shard: its ``num_classes`` is the shard size ``num_local`` and its rows are
@@ -142,7 +143,13 @@ class PartialFC(nn.Module):
     any number of processes.
 
     After a sampled forward, ``sampled_index`` holds the sorted local rows that took part (else None).
+
+    For a trainer it is a sharded :class:`~lafs.heads.base.ClassifierState`: the hooks below gather and shard the
+    centres and their optimizer state; mixup's soft targets are not supported.
     """
+
+    sharded = True
+    supports_mixup = False
 
     def __init__(
         self,

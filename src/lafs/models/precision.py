@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+# The autocast precisions ``train.amp`` and ``lafs eval --amp`` accept besides "none" (fp32), and their dtypes.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:

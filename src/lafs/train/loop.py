@@ -1,4 +1,5 @@
-"""The training loop every method uses (supervised, finetuning, DINO, LAFS).
+"""The training loop every method uses (supervised, finetuning, DINO: Caron et al., ICCV 2021; LAFS: Sun et al.,
+CVPR 2024).
 
 A *task* is an ``nn.Module`` whose ``forward(images, labels)`` returns a dict with a scalar ``loss`` (plus
 any detached scalars to log) and whose ``embed(x)`` gives embeddings for verification; the loop does not
@@ -9,11 +10,11 @@ know which method runs. Per optimizer step the loop:
 2. runs ``accumulation`` micro-batches under autocast (bf16 on CPU/GPU, fp16 + GradScaler on GPU), with
    DDP's gradient all-reduce only on the last one (``no_sync``);
 3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective);
-4. clips the gradients if asked (one global norm, or DINO's per-parameter norms), calls the task's
-   ``after_backward(epoch)`` hook, steps, and undoes the step if it made a weight non-finite (``guard.py``: weights,
-   buffers and optimizer state restored; so no checkpoint ever holds a non-finite weight); after ``max_nonfinite``
-   consecutive skipped steps, or more than ``max_skipped_fraction`` of the steps so far (and more than
-   ``max_nonfinite``), it stops with :class:`NonFiniteLossError`, naming the last checkpoint;
+4. clips the gradients if asked (one global norm, or each tensor's own norm, as DINO's ``utils.clip_gradients``),
+   calls the task's ``after_backward(epoch)`` hook, steps, and undoes the step if it made a weight non-finite
+   (``guard.py``: weights, buffers and optimizer state restored; so no checkpoint ever holds a non-finite weight);
+   after ``max_nonfinite`` consecutive skipped steps, or more than ``max_skipped_fraction`` of the steps so far (and
+   more than ``max_nonfinite``), it stops with :class:`NonFiniteLossError`, naming the last checkpoint;
 5. calls ``after_step(step, total_steps)`` (the EMA teacher of
    DINO/LAFS), logs (JSONL, TensorBoard, tqdm with images/s and ETA), verifies on ``.bin`` pairs and
    checkpoints when due. The weight decay follows a cosine schedule when ``optim.weight_decay_end`` is set.
@@ -28,9 +29,11 @@ of the epoch seen; ``data/sampler.py`` turns it into epoch + batch). The learnin
 run killed mid-epoch and resumed on the same number of processes and threads repeats the uninterrupted run's losses
 exactly (CPU, same seed). Resuming checks what it resumes (``lafs.checkpoint.check_resume``): another model, head,
 data, batch size, world size, seed or thread count is refused with the keys listed, unless ``--resume-anyway``.
-Sharded Partial FC centres and their optimizer state are saved gathered, so a run can resume on another number of
-processes (then at the same sample of its epoch, with fresh RNG streams, reported). ``--resume`` with no file takes
-the run's newest checkpoint that reads, setting aside (``step_N.pt.damaged``) newer ones that do not.
+A classifier whose centres are sharded over the ranks (Partial FC) is saved gathered with its optimizer state, through
+its own hooks (``lafs.heads.base.ClassifierState``; the loop never asks which head it holds), so a run can resume on
+another number of processes (then at the same sample of its epoch, with fresh RNG streams, reported). ``--resume``
+with no file takes the run's newest checkpoint that reads, setting aside (``step_N.pt.damaged``) newer ones that do
+not.
 """
 
 from __future__ import annotations
@@ -52,9 +55,9 @@ from ..checkpoint import (DAMAGED, FORMAT, check_resume, checkpoints_in, data_po
 from ..config import save_config, to_yaml
 from ..data.sampler import EpochBatchSampler
 from ..eval.embedding import evaluate_pairs
-from ..heads.partial_fc import PartialFC
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
 from ..io import atomic_write_bytes
+from ..models.precision import AMP_DTYPES
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
 from .guard import StepGuard, too_many_skipped
 from .logging import RunLogger
@@ -65,7 +68,6 @@ from .sync_bn import convert_sync_batchnorm
 from .schedules import RunSchedule, resolve_schedule, warn_long_phases
 
 BUDGET_UNSET = 10**9  # total_steps while train.budget_minutes is being timed
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -126,8 +128,10 @@ class Trainer:
         self.budget: dict = {}
         o = cfg.optim
 
+        # the classifier's own hooks (lafs.heads.base.ClassifierState) say how its state spans the ranks; a head
+        # whose centres are split over them (``sharded``) stays out of DDP and is checkpointed gathered
         head = getattr(task, "head", None)
-        self.partial_fc = head if isinstance(head, PartialFC) else None
+        self.sharded_head = head if getattr(head, "sharded", False) else None
         named = list(task.named_parameters())
         self.optimizer = build_optimizer(
             param_groups(named, o.weight_decay, o.landmark_weight_decay), o.name, o.lr, o.momentum, tuple(o.betas),
@@ -145,11 +149,11 @@ class Trainer:
             module = task
             if t.sync_bn:
                 module = convert_sync_batchnorm(module)  # any backend (train/sync_bn.py), gloo on CPU too
-            if self.partial_fc is not None:
+            if self.sharded_head is not None:
                 # the sharded centres differ per rank: DDP must neither broadcast nor average them
                 nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    module, [f"head.{k}" for k, _ in self.partial_fc.named_parameters()]
-                    + [f"head.{k}" for k, _ in self.partial_fc.named_buffers()]
+                    module, [f"head.{k}" for k, _ in self.sharded_head.named_parameters()]
+                    + [f"head.{k}" for k, _ in self.sharded_head.named_buffers()]
                 )
             ids = [env.device.index] if env.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -188,14 +192,14 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def _model_state(self) -> tuple[dict, dict | None]:
         state = self.task.state_dict()
-        if self.partial_fc is None:
+        if self.sharded_head is None:
             return state, None
-        return {k: v for k, v in state.items() if not k.startswith("head.")}, self.partial_fc.full_state_dict()
+        return {k: v for k, v in state.items() if not k.startswith("head.")}, self.sharded_head.full_state_dict()
 
     def _map_shard_state(self, opt_state: dict, fn) -> dict:
-        """Apply ``fn`` (gather or shard rows) to the optimizer state of the Partial FC centres."""
-        if self.partial_fc is not None:
-            shard_ids = {id(p) for p in self.partial_fc.parameters()}
+        """Apply ``fn`` (the sharded head's gather or shard of rows) to the optimizer state of its parameters."""
+        if self.sharded_head is not None:
+            shard_ids = {id(p) for p in self.sharded_head.parameters()}
             for i, p in enumerate(self.params):  # optimizer state is keyed by position in the groups
                 if id(p) in shard_ids and i in opt_state["state"]:
                     opt_state["state"][i] = {
@@ -204,7 +208,7 @@ class Trainer:
         return opt_state
 
     def _optimizer_state(self) -> dict:
-        return self._map_shard_state(self.optimizer.state_dict(), lambda t: self.partial_fc.gather_rows(t))
+        return self._map_shard_state(self.optimizer.state_dict(), lambda t: self.sharded_head.gather_rows(t))
 
     def save(self, best: bool = False) -> Path | None:
         """Every rank calls this (gathering is collective); rank 0 writes ``step_<n>.pt`` atomically."""
@@ -260,17 +264,17 @@ class Trainer:
             raise ValueError(f"{path}: tensors of another shape than this config's model: " + "; ".join(shapes[:5])
                              + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else ""))
         missing, unexpected = self.task.load_state_dict(state["model"], strict=False)
-        if self.partial_fc is not None:
+        if self.sharded_head is not None:
             missing = [k for k in missing if not k.startswith("head.")]
             try:
-                self.partial_fc.load_full_state_dict(state["partial_fc"])
+                self.sharded_head.load_full_state_dict(state["partial_fc"])
             except ValueError as err:
-                raise ValueError(f"{path}: Partial FC centres: {err}") from None
+                raise ValueError(f"{path}: {type(self.sharded_head).__name__} centres: {err}") from None
         if missing or unexpected:
             raise ValueError(f"{path}: model keys differ from this config; missing {missing[:5]}, unexpected {unexpected[:5]}")
         try:
             self.optimizer.load_state_dict(
-                self._map_shard_state(state["optimizer"], lambda t: self.partial_fc.shard_rows(t))
+                self._map_shard_state(state["optimizer"], lambda t: self.sharded_head.shard_rows(t))
             )
         except ValueError as err:
             raise ValueError(f"{path}: optimizer state: {err}") from None
@@ -333,7 +337,8 @@ class Trainer:
             epoch, batch = epoch + 1, 0
 
     def _set_weight_decay(self) -> None:
-        """Cosine ``weight_decay -> weight_decay_end`` (DINO, per iteration) on every group that decays."""
+        """Cosine ``weight_decay -> weight_decay_end`` per iteration on every group that decays (DINO, Caron et al.,
+        ICCV 2021, §3.2: 0.04 -> 0.4)."""
         o = self.cfg.optim
         wd = weight_decay_at(self.step, self.total_steps, o.weight_decay, o.weight_decay_end)
         for g in self.optimizer.param_groups:
@@ -512,7 +517,7 @@ class Trainer:
                 record = {"lr": lr}
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
-                if o.clip_grad and o.clip_mode == "per_param":
+                if o.clip_grad and o.clip_mode == "per_param":  # one of optim.CLIP_MODES
                     record["grad_norm_max"] = max(clip_gradients_per_param(self.task, o.clip_grad), default=0.0)
                 elif o.clip_grad:
                     record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.clip_grad))

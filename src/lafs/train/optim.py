@@ -54,13 +54,27 @@ def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 
                     betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW or SGD over ``groups``. ``fused`` (AdamW): one kernel per step over every parameter instead of the
     foreach implementation's dozen passes; ``None`` = fused when every parameter lives on a device that has it."""
-    if name == "adamw":
-        if fused is None:
-            fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=bool(fused) or None)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    raise ValueError(f"unknown optimizer {name!r}; use adamw or sgd")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; use one of {tuple(OPTIMIZERS)}")
+    return OPTIMIZERS[name](groups, lr, momentum, betas, fused)
+
+
+def _adamw(groups: list[dict], lr: float, momentum: float, betas, fused: bool | None) -> torch.optim.Optimizer:
+    if fused is None:
+        fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=bool(fused) or None)
+
+
+def _sgd(groups: list[dict], lr: float, momentum: float, betas, fused: bool | None) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+# ``optim.name``: the optimizers build_optimizer makes (the config's choices are these names)
+OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}
+# ``optim.schedule``: what lr_at does after the warm-up
+LR_SCHEDULES = ("cosine", "constant")
+# ``optim.clip_mode``: one norm over all gradients (torch's clip_grad_norm_), or DINO's clip_gradients (each tensor)
+CLIP_MODES = ("global", "per_param")
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0,
@@ -76,7 +90,7 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, mi
     if schedule == "constant":
         return base_lr
     if schedule != "cosine":
-        raise ValueError(f"unknown schedule {schedule!r}; use cosine or constant")
+        raise ValueError(f"unknown schedule {schedule!r}; use one of {LR_SCHEDULES}")
     return cosine_at(step - warmup_steps, total_steps - warmup_steps, base_lr, min_lr)
 
 

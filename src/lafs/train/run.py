@@ -10,7 +10,6 @@ import torch
 
 from ..config import ConfigError
 from ..io import atomic_write_bytes
-from ..heads.partial_fc import PartialFC
 from ..models import build_backbone
 from .distributed import DistEnv, broadcast_object, setup, teardown
 from .loop import Trainer, TrainResult
@@ -122,9 +121,11 @@ def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask
         log(require_match(report, arch, "finetune.landmark_init").summary())
     head = build_classifier(cfg, backbone.embedding_size, num_classes, env.rank, env.world_size)
     augment, mixup = build_augment(cfg)
-    if mixup is not None and isinstance(head, PartialFC):
-        raise ConfigError("mixup with Partial FC is not supported: set augment.mixup_prob=0 or head.partial_fc=false")
-    # the landmark options are finetuning options; from scratch (stage 1, §3) the CNN learns freely
+    if mixup is not None and not head.supports_mixup:
+        raise ConfigError(f"mixup with {type(head).__name__} (head.partial_fc) is not supported: set "
+                          "augment.mixup_prob=0 or head.partial_fc=false")
+    # the landmark options are finetuning options (LAFS, Sun et al., CVPR 2024, §3.5); from scratch, the stage-1
+    # recipe (Part fViT, Sun & Tzimiropoulos, BMVC 2022, §3), the CNN learns from the identity loss alone
     finetuning = bool(ft.init or ft.landmark_init)
     option = ft.landmark if finetuning and hasattr(backbone, "landmark_cnn") else "b"
     task = SupervisedTask(backbone, head, augment, mixup, option, (list(ft.beta_schedule), list(ft.beta_epochs)),

@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models.fvit import FViT
+from ..models.fvit import FViT
 
 CANVAS = 40
 DIGIT_SIZE = 24
@@ -464,7 +464,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_toy_affine(steps=args.steps, batch_size=args.batch_size, seed=args.seed,

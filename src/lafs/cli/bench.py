@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from .geometry import template
-from .models import build_backbone, complexity
+from ..geometry import template
+from ..models import build_backbone, complexity
 
 KPRPE_ARMS = (("ViT", "vit"), ("ViT + iRPE", "vit_irpe"), ("ViT + KP-RPE", "vit_kprpe"))
 

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .config import ConfigError
-from .io import atomic_write_bytes, claim_file
+from ..config import ConfigError
+from ..io import atomic_write_bytes, claim_file
 
 TRAINING = ("train", "pretrain", "finetune")
 REF = re.compile(r"@([A-Za-z0-9_.\-]+)(/[A-Za-z0-9_.\-/]+)?")
@@ -75,7 +75,7 @@ def find_grid(name: str) -> Path:
     """``NAME`` -> ``experiments/NAME.yaml`` of the working folder (a local grid), else the packaged grid of that
     name (``lafs.presets``); a path to a YAML file that exists is used as it is. Unknown: a ConfigError naming the
     closest grids."""
-    from .presets import resolve
+    from ..presets import resolve
 
     path = Path(name)
     if path.suffix not in (".yaml", ".yml") and (Path("experiments") / f"{name}.yaml").is_file():
@@ -183,7 +183,7 @@ def expand(grid: dict, root: str | Path, seeds=None, budget: float | None = None
 
 # ------------------------------------------------------------------------------------------------ running
 def checkpoint_of(run_dir: Path) -> Path:
-    from .checkpoint import best_or_latest
+    from ..checkpoint import best_or_latest
 
     try:
         return best_or_latest(run_dir / "checkpoints")

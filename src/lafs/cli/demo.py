@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import load_config
-from .io import atomic_write_bytes
+from ..config import load_config
+from ..io import atomic_write_bytes
 
 # ../shared/data beside the checkout (the README's layout), seen from the working folder or from the source tree
 SHARED_LFW = [Path("../shared/data/lfw/lfw.bin"),
@@ -68,8 +68,8 @@ def _data(num_identities: int, val_pairs: int, seed: int) -> list[str]:
 
 
 def _run(overrides: list[str], progress: bool, log) -> tuple[dict, Path]:
-    from .checkpoint import best_or_latest
-    from .train.run import train
+    from ..checkpoint import best_or_latest
+    from ..train.run import train
 
     cfg = load_config(None, overrides)
     start = time.perf_counter()
@@ -81,7 +81,7 @@ def _run(overrides: list[str], progress: bool, log) -> tuple[dict, Path]:
 
 def _heldout_faces(img_size: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """Four faces of identities no stage saw, as model input ([-1, 1], model size) and as uint8 pictures."""
-    from .data.synthetic import SyntheticFaces
+    from ..data.synthetic import SyntheticFaces
 
     faces = SyntheticFaces(IDS_ALL + IDS_VAL, seed=seed)
     imgs = np.stack([faces.render(IDS_ALL + i, 900)[0] for i in range(4)])
@@ -92,10 +92,10 @@ def _heldout_faces(img_size: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
 
 def _landmark_picture(stage1_ckpt: Path, seed: int) -> bytes:
     """Held-out faces with the landmarks of the CNN at initialisation (top) and after stage 1 (bottom)."""
-    from .checkpoint import read_checkpoint, stored_config
-    from .embedder import backbone_from_state
-    from .models import build_backbone
-    from .viz import landmark_overlay, png_bytes, tile
+    from ..checkpoint import read_checkpoint, stored_config
+    from ..embedder import backbone_from_state
+    from ..models import build_backbone
+    from ..viz import landmark_overlay, png_bytes, tile
 
     state = read_checkpoint(stage1_ckpt, need_model=True)
     after, _ = backbone_from_state(stage1_ckpt, state, "cpu")
@@ -113,8 +113,8 @@ def _landmark_picture(stage1_ckpt: Path, seed: int) -> bytes:
 
 def _attention_picture(ckpt: Path, seed: int) -> bytes:
     """Held-out faces with the finetuned model's last-layer CLS attention over its landmark tokens."""
-    from .embedder import load_backbone
-    from .viz import attention_overlay, cls_attention, png_bytes, tile
+    from ..embedder import load_backbone
+    from ..viz import attention_overlay, cls_attention, png_bytes, tile
 
     model, _ = load_backbone(ckpt)
     x, small = _heldout_faces(model.img_size, seed)
@@ -125,9 +125,9 @@ def _attention_picture(ckpt: Path, seed: int) -> bytes:
 
 def _evaluate(ckpt: Path, sets: dict) -> dict:
     """Per set ``name -> (images, issame)``: 10-fold accuracy, AUC, TAR@FAR, and the distances for the ROC picture."""
-    from .embedder import load_embedder
-    from .eval.embedding import embed_images
-    from .eval.metrics import pair_distances, ten_fold_accuracy
+    from ..embedder import load_embedder
+    from ..eval.embedding import embed_images
+    from ..eval.metrics import pair_distances, ten_fold_accuracy
 
     emb = load_embedder(ckpt)
     out = {}
@@ -145,11 +145,11 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_minutes: float = 8.0, lfw
     """Run the pipeline of the module docstring; returns the summary written to ``demo.json``.
 
     ``lfw``: a path, ``None`` (``../shared/data/lfw/lfw.bin`` when present) or ``False`` (no LFW evaluation)."""
-    from .checkpoint import checkpoints_in
-    from .data.fewshot import save_index
-    from .data.pairs import load_bin
-    from .data.synthetic import SyntheticFaces, synthetic_pairs
-    from .viz import roc_png
+    from ..checkpoint import checkpoints_in
+    from ..data.fewshot import save_index
+    from ..data.pairs import load_bin
+    from ..data.synthetic import SyntheticFaces, synthetic_pairs
+    from ..viz import roc_png
 
     if budget_minutes <= 0:
         raise ValueError(f"budget_minutes must be > 0, got {budget_minutes}")
