@@ -420,18 +420,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
-    from .data.datasets import ImageFolderDataset
-    from .data.recordio import write_face_records
-    from .io import atomic_write_bytes
+    from .data.pack import pack_images
 
-    ds = ImageFolderDataset(args.folder)
-    n, k = write_face_records(args.out, ((int(ds.labels[i]), ds.raw(i)) for i in range(len(ds))))
-    if args.keypoints:
-        from .data.datasets import load_keypoints
-
-        load_keypoints(args.keypoints, n)  # validates the row count before copying
-        atomic_write_bytes(Path(args.out).with_name(Path(args.out).stem + "_kps.npy"), Path(args.keypoints).read_bytes())
-    print(f"wrote {args.out} (+ .idx): {n} images of {k} identities")
+    print(pack_images(args.folder, args.out, list_file=args.list, keypoints=args.keypoints, checksum=args.checksum,
+                      quality=args.quality, skip_bad=args.skip_bad).summary())
     return 0
 
 
@@ -767,10 +759,18 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="pack, build, subset, align, synthesise and check face data").add_subparsers(
         dest="data_command", required=True
     )
-    p = data.add_parser("pack", help="image folder (identity/image.jpg) -> insightface .rec/.idx")
+    p = data.add_parser("pack", help="image folder (identity/image.jpg, or any folder with --list) -> insightface "
+                        ".rec/.idx")
     p.add_argument("folder")
     p.add_argument("out", help="output .rec (the .idx is written beside it)")
-    p.add_argument("--keypoints", help="(N, 5, 2) .npy in folder order, copied to <out>_kps.npy")
+    p.add_argument("--list", metavar="LIST.csv", help="images to pack: lines 'path,label', paths relative to folder")
+    p.add_argument("--keypoints", help="(N, 5, 2) .npy in folder (or --list) order, written to <out>_kps.npy")
+    p.add_argument("--checksum", action="store_true", help="store a crc32 per record in <out>_crc32.txt, verified "
+                   "on every read and by lafs data check (the .rec/.idx stay MXNet's format)")
+    p.add_argument("--quality", type=int, metavar="Q", help="re-encode every image as JPEG at quality Q (1-100); "
+                   "default: store the files as they are")
+    p.add_argument("--skip-bad", action="store_true", help="leave out files that do not decode, listed in "
+                   "<out>_skipped.txt (default: stop naming the file)")
     p.set_defaults(func=cmd_data_pack)
     p = data.add_parser("detect", help="5-point keypoints of a .bin or image folder with the optional detector "
                         '(pip install "lafs-face[detect]") -> <set>_kps.npy')
