@@ -11,10 +11,14 @@ know which method runs. Per optimizer step the loop:
 3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective);
 4. clips the gradients if asked (one global norm, or DINO's per-parameter norms), calls the task's
    ``after_backward(epoch)`` hook, steps, and undoes the step if it made a weight non-finite (``guard.py``: weights,
-   buffers and optimizer state restored; so no checkpoint ever holds a non-finite weight); after ``max_nonfinite``
+   buffers and optimizer state restored; so no checkpoint ever holds a non-finite weight; ``train.step_guard=false``
+   turns this off, leaving only the loss check); after ``max_nonfinite``
    consecutive skipped steps, or more than ``max_skipped_fraction`` of the steps so far (and more than
    ``max_nonfinite``), it stops with :class:`NonFiniteLossError`, naming the last checkpoint;
-5. calls ``after_step(step, total_steps)`` (the EMA teacher of
+5. counts the bad records the data skipped (``data.max_bad_records``, over the whole run and every DataLoader
+   worker; more stops with :class:`~lafs.data.datasets.BadRecordsError`), logged with the step, in the checkpoint,
+   ``summary.json`` and the model card;
+6. calls ``after_step(step, total_steps)`` (the EMA teacher of
    DINO/LAFS), logs (JSONL, TensorBoard, tqdm with images/s and ETA), verifies on ``.bin`` pairs and
    checkpoints when due. The weight decay follows a cosine schedule when ``optim.weight_decay_end`` is set.
 
@@ -50,6 +54,7 @@ from ..checkpoint import (DAMAGED, FORMAT, check_resume, checkpoints_in, data_po
                           read_training_checkpoint, resume_position, rng_state, set_rng_state, shape_mismatches,
                           write_checkpoint)
 from ..config import save_config, to_yaml
+from ..data.datasets import BadRecordsError, face_datasets, too_many_bad_records
 from ..data.sampler import EpochBatchSampler
 from ..eval.embedding import evaluate_pairs
 from ..heads.partial_fc import PartialFC
@@ -79,6 +84,9 @@ def collate(items: list[dict]) -> dict:
     }
     if all("keypoints" in it for it in items):  # KP-RPE: the keypoints ride with their images
         batch["keypoints"] = torch.stack([it["keypoints"] for it in items])
+    bad = [m for it in items for m in it.get("bad_records", ())]
+    if bad:  # records the dataset skipped to serve these items (counted by the loop, across workers)
+        batch["bad_records"] = bad
     return batch
 
 
@@ -87,6 +95,7 @@ class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)
     nonfinite_steps: list[int] = field(default_factory=list)
+    bad_records: list[str] = field(default_factory=list)  # training records skipped (data.max_bad_records)
     val: dict = field(default_factory=dict)
     best: float | None = None
     resumed_from: str | None = None
@@ -134,7 +143,8 @@ class Trainer:
             o.fused,
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.guard = StepGuard(task, self.optimizer)
+        # train.step_guard=false: no snapshot and no check of the weights (benchmarks/bench_step_guard.py: its cost)
+        self.guard = StepGuard(task, self.optimizer) if t.step_guard else None
         for g in self.optimizer.param_groups:
             g["base_weight_decay"] = g["weight_decay"]
         global_batch = t.batch_size * env.world_size * t.accumulation
@@ -162,6 +172,13 @@ class Trainer:
         self.step = 0
         self.micro_batches = 0
         self.nonfinite_steps: list[int] = []
+        # bad training records skipped, each once (the messages name file, record and offset): those left out of the
+        # index when the data was opened, then those met while reading; the parts only report, this loop limits
+        parts = face_datasets(train_set)
+        for part in parts:
+            part.report_only = True
+        self.bad_records: list[str] = list(dict.fromkeys(m for part in parts for m in part.bad_records))
+        self.data_name = " + ".join(part.name for part in parts) or "the training data"
         self.last_checkpoint: Path | None = None  # written or resumed from: the one a stop message names
         self.best: float | None = None
         self.val_last: dict = {}  # the latest validation, saved with the checkpoint (lafs verify's threshold)
@@ -214,12 +231,13 @@ class Trainer:
             "model": model, "partial_fc": pfc, "optimizer": self._optimizer_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": all_gather_objects(rng_state()), "world_size": self.env.world_size,
-            "nonfinite_steps": self.nonfinite_steps, "best": self.best, "config": to_yaml(self.cfg),
+            "nonfinite_steps": self.nonfinite_steps, "bad_records": self.bad_records, "best": self.best, "config": to_yaml(self.cfg),
             "val": self.val_last, "total_steps": self.total_steps, "budget": self.budget,
             "monitors": self.monitors, "floors": self.floors, "threads": torch.get_num_threads(),
             "data_position": data_position(self.micro_batches, self.batches_per_epoch,
                                            self.cfg.train.batch_size * self.env.world_size),
         }
+        bad = self.all_bad_records()
         path = None
         extras = getattr(self.task, "checkpoint_extras", None)
         if extras is not None:
@@ -239,7 +257,9 @@ class Trainer:
                               params=sum(p.numel() for p in (backbone or self.task).parameters()),
                               embedding_size=getattr(backbone, "embedding_size", None), val=self.val_last,
                               best=self.best, checkpoint=path.name, has_best=(self.ckpt_dir / "best.pt").exists(),
-                              monitors=self.monitors, floors=self.floors)
+                              monitors=self.monitors, floors=self.floors,
+                              skipped={"steps": self.nonfinite_steps, "records": bad,
+                                       "max_bad_records": self.cfg.data.max_bad_records})
             atomic_write_bytes(self.ckpt_dir / "MODEL_CARD.md", card.encode())
             for old in checkpoints_in(self.ckpt_dir)[: -self.cfg.train.keep_last]:
                 old.unlink()
@@ -283,6 +303,7 @@ class Trainer:
             print(note)
         self.last_checkpoint = path
         self.nonfinite_steps, self.best = list(state["nonfinite_steps"]), state["best"]
+        self.bad_records = list(dict.fromkeys(list(state.get("bad_records", [])) + self.bad_records))
         self.val_last = state.get("val", {})
         self.monitors = state.get("monitors", {})
         self.floors = state.get("floors", {})
@@ -316,6 +337,20 @@ class Trainer:
         return path, state
 
     # ---------------------------------------------------------------- data
+    def _note_bad_records(self, messages, logger) -> bool:
+        """Count the records a batch's dataset skipped (each once); True when one is new."""
+        new = [m for m in messages or () if m not in self._bad_seen]
+        for m in new:
+            self._bad_seen.add(m)
+            self.bad_records.append(m)
+            logger.write(f"skipped a bad training record ({len(self.bad_records)} so far, data.max_bad_records="
+                         f"{self.cfg.data.max_bad_records}): {m}")
+        return bool(new)
+
+    def all_bad_records(self) -> list[str]:
+        """Every rank's skipped records, once each (collective: every rank calls it)."""
+        return list(dict.fromkeys(m for rank in all_gather_objects(self.bad_records) for m in rank))
+
     def _stream(self):
         """Micro-batches from position ``self.micro_batches`` on, across epochs: (epoch, batch)."""
         workers = self.cfg.data.workers
@@ -423,7 +458,8 @@ class Trainer:
         """Undo this step (weights, buffers, optimizer state as before it), count and log it as skipped; stop with
         :class:`NonFiniteLossError` when too many were, in a row or in all. Returns the count in a row."""
         t = self.cfg.train
-        self.guard.restore()
+        if self.guard is not None:
+            self.guard.restore()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1  # steps are numbered from 1; a skipped one still counts (schedules move on)
         self.nonfinite_steps.append(self.step)
@@ -469,6 +505,11 @@ class Trainer:
         ckpt_every = t.ckpt_every or self.steps_per_epoch
         stream = self._stream()
         consecutive = 0
+        self._bad_seen = set(self.bad_records)
+        limit = self.cfg.data.max_bad_records
+        if any_rank(len(self.bad_records) > limit, env.device):
+            raise BadRecordsError(too_many_bad_records(self.data_name,
+                                                       self.bad_records or ["(on another rank)"], limit))
         self.task.train()
         try:
             while self.step < self.total_steps:
@@ -482,11 +523,13 @@ class Trainer:
                 if hasattr(self.task, "set_step"):
                     self.task.set_step(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.guard.snapshot()  # before the forward: BatchNorm statistics move there
-                losses, extras, images, finite = [], {}, 0, True
+                if self.guard is not None:
+                    self.guard.snapshot()  # before the forward: BatchNorm statistics move there
+                losses, extras, images, finite, new_bad = [], {}, 0, True, False
                 for micro in range(t.accumulation):
                     _, batch = next(stream)
                     self.micro_batches += 1
+                    new_bad |= self._note_bad_records(batch.get("bad_records"), logger)
                     x = batch["image"].to(env.device, non_blocking=True)
                     y = batch["label"].to(env.device, non_blocking=True)
                     kp = batch.get("keypoints") if self.uses_keypoints else None
@@ -506,6 +549,9 @@ class Trainer:
                     for k, v in out.items():
                         if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
                             extras.setdefault(k, []).append(v.detach().float())
+                if any_rank(len(self.bad_records) > limit, env.device):
+                    raise BadRecordsError(too_many_bad_records(self.data_name,
+                                                               self.bad_records or ["(on another rank)"], limit))
                 if not finite:
                     consecutive = self._skip("loss", consecutive, logger, {"loss": float("nan"), "lr": lr})
                     continue
@@ -523,7 +569,7 @@ class Trainer:
                     self.scaler.update()
                 else:
                     self.optimizer.step()
-                if any_rank(self.guard.nonfinite(), env.device):  # one fused check of every weight
+                if self.guard is not None and any_rank(self.guard.nonfinite(), env.device):  # one fused check
                     loss_value = float(all_reduce_mean(torch.stack(losses).mean()))
                     consecutive = self._skip("update", consecutive, logger, {"loss": loss_value, "lr": lr})
                     continue
@@ -546,7 +592,10 @@ class Trainer:
                 result.losses.append(loss_value)
                 record["epoch"] = self.micro_batches / self.batches_per_epoch
                 record["images_per_s"] = logger.progress(self.step, images, loss_value, lr)
-                if self.step % t.log_every == 0 or self.step == self.total_steps or self.step == 1 or first_steps:
+                if self.bad_records:
+                    record["bad_records"] = len(self.bad_records)  # this rank's count so far
+                if (self.step % t.log_every == 0 or self.step == self.total_steps or self.step == 1 or first_steps
+                        or new_bad):
                     logger.log(self.step, record)
                 improved = False
                 last = self.step == self.total_steps
@@ -574,5 +623,6 @@ class Trainer:
             logger.close()
         result.step = self.step
         result.nonfinite_steps = list(self.nonfinite_steps)
+        result.bad_records = self.all_bad_records()
         result.best = self.best
         return result
