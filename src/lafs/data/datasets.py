@@ -224,9 +224,7 @@ class RecordDataset(FaceDataset):
         index_bad: list[str] = []
         self.keys, self.labels = face_record_index(self.reader, index_bad if max_bad_records > 0 else None)
         if len(index_bad) > max_bad_records:
-            report = "\n  ".join(index_bad[:10])
-            raise RecordIOError(f"{rec_path}: {len(index_bad)} bad record(s), more than max_bad_records="
-                                f"{max_bad_records}; first ones:\n  {report}")
+            raise BadRecordsError(too_many_bad_records(str(rec_path), index_bad, max_bad_records))
         if keypoints is True:
             sidecar = Path(rec_path).with_name(Path(rec_path).stem + "_kps.npy")
             keypoints = sidecar if sidecar.is_file() else None
