@@ -231,7 +231,8 @@ class Trainer:
             "model": model, "partial_fc": pfc, "optimizer": self._optimizer_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": all_gather_objects(rng_state()), "world_size": self.env.world_size,
-            "nonfinite_steps": self.nonfinite_steps, "bad_records": self.bad_records, "best": self.best, "config": to_yaml(self.cfg),
+            "nonfinite_steps": self.nonfinite_steps, "bad_records": self.bad_records, "best": self.best,
+            "config": to_yaml(self.cfg),
             "val": self.val_last, "total_steps": self.total_steps, "budget": self.budget,
             "monitors": self.monitors, "floors": self.floors, "threads": torch.get_num_threads(),
             "data_position": data_position(self.micro_batches, self.batches_per_epoch,
@@ -346,6 +347,13 @@ class Trainer:
             logger.write(f"skipped a bad training record ({len(self.bad_records)} so far, data.max_bad_records="
                          f"{self.cfg.data.max_bad_records}): {m}")
         return bool(new)
+
+    def _check_bad_records(self) -> None:
+        """Stop (every rank together) once more records were skipped than ``data.max_bad_records``."""
+        limit = self.cfg.data.max_bad_records
+        if any_rank(len(self.bad_records) > limit, self.env.device):
+            raise BadRecordsError(too_many_bad_records(self.data_name, self.bad_records or ["(on another rank)"],
+                                                       limit))
 
     def all_bad_records(self) -> list[str]:
         """Every rank's skipped records, once each (collective: every rank calls it)."""
@@ -506,10 +514,7 @@ class Trainer:
         stream = self._stream()
         consecutive = 0
         self._bad_seen = set(self.bad_records)
-        limit = self.cfg.data.max_bad_records
-        if any_rank(len(self.bad_records) > limit, env.device):
-            raise BadRecordsError(too_many_bad_records(self.data_name,
-                                                       self.bad_records or ["(on another rank)"], limit))
+        self._check_bad_records()
         self.task.train()
         try:
             while self.step < self.total_steps:
@@ -549,9 +554,7 @@ class Trainer:
                     for k, v in out.items():
                         if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
                             extras.setdefault(k, []).append(v.detach().float())
-                if any_rank(len(self.bad_records) > limit, env.device):
-                    raise BadRecordsError(too_many_bad_records(self.data_name,
-                                                               self.bad_records or ["(on another rank)"], limit))
+                self._check_bad_records()
                 if not finite:
                     consecutive = self._skip("loss", consecutive, logger, {"loss": float("nan"), "lr": lr})
                     continue
