@@ -761,7 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=600, help="pairs in --holdout-pairs (half genuine)")
     p.add_argument("-o", "--out", required=True, help="output .npy of dataset positions (+ .json report)")
     p.set_defaults(func=cmd_data_subset)
-    p = data.add_parser("align", help="images (identity/image.jpg, flat, or --list) + (N,5,2) keypoints -> aligned folder")
+    p = data.add_parser("align", help="images (identity/image.jpg, flat, or --list) + (N,5,2) keypoints -> aligned "
+                        "folder")
     p.add_argument("images")
     p.add_argument("keypoints")
     p.add_argument("out")
