@@ -53,9 +53,9 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def collate(items: list[dict]) -> dict:
-    """``lafs.train.loop.collate`` (images and labels; keypoints stacked when every item has them)."""
+    """``lafs.data.sampler.collate`` (images and labels; keypoints stacked when every item has them)."""
     try:
-        from lafs.train.loop import collate as train_collate
+        from lafs.data.sampler import collate as train_collate
     except ImportError:  # the trainer is not importable: the same stacks
         batch = {"image": torch.stack([it["image"] for it in items]),
                  "label": torch.tensor([it["label"] for it in items], dtype=torch.long)}

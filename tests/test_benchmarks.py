@@ -114,3 +114,17 @@ def test_bench_data_reports_loader_and_step_input_per_core(tmp_path):
         assert s["goal_met"] == (expected >= 1500)
     assert r["dataloader"]["workers"] == 0 and r["dataloader"]["images"] == 16
     assert "goal >= 1,500 images/s per core" in proc.stdout and "avx512_bf16" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_step_guard_reports_both_settings_side_by_side(tmp_path):
+    out = tmp_path / "guard.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_step_guard.py"), "--models", "fvit:micro", "--optimizers",
+         "sgd", "--batch", "4", "--steps", "1", "--rounds", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["step_ms_guard"] > 0 and row["step_ms_no_guard"] > 0 and row["snapshot_ms"] > 0
+    assert "avx512_bf16=" in proc.stdout and "guard ms/step" in proc.stdout

@@ -128,9 +128,12 @@ def test_undecodable_image_and_bad_record_budget(tmp_path):
         ds[1]
     tolerant = RecordDataset(tmp_path / "b.rec", max_bad_records=1)
     item = tolerant[1]
-    assert item["index"] == 2 and len(tolerant.bad_records) == 1
+    assert item["index"] == 2 and len(tolerant.bad_records) == 1 and len(item["bad_records"]) == 1
+    again = tolerant[1]  # the same record in the next epoch: skipped, not counted twice
+    assert again["index"] == 2 and len(tolerant.bad_records) == 1 and "bad_records" not in again
+    write_face_records(tmp_path / "c.rec", [(0, _jpeg(1)), (0, b"not a jpeg"), (1, b"nor this"), (1, _jpeg(2))])
     with pytest.raises(RuntimeError, match="more than max_bad_records=1"):
-        tolerant[1]
+        RecordDataset(tmp_path / "c.rec", max_bad_records=1)[1]  # two distinct bad records
 
 
 def test_reader_is_fork_safe_by_reopening(tmp_path):

@@ -186,6 +186,8 @@ class DataConfig:
     seed: int = 0  # synthetic identities
     # DataLoader worker processes: "auto" (sized from the cores, lafs.data.workers) or an integer >= 0
     workers: Any = "auto"
+    # bad records (unreadable, undecodable, failing their checksum) a run may skip in all, each once: they are logged,
+    # counted in metrics.jsonl, summary.json and the model card; one more stops the run naming it
     max_bad_records: int = 0
 
     def __post_init__(self) -> None:
@@ -232,6 +234,9 @@ class TrainConfig:
     val_every: int = 0  # optimizer steps; 0 = at the end only
     ckpt_every: int = 0  # optimizer steps; 0 = at the end of every epoch
     keep_last: int = 2
+    # finite weights only (train/guard.py): undo a step whose update made a weight non-finite, so no checkpoint holds
+    # one. Off: only non-finite losses are skipped (benchmarks/bench_step_guard.py measures what it costs)
+    step_guard: bool = True
     max_nonfinite: int = 5  # consecutive skipped steps (non-finite loss or update) that stop the run
     # skipped steps in all that stop the run: more than this share of the steps so far (and more than max_nonfinite)
     max_skipped_fraction: float = 0.1

@@ -10,69 +10,29 @@ from ..config import ConfigError
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
-    from ..data.datasets import ImageFolderDataset
-    from ..data.recordio import write_face_records
-    from ..io import atomic_write_bytes
+    from ..data.pack import pack_images
 
-    ds = ImageFolderDataset(args.folder)
-    n, k = write_face_records(args.out, ((int(ds.labels[i]), ds.raw(i)) for i in range(len(ds))))
-    if args.keypoints:
-        from ..data.datasets import load_keypoints
-
-        load_keypoints(args.keypoints, n)  # validates the row count before copying
-        atomic_write_bytes(Path(args.out).with_name(Path(args.out).stem + "_kps.npy"), Path(args.keypoints).read_bytes())
-    print(f"wrote {args.out} (+ .idx): {n} images of {k} identities")
+    print(pack_images(args.folder, args.out, list_file=args.list, keypoints=args.keypoints, checksum=args.checksum,
+                      quality=args.quality, skip_bad=args.skip_bad).summary())
     return 0
 
 
 def cmd_data_detect(args: argparse.Namespace) -> int:
-    """5-point keypoints of every image of a .bin (or an identity/image folder, folder order) with the detector."""
-    import numpy as np
+    """5-point keypoints of every image of a .bin (or an image folder, folder order) with the detector."""
+    from ..data.tools import detect_set
 
-    from ..data.datasets import decode_image
-    from ..data.detect import detect_keypoints
-    from ..io import atomic_write
-
-    src = Path(args.input)
-    if src.is_file():
-        from ..data.pairs import read_bin
-
-        images, _ = read_bin(src)
-        items = ((f"{src}: image {i}", data) for i, data in enumerate(images))
-        n = len(images)
-    else:
-        from ..data.datasets import ImageFolderDataset
-
-        ds = ImageFolderDataset(src)
-        items = ((str(ds.paths[i]), ds.raw(i)) for i in range(len(ds)))
-        n = len(ds)
-    kps = np.empty((n, 5, 2), np.float32)
-    misses = []
-    for i, (name, data) in enumerate(items):
-        img = decode_image(data, args.color, source=name)
-        try:
-            kps[i] = detect_keypoints(img, name, threshold=args.threshold)
-        except ValueError:
-            if args.on_miss == "error":
-                raise
-            from ..geometry import template
-
-            kps[i] = template(112) * (np.array(img.shape[1::-1]) / 112)  # the crop is taken as aligned
-            misses.append(i)
-    out = Path(args.out or (src.with_name(src.stem + "_kps.npy") if src.is_file() else src / "keypoints.npy"))
-    atomic_write(out, lambda fh: np.save(fh, kps))
-    print(f"wrote {out}: {n} x 5 x 2 keypoints; {len(misses)} images without a detected face"
-          + (f" got the template (first: {misses[:5]})" if misses else ""))
+    print(detect_set(args.input, args.out, color=args.color, threshold=args.threshold, upsample=args.upsample,
+                     on_miss=args.on_miss, list_file=args.list).summary())
     return 0
 
 
 def cmd_data_bin(args: argparse.Namespace) -> int:
-    from ..data.pairs import bin_from_csv, bin_from_lfw_pairs, read_bin
+    from ..data.pairs import build_bin, read_bin
 
-    build = bin_from_csv if str(args.pairs).endswith(".csv") else bin_from_lfw_pairs
-    out = build(args.pairs, args.images, args.out)
+    out, sidecar = build_bin(args.pairs, args.images, args.out, keypoints=args.keypoints, detect=args.detect)
     _, issame = read_bin(out)
-    print(f"wrote {out}: {len(issame)} pairs ({int(issame.sum())} same, {int((~issame).sum())} different)")
+    print(f"wrote {out}: {len(issame)} pairs ({int(issame.sum())} same, {int((~issame).sum())} different)"
+          + (f" and {sidecar}" if sidecar else ""))
     return 0
 
 
@@ -105,26 +65,10 @@ def cmd_data_subset(args: argparse.Namespace) -> int:
 
 
 def cmd_data_align(args: argparse.Namespace) -> int:
-    import cv2
-    import numpy as np
+    from ..data.tools import align_folder
 
-    from ..data.align import align_face, align_keypoints
-    from ..data.datasets import ImageFolderDataset, decode_image, encode_image, load_keypoints
-    from ..io import atomic_write, atomic_write_bytes
-
-    ds = ImageFolderDataset(args.images)
-    kps = load_keypoints(args.keypoints, len(ds))
-    out = Path(args.out)
-    aligned_kps = np.empty_like(kps)
-    for i, path in enumerate(ds.paths):
-        img = decode_image(path.read_bytes(), "rgb", str(path))
-        crop, m = align_face(img, kps[i], size=args.size)
-        aligned_kps[i] = align_keypoints(kps[i], m)
-        target = out / path.relative_to(ds.root)
-        atomic_write_bytes(target, encode_image(crop) if target.suffix.lower() in (".jpg", ".jpeg")
-                           else cv2.imencode(target.suffix, cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))[1].tobytes())
-    atomic_write(out / "keypoints.npy", lambda fh: np.save(fh, aligned_kps))
-    print(f"aligned {len(ds)} images to {args.size}x{args.size} in {out} (+ keypoints.npy)")
+    n = align_folder(args.images, args.keypoints, args.out, args.size, list_file=args.list)
+    print(f"aligned {n} images to {args.size}x{args.size} in {args.out} (+ keypoints.npy)")
     return 0
 
 
@@ -161,31 +105,45 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 1 if report["bad_records"] else 0
 
 
-
 def register(sub) -> None:
     """Add ``data`` and its subcommands to the ``lafs`` subcommands."""
     data = sub.add_parser("data", help="pack, build, subset, align, synthesise and check face data").add_subparsers(
         dest="data_command", required=True
     )
-    p = data.add_parser("pack", help="image folder (identity/image.jpg) -> insightface .rec/.idx")
+    p = data.add_parser("pack", help="image folder (identity/image.jpg, or any folder with --list) -> insightface "
+                        ".rec/.idx")
     p.add_argument("folder")
     p.add_argument("out", help="output .rec (the .idx is written beside it)")
-    p.add_argument("--keypoints", help="(N, 5, 2) .npy in folder order, copied to <out>_kps.npy")
+    p.add_argument("--list", metavar="LIST.csv", help="images to pack: lines 'path,label', paths relative to folder")
+    p.add_argument("--keypoints", help="(N, 5, 2) .npy in folder (or --list) order, written to <out>_kps.npy")
+    p.add_argument("--checksum", action="store_true", help="store a crc32 per record in <out>_crc32.txt, verified "
+                   "on every read and by lafs data check (the .rec/.idx stay MXNet's format)")
+    p.add_argument("--quality", type=int, metavar="Q", help="re-encode every image as JPEG at quality Q (1-100); "
+                   "default: store the files as they are")
+    p.add_argument("--skip-bad", action="store_true", help="leave out files that do not decode, listed in "
+                   "<out>_skipped.txt (default: stop naming the file)")
     p.set_defaults(func=cmd_data_pack)
     p = data.add_parser("detect", help="5-point keypoints of a .bin or image folder with the optional detector "
                         '(pip install "lafs-face[detect]") -> <set>_kps.npy')
-    p.add_argument("input", help=".bin pair file or identity/image folder")
+    p.add_argument("input", help=".bin pair file, or an image folder (identity/image, flat, or with --list)")
+    p.add_argument("--list", metavar="LIST.csv", help="the folder's images: lines 'path' or 'path,label'")
+    p.add_argument("--upsample", type=int, metavar="N", help="times the detector doubles the image before its scan "
+                   "(0-4; default 1 up to 640 px, else 0; each doubling finds 2x smaller faces at ~4x the time)")
     p.add_argument("-o", "--out", help="default: <set>_kps.npy beside the .bin (the sidecar lafs eval reads)")
     p.add_argument("--color", choices=("rgb", "bgr"), default="rgb", help="channel order the .bin stores")
     p.add_argument("--threshold", type=float, default=0.0, help="added to the detector threshold; < 0 finds more")
     p.add_argument("--on-miss", choices=("error", "template"), default="error",
-                   help="no face found: stop naming the image, or use the ArcFace template (an aligned crop)")
+                   help="no face found: stop naming the image, or use the ArcFace template (an aligned crop) and "
+                   "list the image in <out>_template.txt")
     p.set_defaults(func=cmd_data_detect)
 
     p = data.add_parser("bin", help="LFW pairs.txt (or CSV path1,path2,issame) + image folder -> .bin")
     p.add_argument("pairs")
     p.add_argument("images")
     p.add_argument("out")
+    p.add_argument("--keypoints", metavar="KPS.npy", help="also write <out>_kps.npy from these (N, 5, 2) keypoints, "
+                   "one row per image of the images folder in folder order (what lafs data detect IMAGES writes)")
+    p.add_argument("--detect", action="store_true", help="also write <out>_kps.npy with the optional detector")
     p.set_defaults(func=cmd_data_bin)
     p = data.add_parser("subset", help="few-shot index file: fraction of identities x k shots (seeded)")
     p.add_argument("rec")
@@ -202,10 +160,12 @@ def register(sub) -> None:
     p.add_argument("--pairs", type=int, default=600, help="pairs in --holdout-pairs (half genuine)")
     p.add_argument("-o", "--out", required=True, help="output .npy of dataset positions (+ .json report)")
     p.set_defaults(func=cmd_data_subset)
-    p = data.add_parser("align", help="images (identity/image.jpg) + (N,5,2) keypoints -> aligned folder")
+    p = data.add_parser("align", help="images (identity/image.jpg, flat, or --list) + (N,5,2) keypoints -> aligned "
+                        "folder")
     p.add_argument("images")
     p.add_argument("keypoints")
     p.add_argument("out")
+    p.add_argument("--list", metavar="LIST.csv", help="the folder's images: lines 'path' or 'path,label'")
     p.add_argument("--size", type=int, default=112)
     p.set_defaults(func=cmd_data_align)
     p = data.add_parser("synth", help="procedural synthetic identities -> .rec/.idx + keypoints")

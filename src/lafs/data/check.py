@@ -25,7 +25,9 @@ def shots_histogram(labels: np.ndarray) -> dict[int, int]:
 
 def check_rec(path: str | Path, decode: bool = True) -> dict:
     """Every record of a ``.rec``: heads and labels (a bad one is listed, not fatal), images (decoded unless
-    ``decode=False``) and the ``<stem>_kps.npy`` keypoint sidecar when present (one finite row per image)."""
+    ``decode=False``), each record against its crc32 when the file was packed with ``--checksum`` (a mismatch, or a
+    record without a checksum, is listed) and the ``<stem>_kps.npy`` keypoint sidecar when present (one finite row per
+    image)."""
     path = Path(path)
     if path.suffix == ".idx":
         path = path.with_suffix(".rec")
@@ -33,6 +35,7 @@ def check_rec(path: str | Path, decode: bool = True) -> dict:
     bad: list[str] = []
     try:
         keys, labels = face_record_index(reader, bad)
+        bad_keys = set(image_keys(reader)) - set(keys)  # listed already, by their heads
     except RecordIOError as err:  # the file as a whole (its header record, a stray label): nothing to index
         return {"file": str(path), "records": len(reader), "images": 0, "identities": 0, "shots_histogram": {},
                 "bad_records": [str(err)]}
@@ -43,12 +46,24 @@ def check_rec(path: str | Path, decode: bool = True) -> dict:
                 bad.append(f"record {key} at byte {reader.idx[key]}: cannot decode image ({len(data)} bytes)")
         except RecordIOError as err:
             bad.append(str(err))
+    if reader.checksums is not None:
+        images = set(keys)
+        for key in reader.keys:
+            if key not in reader.checksums:
+                bad.append(f"{reader.checksum_path}: record {key} has no checksum")
+            elif key not in images and key not in bad_keys:  # the header and identity records too
+                try:
+                    reader.read(key)
+                except RecordIOError as err:
+                    bad.append(str(err))
     report = {
         "file": str(path),
         "records": len(reader),
         "images": len(keys),
         "identities": int(len(np.unique(labels))),
         "shots_histogram": shots_histogram(labels),
+        "checksums": (f"{reader.checksum_path} (crc32 of every record, verified)" if reader.checksum_path
+                      else "none (packed without --checksum: only the structure and decoding are checked)"),
     }
     sidecar = path.with_name(path.stem + "_kps.npy")
     if sidecar.is_file():

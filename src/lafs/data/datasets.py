@@ -8,9 +8,12 @@ Colour order is explicit: ``color="rgb"`` means the stored JPEG holds true colou
 arrays by OpenCV, the usual way, e.g. ``../shared/data``); ``color="bgr"`` means its channels were stored
 swapped (images encoded from RGB arrays by OpenCV), and they are swapped back. The output is always RGB.
 
-A bad record (unreadable or undecodable) raises an error naming the file, record and byte offset; with
-``max_bad_records = n > 0`` up to n of them are skipped (the next position is served instead) and
-counted in ``bad_records``, per process; the (n+1)-th stops with the full report.
+A bad record (unreadable, undecodable, or failing its checksum) raises an error naming the file, record and byte
+offset; with ``max_bad_records = n > 0`` up to n distinct ones are skipped (the next position is served instead,
+and the item carries the skipped records' messages under ``bad_records``, so a training run counts them across
+DataLoader workers) and listed in ``bad_records``, per process; the (n+1)-th stops with
+:class:`BadRecordsError`. With ``report_only`` set (the training loop, which enforces ``data.max_bad_records`` over
+the whole run) a dataset skips and reports without a limit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ COLORS = ("rgb", "bgr")
 # folders (ImageFolderDataset); lafs.train.run builds the training set from the one named
 SOURCES = ("synthetic", "records", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class BadRecordsError(RecordIOError, RuntimeError):
+    """More bad records than ``max_bad_records``; one line naming the file and the latest record."""
 
 
 def decode_image(data: bytes, color: str = "rgb", source: str = "image") -> np.ndarray:
@@ -116,6 +123,8 @@ class FaceDataset(Dataset, ABC):
     def __init__(self, keypoints: str | Path | None, max_bad_records: int, name: str) -> None:
         self.max_bad_records = max_bad_records
         self.bad_records: list[str] = []
+        self.report_only = False  # skip and report without a limit (the training loop counts and limits)
+        self._bad_positions: set[int] = set()
         self.name = name
         self.keypoints = load_keypoints(keypoints, len(self.labels)) if keypoints is not None else None
 
@@ -150,19 +159,25 @@ class FaceDataset(Dataset, ABC):
 
     def __getitem__(self, index: int) -> dict:
         pos = index
+        skipped: list[str] = []
         for _ in range(len(self)):
+            if pos in self._bad_positions:  # known bad (counted when first met): served by the next position again
+                pos = (pos + 1) % len(self)
+                continue
             try:
                 img = self._load_chw(pos)
                 break
             except (RecordIOError, ValueError, OSError) as err:
+                self._bad_positions.add(pos)
                 self.bad_records.append(str(err))
-                if len(self.bad_records) > self.max_bad_records:
-                    report = "\n  ".join(self.bad_records[-10:])
-                    raise RuntimeError(
-                        f"{self.name}: {len(self.bad_records)} bad record(s), more than max_bad_records="
-                        f"{self.max_bad_records}; last ones:\n  {report}"
-                    ) from err
+                skipped.append(str(err))
+                if len(self.bad_records) > self.max_bad_records and not self.report_only:
+                    raise BadRecordsError(too_many_bad_records(self.name, self.bad_records,
+                                                               self.max_bad_records)) from err
                 pos = (pos + 1) % len(self)
+        else:
+            raise BadRecordsError(f"{self.name}: no record reads ({len(self.bad_records)} bad); last: "
+                                  f"{self.bad_records[-1] if self.bad_records else '-'}")
         item = {
             "image": torch.from_numpy(img),
             "label": int(self.labels[pos]),
@@ -170,7 +185,27 @@ class FaceDataset(Dataset, ABC):
         }
         if self.keypoints is not None:
             item["keypoints"] = torch.from_numpy(self.keypoints[pos])
+        if skipped:
+            item["bad_records"] = skipped
         return item
+
+
+def too_many_bad_records(name: str, bad: list[str], limit: int) -> str:
+    """The one-line stop message: how many, the limit, the latest bad record (it names file, record and offset)."""
+    return (f"{name}: {len(bad)} bad record(s), more than max_bad_records={limit} (data.max_bad_records); latest: "
+            f"{bad[-1]} "
+            "(`lafs data check` lists them all)")
+
+
+def face_datasets(dataset) -> list[FaceDataset]:
+    """The :class:`FaceDataset` parts of a training set (through ``Subset`` and :class:`ConcatFaceDataset`)."""
+    if isinstance(dataset, FaceDataset):
+        return [dataset]
+    if hasattr(dataset, "datasets"):
+        return [d for part in dataset.datasets for d in face_datasets(part)]
+    if hasattr(dataset, "dataset"):  # torch.utils.data.Subset
+        return face_datasets(dataset.dataset)
+    return []
 
 
 class RecordDataset(FaceDataset):
@@ -192,9 +227,7 @@ class RecordDataset(FaceDataset):
         index_bad: list[str] = []
         self.keys, self.labels = face_record_index(self.reader, index_bad if max_bad_records > 0 else None)
         if len(index_bad) > max_bad_records:
-            report = "\n  ".join(index_bad[:10])
-            raise RecordIOError(f"{rec_path}: {len(index_bad)} bad record(s), more than max_bad_records="
-                                f"{max_bad_records}; first ones:\n  {report}")
+            raise BadRecordsError(too_many_bad_records(str(rec_path), index_bad, max_bad_records))
         if keypoints is True:
             sidecar = Path(rec_path).with_name(Path(rec_path).stem + "_kps.npy")
             keypoints = sidecar if sidecar.is_file() else None

@@ -139,7 +139,8 @@ def fewshot_index(
             raise ValueError(
                 f"identity {ids[first].item()} has {counts[first]} images, fewer than shots={shots}"
                 f" ({int(short.sum())} of the {n_sel} selected identities are short of {shots});"
-                " pass allow_fewer=True (lafs data subset --allow-fewer) to take all images of such identities"
+                " pass --allow-fewer (lafs data subset; allow_fewer=True from Python) to take all images of such"
+                " identities"
             )
         n_short = int(short.sum())
     else:

@@ -125,24 +125,25 @@ def parse_lfw_pairs(pairs_txt: str | Path) -> list[tuple[str, int, str, int, boo
     return pairs
 
 
-def bin_from_lfw_pairs(pairs_txt: str | Path, image_root: str | Path, out: str | Path, ext: str = "jpg") -> Path:
-    """Build a ``.bin`` from LFW ``pairs.txt`` and ``root/name/name_0001.jpg`` images (bytes kept as stored)."""
+def lfw_pair_images(pairs_txt: str | Path, image_root: str | Path, ext: str = "jpg") -> tuple[list[Path], list[bool]]:
+    """The image files (two per pair, in order) and issame of an LFW ``pairs.txt`` over ``root/name/name_0001.jpg``."""
     root = Path(image_root)
-    images, issame = [], []
+    paths, issame = [], []
     for name1, n1, name2, n2, same in parse_lfw_pairs(pairs_txt):
         for name, n in ((name1, n1), (name2, n2)):
             p = root / name / f"{name}_{n:04d}.{ext}"
             if not p.is_file():
                 raise FileNotFoundError(f"{pairs_txt}: image {p} not found")
-            images.append(p.read_bytes())
+            paths.append(p)
         issame.append(same)
-    return write_bin(out, images, issame)
+    return paths, issame
 
 
-def bin_from_csv(csv_path: str | Path, image_root: str | Path, out: str | Path) -> Path:
-    """Build a ``.bin`` from a CSV with columns ``path1,path2,issame`` (paths relative to ``image_root``)."""
+def csv_pair_images(csv_path: str | Path, image_root: str | Path) -> tuple[list[Path], list[bool]]:
+    """The image files (two per pair, in order) and issame of a CSV with columns ``path1,path2,issame`` (paths
+    relative to ``image_root``)."""
     root = Path(image_root)
-    images, issame = [], []
+    paths, issame = [], []
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
         missing = {"path1", "path2", "issame"} - set(reader.fieldnames or [])
@@ -153,12 +154,40 @@ def bin_from_csv(csv_path: str | Path, image_root: str | Path, out: str | Path) 
                 p = root / row[key]
                 if not p.is_file():
                     raise FileNotFoundError(f"{csv_path}:{row_no}: image {p} not found")
-                images.append(p.read_bytes())
+                paths.append(p)
             value = row["issame"].strip().lower()
             if value not in ("1", "0", "true", "false"):
                 raise ValueError(f"{csv_path}:{row_no}: issame must be 0/1/true/false, got {row['issame']!r}")
             issame.append(value in ("1", "true"))
-    return write_bin(out, images, issame)
+    return paths, issame
+
+
+def bin_from_lfw_pairs(pairs_txt: str | Path, image_root: str | Path, out: str | Path, ext: str = "jpg") -> Path:
+    """Build a ``.bin`` from LFW ``pairs.txt`` and ``root/name/name_0001.jpg`` images (bytes kept as stored)."""
+    paths, issame = lfw_pair_images(pairs_txt, image_root, ext)
+    return write_bin(out, [p.read_bytes() for p in paths], issame)
+
+
+def bin_from_csv(csv_path: str | Path, image_root: str | Path, out: str | Path) -> Path:
+    """Build a ``.bin`` from a CSV with columns ``path1,path2,issame`` (paths relative to ``image_root``)."""
+    paths, issame = csv_pair_images(csv_path, image_root)
+    return write_bin(out, [p.read_bytes() for p in paths], issame)
+
+
+def build_bin(pairs: str | Path, image_root: str | Path, out: str | Path, *, keypoints: str | Path | None = None,
+              detect: bool = False, upsample: int | None = None) -> tuple[Path, Path | None]:
+    """``lafs data bin``: a ``.bin`` from LFW ``pairs.txt`` (or a ``.csv`` of ``path1,path2,issame``), and with
+    ``keypoints`` (rows in the folder order of ``image_root``) or ``detect`` its ``<stem>_kps.npy`` sidecar.
+    Returns (the .bin, the sidecar or None)."""
+    find = csv_pair_images if str(pairs).endswith(".csv") else lfw_pair_images
+    paths, issame = find(pairs, image_root)
+    sidecar = None
+    if keypoints is not None or detect:
+        from .tools import bin_keypoints
+
+        # the points first: a missing row or an undetected face stops before anything is written
+        sidecar = bin_keypoints(out, paths, image_root, keypoints=keypoints, detect=detect, upsample=upsample)
+    return write_bin(out, [p.read_bytes() for p in paths], issame), sidecar
 
 
 def pairs_from_labels(labels, identities, num_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,17 @@ insightface layout (``MXFaceDataset``): record 0 is a header whose labels are
 ``[first identity record, end]``; records 1..N are images with ``IRHeader(0, identity, key, 0)``
 grouped by identity; records N+1..N+K hold each identity's ``[start, end)`` image-record range.
 
+Per-record checksums (optional: ``RecordWriter(checksum=True)``, ``lafs data pack --checksum``) live in a sidecar
+``<stem>_crc32.txt`` beside the ``.rec`` (text, ``key<TAB>crc32`` of the whole payload, IRHeader included, as 8 hex
+digits), not in a third ``.idx`` column: MXNet's Python ``MXIndexedRecordIO`` would ignore one (it splits each line
+at tabs and takes fields 0 and 1), but dmlc-core's ``IndexedRecordIOSplitter`` (``ImageRecordIter`` with
+``path_imgidx``) and DALI's MXNet reader read the ``.idx`` as a stream of whitespace-separated number pairs
+(``index_file >> index >> offset``), so a third number would be read as the next key and shift every offset. With the
+sidecar, the ``.rec`` and ``.idx`` stay byte-for-byte what MXNet writes. When the sidecar is present,
+:meth:`RecordReader.read` verifies every record it reads: a mismatch is a :class:`RecordIOError` naming the file, the
+record and its byte offset (a bad record to ``lafs data check`` and ``data.max_bad_records``). Files without one read
+as before.
+
 File handles are opened lazily and re-opened after a fork, so a reader can be shared with DataLoader
 workers. Every error names the file, the record key and the byte offset.
 """
@@ -23,6 +34,7 @@ import math
 import os
 import struct
 import tempfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +102,31 @@ def encode_record(payload: bytes) -> bytes:
     return bytes(out)
 
 
+CHECKSUM_SUFFIX = "_crc32.txt"
+
+
+def checksum_path(rec_path: str | Path) -> Path:
+    """The checksum sidecar of a ``.rec``: ``<stem>_crc32.txt`` beside it (as ``<stem>_kps.npy`` for keypoints)."""
+    rec_path = Path(rec_path)
+    return rec_path.with_name(rec_path.stem + CHECKSUM_SUFFIX)
+
+
+def read_checksums(path: str | Path) -> dict[int, int]:
+    """``key -> crc32`` from a checksum sidecar; a malformed line is a :class:`RecordIOError` naming file and line."""
+    sums: dict[int, int] = {}
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            fields = line.split("\t")
+            try:
+                key, crc = int(fields[0]), int(fields[1], 16)
+            except (ValueError, IndexError):
+                raise RecordIOError(f"{path}:{lineno}: expected 'key<TAB>crc32', got {line.rstrip()!r}") from None
+            sums[key] = crc
+    return sums
+
+
 def read_idx(idx_path: str | Path) -> dict[int, int]:
     """``key -> byte offset`` from a text ``.idx``; malformed lines are errors naming file and line."""
     idx: dict[int, int] = {}
@@ -109,7 +146,8 @@ def read_idx(idx_path: str | Path) -> dict[int, int]:
 class RecordReader:
     """Random access to a ``.rec`` through its ``.idx`` (``MXIndexedRecordIO`` in read mode)."""
 
-    def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None) -> None:
+    def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None, verify: bool = True) -> None:
+        """``verify``: check each record read against the checksum sidecar when there is one."""
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
         if not self.rec_path.is_file():
@@ -125,6 +163,9 @@ class RecordReader:
                     f"{self.idx_path}: record {key} points to byte {offset}, past the end of "
                     f"{self.rec_path} ({self.size} bytes)"
                 )
+        sums = checksum_path(self.rec_path)
+        self.checksum_path = sums if sums.is_file() else None
+        self.checksums = read_checksums(sums) if verify and self.checksum_path is not None else None
         self._fh = None
         self._pid = None
 
@@ -183,8 +224,17 @@ class RecordReader:
             out += chunk[:length]
             pos += 8 + padded
             if cflag in (0, 3):
-                return bytes(out)
+                return self._verified(key, bytes(out))
             out += _MAGIC_BYTES
+
+    def _verified(self, key: int, payload: bytes) -> bytes:
+        if self.checksums is not None and key in self.checksums:
+            crc = zlib.crc32(payload)
+            if crc != self.checksums[key]:
+                raise RecordIOError(
+                    f"{self.rec_path}: record {key} at byte {self.idx[key]}: checksum mismatch (crc32 {crc:08x}, "
+                    f"{self.checksum_path.name} holds {self.checksums[key]:08x}): the record changed after packing")
+        return payload
 
     def read_label(self, key: int) -> int:
         """Identity label of record ``key``, reading only its 32 leading bytes when the label is a scalar;
@@ -209,10 +259,12 @@ def _exclusive_temp(target: Path):
 class RecordWriter:
     """Writes ``.rec`` + ``.idx`` under temporary names and renames both into place on success.
 
-    Use as a context manager; on an exception nothing is left at the target paths (nor half-written).
+    Use as a context manager; on an exception nothing is left at the target paths (nor half-written). With
+    ``checksum=True`` the crc32 of every payload goes to the sidecar ``<stem>_crc32.txt`` (module docstring); without,
+    a sidecar left at that name by an earlier pack is removed (it would not match the new records).
     """
 
-    def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None) -> None:
+    def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None, checksum: bool = False) -> None:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
         self.rec_path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +272,7 @@ class RecordWriter:
         self._tmp_rec, self._rec = _exclusive_temp(self.rec_path)
         self._tmp_idx, self._idx = _exclusive_temp(self.idx_path)
         self._idx_lines: list[str] = []
+        self._crc_lines: list[str] | None = [] if checksum else None
         self._keys: set[int] = set()
 
     def write(self, key: int, payload: bytes) -> None:
@@ -227,16 +280,28 @@ class RecordWriter:
             raise ValueError(f"duplicate record key {key} while writing {self.rec_path}")
         self._keys.add(key)
         self._idx_lines.append(f"{key}\t{self._rec.tell()}\n")
+        if self._crc_lines is not None:
+            self._crc_lines.append(f"{key}\t{zlib.crc32(payload):08x}\n")
         self._rec.write(encode_record(payload))
 
     def close(self) -> None:
         self._rec.close()
         with self._idx:
             self._idx.write("".join(self._idx_lines).encode())
-        for tmp in (self._tmp_rec, self._tmp_idx):  # mkstemp gives 0600; the final files get open()'s mode
+        sums = checksum_path(self.rec_path)
+        moves = [(self._tmp_rec, self.rec_path), (self._tmp_idx, self.idx_path)]
+        if self._crc_lines is not None:
+            tmp_sums, fh = _exclusive_temp(sums)
+            with fh:
+                fh.write((f"# crc32 of each record payload of {self.rec_path.name} (lafs): key<TAB>crc32\n"
+                          + "".join(self._crc_lines)).encode())
+            moves.append((tmp_sums, sums))
+        for tmp, _ in moves:  # mkstemp gives 0600; the final files get open()'s mode
             os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(self._tmp_rec, self.rec_path)
-        os.replace(self._tmp_idx, self.idx_path)
+        if self._crc_lines is None:
+            sums.unlink(missing_ok=True)  # an earlier pack's checksums would not match these records
+        for tmp, target in moves:
+            os.replace(tmp, target)
 
     def abort(self) -> None:
         self._rec.close()
@@ -256,9 +321,11 @@ class RecordWriter:
 
 
 def write_face_records(
-    rec_path: str | Path, samples: Iterable[tuple[int, bytes]], idx_path: str | Path | None = None
+    rec_path: str | Path, samples: Iterable[tuple[int, bytes]], idx_path: str | Path | None = None,
+    checksum: bool = False,
 ) -> tuple[int, int]:
-    """Write (identity label, encoded image) pairs in insightface layout; returns (images, identities).
+    """Write (identity label, encoded image) pairs in insightface layout; returns (images, identities). ``checksum``:
+    also the per-record crc32 sidecar (:class:`RecordWriter`).
 
     Labels must be 0..K-1 and the samples grouped by identity in ascending order, as insightface expects.
     """
@@ -271,7 +338,7 @@ def write_face_records(
         raise ValueError(f"identity labels must be 0..K-1 without gaps, got {sorted(set(labels))[:10]}...")
     n = len(images)
     ranges = np.zeros((num_ids, 2), dtype=np.int64)
-    with RecordWriter(rec_path, idx_path) as writer:
+    with RecordWriter(rec_path, idx_path, checksum=checksum) as writer:
         writer.write(0, pack(IRHeader(2, np.array([n + 1, n + num_ids + 1], np.float32), 0, 0), b""))
         for key, (label, data) in enumerate(images, start=1):
             if ranges[label, 0] == 0:

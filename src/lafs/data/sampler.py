@@ -52,3 +52,18 @@ class EpochBatchSampler(Sampler[list[int]]):
         for b in range(self.start_batch, self.batches_per_epoch):
             lo = b * gb + self.rank * self.batch_size
             yield order[lo : lo + self.batch_size].tolist()
+
+
+def collate(items: list[dict]) -> dict:
+    """A batch of dataset items: images and labels stacked, keypoints when every item has them, and the messages
+    of the bad records skipped to serve them (the training loop counts those)."""
+    batch = {
+        "image": torch.stack([it["image"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+    }
+    if all("keypoints" in it for it in items):  # KP-RPE: the keypoints ride with their images
+        batch["keypoints"] = torch.stack([it["keypoints"] for it in items])
+    bad = [m for it in items for m in it.get("bad_records", ())]
+    if bad:  # records the dataset skipped to serve these items (counted by the loop, across workers)
+        batch["bad_records"] = bad
+    return batch

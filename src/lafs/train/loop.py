@@ -12,10 +12,13 @@ know which method runs. Per optimizer step the loop:
 3. skips the step if any rank's loss is not finite (all ranks agree, so none waits on a collective);
 4. clips the gradients if asked (one global norm, or each tensor's own norm, as DINO's ``utils.clip_gradients``),
    calls the task's ``after_backward(epoch)`` hook, steps, and undoes the step if it made a weight non-finite
-   (``guard.py``: weights, buffers and optimizer state restored; so no checkpoint ever holds a non-finite weight);
-   after ``max_nonfinite`` consecutive skipped steps, or more than ``max_skipped_fraction`` of the steps so far (and
-   more than ``max_nonfinite``), it stops with :class:`NonFiniteLossError`, naming the last checkpoint;
-5. calls ``after_step(step, total_steps)`` (the EMA teacher of
+   (``guard.py``: weights, buffers and optimizer state restored; so no checkpoint ever holds a non-finite weight;
+   ``train.step_guard=false`` turns this off, leaving only the loss check); after ``max_nonfinite`` consecutive
+   skipped steps, or more than ``max_skipped_fraction`` of the steps so far (and more than
+   ``max_nonfinite``), it stops with :class:`NonFiniteLossError`, naming the last checkpoint;
+5. counts the bad records the data skipped (``bad_records.py``: ``data.max_bad_records`` over the run; in the
+   logs, the checkpoint, ``summary.json`` and the model card);
+6. calls ``after_step(step, total_steps)`` (the EMA teacher of
    DINO/LAFS), logs (JSONL, TensorBoard, tqdm with images/s and ETA), verifies on ``.bin`` pairs and
    checkpoints when due. The weight decay follows a cosine schedule when ``optim.weight_decay_end`` is set.
 
@@ -53,11 +56,12 @@ from ..checkpoint import (DAMAGED, FORMAT, check_resume, checkpoints_in, data_po
                           read_training_checkpoint, resume_position, rng_state, set_rng_state, shape_mismatches,
                           write_checkpoint)
 from ..config import save_config, to_yaml
-from ..data.sampler import EpochBatchSampler
+from ..data.sampler import EpochBatchSampler, collate
 from ..eval.embedding import evaluate_pairs
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
 from ..io import atomic_write_bytes
 from ..models.precision import AMP_DTYPES
+from .bad_records import BadRecordLedger
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
 from .guard import StepGuard, too_many_skipped
 from .logging import RunLogger
@@ -74,21 +78,12 @@ class NonFiniteLossError(RuntimeError):
     """Too many skipped steps (non-finite losses or updates), in a row or in all; the message lists the steps."""
 
 
-def collate(items: list[dict]) -> dict:
-    batch = {
-        "image": torch.stack([it["image"] for it in items]),
-        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
-    }
-    if all("keypoints" in it for it in items):  # KP-RPE: the keypoints ride with their images
-        batch["keypoints"] = torch.stack([it["keypoints"] for it in items])
-    return batch
-
-
 @dataclass
 class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)
     nonfinite_steps: list[int] = field(default_factory=list)
+    bad_records: list[str] = field(default_factory=list)  # training records skipped (data.max_bad_records)
     val: dict = field(default_factory=dict)
     best: float | None = None
     resumed_from: str | None = None
@@ -138,7 +133,8 @@ class Trainer:
             o.fused,
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.guard = StepGuard(task, self.optimizer)
+        # train.step_guard=false: no snapshot and no check of the weights (benchmarks/bench_step_guard.py: its cost)
+        self.guard = StepGuard(task, self.optimizer) if t.step_guard else None
         for g in self.optimizer.param_groups:
             g["base_weight_decay"] = g["weight_decay"]
         global_batch = t.batch_size * env.world_size * t.accumulation
@@ -166,6 +162,7 @@ class Trainer:
         self.step = 0
         self.micro_batches = 0
         self.nonfinite_steps: list[int] = []
+        self.bad = BadRecordLedger(train_set, cfg.data.max_bad_records, env.device)  # skipped records, each once
         self.last_checkpoint: Path | None = None  # written or resumed from: the one a stop message names
         self.best: float | None = None
         self.val_last: dict = {}  # the latest validation, saved with the checkpoint (lafs verify's threshold)
@@ -218,12 +215,14 @@ class Trainer:
             "model": model, "partial_fc": pfc, "optimizer": self._optimizer_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": all_gather_objects(rng_state()), "world_size": self.env.world_size,
-            "nonfinite_steps": self.nonfinite_steps, "best": self.best, "config": to_yaml(self.cfg),
+            "nonfinite_steps": self.nonfinite_steps, "bad_records": self.bad.records, "best": self.best,
+            "config": to_yaml(self.cfg),
             "val": self.val_last, "total_steps": self.total_steps, "budget": self.budget,
             "monitors": self.monitors, "floors": self.floors, "threads": torch.get_num_threads(),
             "data_position": data_position(self.micro_batches, self.batches_per_epoch,
                                            self.cfg.train.batch_size * self.env.world_size),
         }
+        bad = self.bad.gathered()
         path = None
         extras = getattr(self.task, "checkpoint_extras", None)
         if extras is not None:
@@ -243,7 +242,9 @@ class Trainer:
                               params=sum(p.numel() for p in (backbone or self.task).parameters()),
                               embedding_size=getattr(backbone, "embedding_size", None), val=self.val_last,
                               best=self.best, checkpoint=path.name, has_best=(self.ckpt_dir / "best.pt").exists(),
-                              monitors=self.monitors, floors=self.floors)
+                              monitors=self.monitors, floors=self.floors,
+                              skipped={"steps": self.nonfinite_steps, "records": bad,
+                                       "max_bad_records": self.cfg.data.max_bad_records})
             atomic_write_bytes(self.ckpt_dir / "MODEL_CARD.md", card.encode())
             for old in checkpoints_in(self.ckpt_dir)[: -self.cfg.train.keep_last]:
                 old.unlink()
@@ -287,6 +288,7 @@ class Trainer:
             print(note)
         self.last_checkpoint = path
         self.nonfinite_steps, self.best = list(state["nonfinite_steps"]), state["best"]
+        self.bad.restore(state.get("bad_records", []))
         self.val_last = state.get("val", {})
         self.monitors = state.get("monitors", {})
         self.floors = state.get("floors", {})
@@ -428,7 +430,8 @@ class Trainer:
         """Undo this step (weights, buffers, optimizer state as before it), count and log it as skipped; stop with
         :class:`NonFiniteLossError` when too many were, in a row or in all. Returns the count in a row."""
         t = self.cfg.train
-        self.guard.restore()
+        if self.guard is not None:
+            self.guard.restore()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1  # steps are numbered from 1; a skipped one still counts (schedules move on)
         self.nonfinite_steps.append(self.step)
@@ -474,6 +477,7 @@ class Trainer:
         ckpt_every = t.ckpt_every or self.steps_per_epoch
         stream = self._stream()
         consecutive = 0
+        self.bad.check()
         self.task.train()
         try:
             while self.step < self.total_steps:
@@ -487,11 +491,13 @@ class Trainer:
                 if hasattr(self.task, "set_step"):
                     self.task.set_step(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.guard.snapshot()  # before the forward: BatchNorm statistics move there
-                losses, extras, images, finite = [], {}, 0, True
+                if self.guard is not None:
+                    self.guard.snapshot()  # before the forward: BatchNorm statistics move there
+                losses, extras, images, finite, new_bad = [], {}, 0, True, False
                 for micro in range(t.accumulation):
                     _, batch = next(stream)
                     self.micro_batches += 1
+                    new_bad |= self.bad.note(batch.get("bad_records"), logger)
                     x = batch["image"].to(env.device, non_blocking=True)
                     y = batch["label"].to(env.device, non_blocking=True)
                     kp = batch.get("keypoints") if self.uses_keypoints else None
@@ -511,6 +517,7 @@ class Trainer:
                     for k, v in out.items():
                         if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
                             extras.setdefault(k, []).append(v.detach().float())
+                self.bad.check()
                 if not finite:
                     consecutive = self._skip("loss", consecutive, logger, {"loss": float("nan"), "lr": lr})
                     continue
@@ -528,7 +535,7 @@ class Trainer:
                     self.scaler.update()
                 else:
                     self.optimizer.step()
-                if any_rank(self.guard.nonfinite(), env.device):  # one fused check of every weight
+                if self.guard is not None and any_rank(self.guard.nonfinite(), env.device):  # one fused check
                     loss_value = float(all_reduce_mean(torch.stack(losses).mean()))
                     consecutive = self._skip("update", consecutive, logger, {"loss": loss_value, "lr": lr})
                     continue
@@ -551,7 +558,10 @@ class Trainer:
                 result.losses.append(loss_value)
                 record["epoch"] = self.micro_batches / self.batches_per_epoch
                 record["images_per_s"] = logger.progress(self.step, images, loss_value, lr)
-                if self.step % t.log_every == 0 or self.step == self.total_steps or self.step == 1 or first_steps:
+                if self.bad.records:
+                    record["bad_records"] = len(self.bad.records)  # this rank's count so far
+                if (self.step % t.log_every == 0 or self.step == self.total_steps or self.step == 1 or first_steps
+                        or new_bad):
                     logger.log(self.step, record)
                 improved = False
                 last = self.step == self.total_steps
@@ -579,5 +589,6 @@ class Trainer:
             logger.close()
         result.step = self.step
         result.nonfinite_steps = list(self.nonfinite_steps)
+        result.bad_records = self.bad.gathered()
         result.best = self.best
         return result

@@ -33,9 +33,20 @@ def _input(cfg) -> str:
             "pixels x / 127.5 - 1. `lafs eval` brings each verification set to it (one similarity per set).")
 
 
+def _skipped(skipped: dict) -> str:
+    """What the run left out: bad training records (``data.max_bad_records``) and steps the step guard undid."""
+    steps, records = skipped.get("steps") or [], skipped.get("records") or []
+    text = (f"{len(records)} bad training record(s) (data.max_bad_records={skipped.get('max_bad_records')})"
+            + (": " + "; ".join(f"`{r}`" for r in records[:3]) + (f" (+{len(records) - 3} more, in summary.json)"
+                                                                   if len(records) > 3 else "") if records else ""))
+    text += (f"; {len(steps)} step(s) skipped and undone for a non-finite loss or update"
+             + (f" (steps {steps[:10]}{' ...' if len(steps) > 10 else ''})" if steps else "") + ".")
+    return text
+
+
 def model_card(cfg, *, step: int, total_steps: int, params: int, embedding_size: int | None, val: dict,
                best: float | None, checkpoint: str, has_best: bool, monitors: dict | None = None,
-               floors: dict | None = None) -> str:
+               floors: dict | None = None, skipped: dict | None = None) -> str:
     m, d = cfg.model, cfg.data
     data = (f"synthetic faces ({d.num_identities} identities x {d.images_per_identity})" if d.source == "synthetic"
             else ", ".join(str(p) for p in d.train))
@@ -76,6 +87,8 @@ def model_card(cfg, *, step: int, total_steps: int, params: int, embedding_size:
     if drift:
         lines.append(f"- **Drift from initialisation** (step {monitors.get('step')}, ||theta - theta_0|| / "
                      "||theta_0||): " + ", ".join(f"{k} {v:.4f}" for k, v in drift.items()))
+    if skipped is not None:
+        lines.append(f"- **Skipped**: {_skipped(skipped)}")
     lines += [
         f"- **Reproduce**: `{shlex.join(sys.argv)}` with `config.yaml` of the run folder.",
         f"- **Software**: lafs {__version__}, torch {torch.__version__}, Python {platform.python_version()}; "

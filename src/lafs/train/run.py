@@ -194,6 +194,8 @@ def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: 
         if env.is_main:
             summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
                        "val": result.val, "floors": trainer.floors, "best": result.best, "nonfinite_steps": result.nonfinite_steps,
+                       "skipped_steps": len(result.nonfinite_steps), "skipped_records": len(result.bad_records),
+                       "max_bad_records": cfg.data.max_bad_records, "bad_records": result.bad_records,
                        "resumed_from": result.resumed_from}
             atomic_write_bytes(Path(cfg.out_dir) / "summary.json", json.dumps(summary, indent=2).encode())
         return result
