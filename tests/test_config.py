@@ -117,7 +117,7 @@ def test_choices_are_the_registries_names():
     ("optim.schedule", "lafs.train.optim", "LR_SCHEDULES", ()),
     ("optim.clip_mode", "lafs.train.optim", "CLIP_MODES", ()),
     ("data.source", "lafs.data.datasets", "SOURCES", ()),
-    ("train.amp", "lafs.models.precision", "AMP_DTYPES", ("none",)),  # none: fp32
+    ("train.amp", "lafs.models.precision", "AMP_CHOICES", ()),  # none: fp32, auto: bf16 where it pays
     ("data.geometry", "lafs.geometry", "GEOMETRIES", (None,)),  # None: no warp
 ])
 def test_an_unknown_value_names_the_key_and_the_registrys_values(key, module, name, extra):

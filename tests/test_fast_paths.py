@@ -1,6 +1,7 @@
 """The CPU fast paths of training: the cheap dropout mask, bf16 attention, fused AdamW, channels_last, bf16 autocast
 and torch.compile, each checked against the plain fp32 computation."""
 
+import json
 import shutil
 
 import numpy as np
@@ -167,3 +168,66 @@ def test_compiled_bf16_run_follows_fp32_and_resumes_exactly(tmp_path, fp32_curve
     assert resumed.resumed_from.endswith("step_0000025.pt") and resumed.step == 50
     assert resumed.losses == first.losses[25:]  # bit for bit: RNG, data position and compiled kernels
     assert_follows(np.array(first.losses), fp32_curve, COMPILED_MAX_REL, COMPILED_MEAN_REL)
+
+
+@pytest.mark.parametrize("flags,expected", [({"avx512_bf16", "amx_tile", "amx_bf16"}, "bf16"),
+                                            ({"avx512_bf16", "avx512f"}, "none"), (set(), "none")])
+def test_amp_auto_picks_bf16_only_on_a_cpu_with_amx(monkeypatch, flags, expected):
+    from lafs.models import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+    assert precision.resolve_amp("auto", "cpu") == expected
+    # an explicit choice is never overridden by the hardware
+    assert precision.resolve_amp("bf16", "cpu") == "bf16" and precision.resolve_amp("none", "cpu") == "none"
+    with pytest.raises(ValueError, match="amp must be one of none, auto, bf16, fp16, got 'bf32'"):
+        precision.resolve_amp("bf32", "cpu")
+
+
+@pytest.mark.parametrize(
+    "flags, forced, iresnet, landmark",
+    [({"amx_bf16"}, None, True, False), ({"avx512_bf16"}, None, False, False), (set(), "1", True, True),
+     ({"amx_bf16"}, "0", False, False)],
+)
+def test_cnn_bf16_rule_is_per_cnn_as_measured(monkeypatch, flags, forced, iresnet, landmark):
+    from lafs.models import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+    if forced is None:
+        monkeypatch.delenv("LAFS_CNN_AUTOCAST", raising=False)
+    else:
+        monkeypatch.setenv("LAFS_CNN_AUTOCAST", forced)
+    assert precision.convs_follow_autocast("cpu") is iresnet
+    assert precision.convs_follow_autocast("cpu", amx_pays=False) is landmark
+    assert precision.convs_follow_autocast("cuda", amx_pays=False) is (forced != "0")
+
+
+def test_landmark_cnn_runs_fp32_under_cpu_autocast():
+    from lafs.models.landmark_cnn import LandmarkCNN
+
+    seen = []
+    cnn = LandmarkCNN(num_landmarks=4, img_size=32, width_mult=0.5)
+    conv = next(m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cnn(torch.rand(2, 3, 32, 32))
+    assert seen == [torch.float32] and out.shape == (2, 4, 2)
+
+
+def test_amp_auto_run_reports_the_precision_it_used(tmp_path, monkeypatch):
+    from lafs.models import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    cfg = load_config(None, CURVE + [f"out_dir={tmp_path}", "train.amp=auto", "train.steps=2", "train.log_every=1"])
+    train(cfg, progress=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["precision"] == "bf16" and summary["compiled"] is False
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error_before_any_step(tmp_path, monkeypatch):
+    from lafs.train import loop
+
+    monkeypatch.setattr(loop.shutil, "which", lambda name: None)
+    cfg = load_config(None, CURVE + [f"out_dir={tmp_path}", "train.compile=true"])
+    with pytest.raises(ValueError, match="train.compile=true on CPU needs a C\\+\\+ compiler .*train.compile=false"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

@@ -50,7 +50,7 @@ def _registries() -> dict[str, tuple]:
     from .data.datasets import COLORS, SOURCES
     from .heads.margin import HEADS
     from .models import part_fvit, rpe, vit
-    from .models.precision import AMP_DTYPES
+    from .models.precision import AMP_CHOICES
     from .models.registry import BACKBONES
     from .ssl import METHODS, TEACHER_TEMP_PRESETS
     from .ssl.lafs import SHUFFLE_SCOPES
@@ -66,7 +66,7 @@ def _registries() -> dict[str, tuple]:
         "teacher_temp_schedules": tuple(TEACHER_TEMP_PRESETS), "shuffle_scopes": SHUFFLE_SCOPES,
         "optimizers": tuple(OPTIMIZERS), "lr_schedules": LR_SCHEDULES, "clip_modes": CLIP_MODES,
         "data_sources": SOURCES, "geometries": tuple(GEOMETRIES),
-        "amp_precisions": ("none", *AMP_DTYPES),  # none: fp32, no autocast
+        "amp_precisions": AMP_CHOICES,  # none: fp32, no autocast; auto: bf16 where it pays
     }
 
 
@@ -219,7 +219,8 @@ class TrainConfig:
     budget_timed_steps: int = 5  # steps timed (after one untimed step) to turn budget_minutes into steps
     epochs: Optional[float] = None
     accumulation: int = 1
-    amp: str = registered("none", "amp_precisions", "fp16 uses a GradScaler (CUDA only)")
+    amp: str = registered("none", "amp_precisions", "fp16 uses a GradScaler (CUDA only); auto: bf16 on CUDA with bf16 "
+                                                   "and on CPUs with AMX, fp32 elsewhere")
     # torch.compile (inductor) of the task's forward (training) and embedding (validation); the first steps, which
     # compile, are logged apart (first_steps_s) and never timed by train.budget_minutes
     compile: bool = False

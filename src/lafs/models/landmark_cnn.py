@@ -143,7 +143,8 @@ class LandmarkCNN(nn.Module):
             raise ValueError(
                 f"LandmarkCNN expects {self.img_size}x{self.img_size} inputs, got {tuple(x.shape[-2:])}"
             )
-        with cnn_precision(x):  # fp32 convs under CPU autocast unless bf16 convs pay here (models/precision.py)
+        # fp32 convs under CPU autocast, AMX or not: measured slower in bf16 here (models/precision.py)
+        with cnn_precision(x, amx_pays=False):
             feats = F.adaptive_avg_pool2d(self.trunk(x.float()), 1).flatten(1)
         raw = self.output_layer(self.dropout(feats))
         return minmax_rescale(raw, self.img_size).view(-1, self.num_landmarks, 2)

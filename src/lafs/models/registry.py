@@ -5,7 +5,9 @@ Presets (the values of the papers' official code, Part fViT and fViT alike):
 - ``part_fvit``: Part fViT. ``tiny`` = 512/3/11/2560 (15.28 M params, 2.48 GMACs with the landmark CNN,
   paper §4.2), ``base`` = 768/12/11/2048 (66.96 M). ``small`` = 512/6/8/2048 is our choice (the papers
   have none). ``micro`` = 56 x 56 input, 49 landmarks, a half-width landmark CNN and a 96-d, 2-layer
-  encoder: it trains on a laptop CPU in minutes, for tests and the demo.
+  encoder: it trains on a laptop CPU in minutes, for tests and the demo. ``mini`` = 64 x 64 input, 64
+  landmarks, a half-width landmark CNN and a 192-d, 6-layer encoder (ViT-Ti's width, half its depth): the
+  token model of the CPU recipes on CelebA-64.
 - ``fvit``: the grid-patch baseline with the same encoder sizes (fViT-B = 64.08 M).
 - ``iresnet``: IResNet-18/50/100 (insightface layout, 512-d), plus a ``micro`` for CPU tests and a ``mini``
   (IResNet-18 at half width, 64 px, 256-d) for the CPU recipes on real faces.
@@ -70,6 +72,11 @@ _VIT_COMMON = dict(
 )
 VIT_SIZES: dict[str, dict[str, Any]] = {
     "micro": {**_VIT_COMMON, "img_size": 56, "dim": 96, "depth": 2, "heads": 3, "dim_head": 32, "mlp_dim": 384},
+    # the CPU recipes' token model (configs/cpu): 64 px CelebA crops, 8 x 8 patches (64 tokens), ViT-Ti's width
+    # (192) at half its depth; no dropout and trunc-normal tokens, which a small model trained briefly needs
+    "mini": {**_VIT_COMMON, "img_size": 64, "dim": 192, "depth": 6, "heads": 3, "dim_head": 64, "mlp_dim": 768,
+             "dropout": 0.0, "emb_dropout": 0.0, "drop_path": 0.05, "token_init": "trunc_normal",
+             "embedding_size": 256},
     "tiny": {**_VIT_COMMON, "dim": 512, "depth": 3, "heads": 11, "mlp_dim": 2560},
     "small": {**_VIT_COMMON, "dim": 512, "depth": 6, "heads": 8, "mlp_dim": 2048},
     "base": {**_VIT_COMMON, "dim": 768, "depth": 12, "heads": 11, "mlp_dim": 2048},
@@ -79,6 +86,7 @@ PART_FVIT_SIZES = {
     for name, cfg in VIT_SIZES.items()
 }
 PART_FVIT_SIZES["micro"]["landmark_width_mult"] = 0.5
+PART_FVIT_SIZES["mini"]["landmark_width_mult"] = 0.5
 # The KP-RPE paper's face ViT (insightface's, as its official code builds it): patch 8, 196 tokens, dim 512, no
 # CLS token, a flattened-token head to 512, ReLU6 MLP, head-dim scaling, trunc-normal init, DropPath 0.1 (linear).
 _FACE_VIT = dict(img_size=112, patch_size=8, dim=512, dim_head=64, dropout=0.0, emb_dropout=0.0, drop_path=0.1,

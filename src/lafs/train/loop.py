@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,7 @@ from ..data.sampler import EpochBatchSampler, collate
 from ..eval.embedding import evaluate_pairs
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
 from ..io import atomic_write_bytes
-from ..models.precision import AMP_DTYPES
+from ..models.precision import AMP_DTYPES, resolve_amp
 from .bad_records import BadRecordLedger
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, any_rank, barrier, broadcast_object
 from .guard import StepGuard, too_many_skipped
@@ -102,7 +103,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.progress = progress
         t = cfg.train
-        if t.amp == "fp16" and env.device.type != "cuda":
+        self.amp = resolve_amp(t.amp, env.device.type)  # train.amp=auto: bf16 only where it pays
+        if self.amp == "fp16" and env.device.type != "cuda":
             raise ValueError("train.amp=fp16 needs CUDA (a GradScaler); use train.amp=bf16 on CPU")
         if t.accumulation < 1:
             raise ValueError(f"train.accumulation must be >= 1, got {t.accumulation}")
@@ -139,7 +141,7 @@ class Trainer:
             g["base_weight_decay"] = g["weight_decay"]
         global_batch = t.batch_size * env.world_size * t.accumulation
         self.base_lr = o.lr * (global_batch / o.lr_scale_batch if o.lr_scale_batch else 1.0)
-        self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.net: nn.Module = task
         if env.distributed:
             module = task
@@ -157,6 +159,10 @@ class Trainer:
         self.untimed_steps = 2 if t.compile else 1
         self._embed = self.task.embed
         if t.compile:
+            if env.device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+                # inductor would fail at the first step with a long traceback; say it before any work is done
+                raise ValueError("train.compile=true on CPU needs a C++ compiler (torch.compile's inductor backend "
+                                 "builds its kernels with one): install g++ or set train.compile=false")
             self.net = torch.compile(self.net)
             self._embed = torch.compile(self.task.embed)
         self.step = 0
@@ -354,7 +360,7 @@ class Trainer:
         if self.env.is_main and self.val_sets:
             was_training = self.task.training
             self.task.eval()
-            amp = self.cfg.train.amp
+            amp = self.amp
             with torch.autocast(self.env.device.type, AMP_DTYPES.get(amp, torch.float32), enabled=amp != "none"):
                 for name, (images, issame, *kps) in self.val_sets.items():
                     kp = kps[0] if kps and self.uses_keypoints else None
@@ -473,7 +479,7 @@ class Trainer:
             self.floors = self.measure_floors(logger)
         result = TrainResult(step=self.step, resumed_from=resumed_from)
         self.start_step, run_t0 = self.step, time.perf_counter()
-        amp_dtype = AMP_DTYPES.get(t.amp, torch.float32)
+        amp_dtype = AMP_DTYPES.get(self.amp, torch.float32)
         ckpt_every = t.ckpt_every or self.steps_per_epoch
         stream = self._stream()
         consecutive = 0
@@ -505,7 +511,7 @@ class Trainer:
                     images += len(y) * env.world_size
                     sync = self.net.no_sync() if env.distributed and micro < t.accumulation - 1 else contextlib.nullcontext()
                     with sync:
-                        with torch.autocast(env.device.type, amp_dtype, enabled=t.amp != "none"):
+                        with torch.autocast(env.device.type, amp_dtype, enabled=self.amp != "none"):
                             out = self.net(*inputs)
                         loss = out["loss"].float()
                         if any_rank(not bool(torch.isfinite(loss)), env.device):

@@ -189,14 +189,16 @@ def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: 
                  else f"{trainer.total_steps} steps")
         log(f"{what} {cfg.model.name}-{cfg.model.size} on {data}; "
             f"{steps} of {cfg.train.batch_size} x {env.world_size} x {cfg.train.accumulation} images "
-            f"({trainer.steps_per_epoch} steps/epoch) on {env.device}")
+            f"({trainer.steps_per_epoch} steps/epoch) on {env.device}, precision "
+            f"{'fp32' if trainer.amp == 'none' else trainer.amp}{' (train.amp=auto)' if cfg.train.amp == 'auto' else ''}"
+            f"{', compiled' if cfg.train.compile else ''}")
         result = trainer.run(resume, anyway=resume_anyway)
         if env.is_main:
             summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
                        "val": result.val, "floors": trainer.floors, "best": result.best, "nonfinite_steps": result.nonfinite_steps,
                        "skipped_steps": len(result.nonfinite_steps), "skipped_records": len(result.bad_records),
                        "max_bad_records": cfg.data.max_bad_records, "bad_records": result.bad_records,
-                       "resumed_from": result.resumed_from}
+                       "resumed_from": result.resumed_from, "precision": trainer.amp, "compiled": cfg.train.compile}
             atomic_write_bytes(Path(cfg.out_dir) / "summary.json", json.dumps(summary, indent=2).encode())
         return result
     finally:
