@@ -228,6 +228,22 @@ def test_micro_run_lowers_loss_without_collapse(tmp_path, landmark_ckpt, method,
     assert "Drift from initialisation" in card and f"teacher {val['teacher_drift']:.4f}" in card
 
 
+@pytest.mark.parametrize("method,model", [("dino", "fvit"), ("lafs", "part_fvit")])
+def test_bf16_pretraining_makes_its_views_in_fp32(tmp_path, landmark_ckpt, method, model, monkeypatch):
+    """Under ``train.amp=bf16`` the crops and photometric views are made outside autocast: kornia's blur inside it
+    returned bf16 into an fp32 view and stopped the first step (found running the celeba64 LAFS preset in bf16)."""
+    from lafs.augment import multicrop
+
+    dtypes = []
+    blur = multicrop.KF.gaussian_blur2d
+    monkeypatch.setattr(multicrop.KF, "gaussian_blur2d", lambda *a, **k: dtypes.append(blur(*a, **k).dtype) or
+                        blur(*a, **k))
+    cfg = cfg_for(tmp_path, landmark_ckpt, method, f"model.name={model}", "train.steps=2", "train.amp=bf16")
+    train(cfg, progress=False)
+    assert np.isfinite(losses(tmp_path)).all() and len(losses(tmp_path)) == 2
+    assert dtypes and set(dtypes) == {torch.float32}
+
+
 def test_checkpoint_teacher_is_what_finetuning_loads(tmp_path, landmark_ckpt):
     cfg = cfg_for(tmp_path, landmark_ckpt, "lafs", "train.steps=2", "data.val_pairs=40", "data.val_identities=4")
     torch.manual_seed(0)

@@ -220,8 +220,12 @@ class PretrainTask(nn.Module):
     def view_groups(self, x: Tensor) -> list[dict]:
         """Inputs per view shape: ``[globals (2B), locals (num_local B)]``, each images (+ landmarks, positions)."""
         b = len(x)
+        # the views are pixel arithmetic, made in fp32 outside the step's autocast (bf16 crops and blurs would both
+        # lose precision and fail in kornia's in-place index writes)
+        with torch.autocast(x.device.type, enabled=False):
+            views = self.views(x.float())
         if self.method == "lafs":
-            clean, aug = self.views(x)
+            clean, aug = views
             lm = self.landmarks(torch.cat(clean))
             g_lm, g_pos = landmark_view(lm[: 2 * b], student=False, shuffle=self.shuffle,
                                         perturb_alpha=self.perturb_alpha)
@@ -232,7 +236,6 @@ class PretrainTask(nn.Module):
                                             perturb_alpha=self.perturb_alpha)
                 groups.append({"images": torch.cat(aug[2:]), "landmarks": l_lm, "positions": l_pos})
             return groups
-        views = self.views(x)
         groups = [{"images": torch.cat(views[:2])}]
         if len(views) > 2:
             groups.append({"images": torch.cat(views[2:])})
