@@ -259,6 +259,14 @@ def test_presets_micro_use_fractions_paper_presets_epochs():
         assert cfg.ssl.warmup_teacher_temp_fraction is not None
     cfg = load_config(REPO / "src" / "lafs" / "presets" / "configs" / "micro" / "fewshot_celeba_real.yaml")
     assert cfg.optim.warmup_fraction is not None and len(cfg.finetune.beta_fractions) == len(cfg.finetune.beta_schedule)
+    # the CPU presets are short runs: every schedule they have is a fraction of the run
+    cpu = sorted((REPO / "src" / "lafs" / "presets" / "configs" / "cpu").glob("*.yaml"))
+    assert len(cpu) >= 3, cpu
+    for path in cpu:
+        cfg = load_config(path)
+        assert cfg.optim.warmup_fraction is not None, path
+        if cfg.ssl.method != "none":
+            assert cfg.ssl.freeze_last_layer_fraction is not None and cfg.ssl.warmup_teacher_temp_fraction is not None
     for path in sorted((REPO / "src" / "lafs" / "presets" / "configs" / "paper").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
         assert not any(k.endswith(("_fraction", "_fractions")) for section in raw.values() if isinstance(section, dict)
