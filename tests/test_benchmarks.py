@@ -83,6 +83,18 @@ def test_lafs_bench_kprpe_micro_reports_every_arm(tmp_path):
     assert arms["vit_kprpe"]["gflops"] > arms["vit"]["gflops"]
 
 
+def test_lafs_bench_kprpe_times_bf16_autocast_when_asked(tmp_path, capsys):
+    from lafs.cli import main
+
+    out = tmp_path / "kprpe.json"
+    assert main(["bench", "kprpe", "--size", "micro", "--batch", "2", "--rounds", "1", "--warmup", "0", "--amp",
+                 "bf16", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["settings"]["amp"] == "bf16" and "precision bf16 autocast" in capsys.readouterr().out
+    assert [a["name"] for a in r["arms"]] == ["vit", "vit_irpe", "vit_kprpe"]
+    assert all(a["train_img_s"] > 0 for a in r["arms"])
+
+
 def test_bench_data_reports_loader_and_step_input_per_core(tmp_path):
     import numpy as np
 

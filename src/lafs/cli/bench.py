@@ -34,8 +34,14 @@ def _inputs(model, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, dict
 
 
 def bench_kprpe(size: str = "small", batch: int = 8, rounds: int = 5, warmup: int = 1, threads: int = 0,
-                device: str = "cpu", log=print) -> dict:
-    """Measure the three arms; returns ``{"arms": [...], "settings": {...}}`` (times in seconds per step)."""
+                device: str = "cpu", log=print, amp: str = "none") -> dict:
+    """Measure the three arms; returns ``{"arms": [...], "settings": {...}}`` (times in seconds per step).
+
+    ``amp="bf16"`` times every arm's forward (and the train step's forward and backward) under bf16 autocast, the
+    weights and AdamW in fp32, as ``train.amp=bf16``: then the ViT's attention and KP-RPE's bias both take the
+    explicit bf16 path (``models/vit.py``)."""
+    if amp not in ("none", "bf16"):
+        raise ValueError(f"amp must be none or bf16, got {amp!r}")
     if threads > 0:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -54,6 +60,9 @@ def bench_kprpe(size: str = "small", batch: int = 8, rounds: int = 5, warmup: in
                      "attn_gflops": 2 * c.attn_macs / 1e9, "eval_s": [], "train_s": [], "eval_cpu_s": [],
                      "train_cpu_s": []})
 
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -67,12 +76,14 @@ def bench_kprpe(size: str = "small", batch: int = 8, rounds: int = 5, warmup: in
         for (model, opt, x, extra), row in (order if r % 2 == 0 else order[::-1]):
             model.eval()
             w0, c0 = clocks()
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 model(x, **extra)
             w1, c1 = clocks()
             model.train()
             opt.zero_grad(set_to_none=True)
-            model(x, **extra)["embedding"].square().mean().backward()
+            with autocast():
+                loss = model(x, **extra)["embedding"].float().square().mean()
+            loss.backward()
             opt.step()
             w2, c2 = clocks()
             if r >= warmup:
@@ -97,7 +108,7 @@ def bench_kprpe(size: str = "small", batch: int = 8, rounds: int = 5, warmup: in
         row["eval_overhead_pct"] = overhead(row, "eval_s")
         row["train_cpu_overhead_pct"] = overhead(row, "train_cpu_s")
         row["eval_cpu_overhead_pct"] = overhead(row, "eval_cpu_s")
-    settings = {"size": size, "batch": batch, "rounds": rounds, "warmup": warmup, "device": str(dev),
+    settings = {"size": size, "batch": batch, "rounds": rounds, "warmup": warmup, "device": str(dev), "amp": amp,
                 "threads": torch.get_num_threads(), "torch": torch.__version__}
     return {"arms": rows, "settings": settings}
 
@@ -105,6 +116,7 @@ def bench_kprpe(size: str = "small", batch: int = 8, rounds: int = 5, warmup: in
 def format_kprpe(result: dict) -> str:
     s = result["settings"]
     title = (f"KP-RPE cost table, {s['size']} models, batch {s['batch']}, {s['device']} ({s['threads']} threads), "
+             f"precision {'bf16 autocast' if s.get('amp') == 'bf16' else 'fp32'}, "
              f"{s['rounds']} interleaved rounds; vs ViT: median of the rounds' ratios, wall time (CPU time)")
     lines = [title,
              "| model | params | GFLOPs | + attention GFLOPs | eval img/s | train img/s | eval step vs ViT | train step vs ViT |",
