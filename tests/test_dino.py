@@ -277,3 +277,61 @@ def test_two_rank_centre_is_mean_over_global_batch(tmp_path):
         torch.testing.assert_close(results[r]["center"], expected)
         local, _ = _loop_loss(students[r], teachers[r], c0, 0.04, 0.1)  # the loss itself stays per rank
         torch.testing.assert_close(results[r]["loss"], local)
+
+
+# ----------------------------------------------------------------------------- DINOv2 options: Sinkhorn-Knopp, KoLeo
+
+def test_sinkhorn_knopp_rows_are_distributions_and_columns_equipartitioned():
+    from lafs.ssl.dino import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    logits = torch.randn(12, 6) * 0.5
+    q = sinkhorn_knopp(logits, 0.1, iterations=3)
+    assert q.shape == (12, 6) and (q >= 0).all()
+    assert torch.allclose(q.sum(1), torch.ones(12), atol=1e-5)  # the last normalisation is per sample
+    # converged: every prototype gets N / K = 2 of the mass, and the ranking within a row follows the logits
+    q50 = sinkhorn_knopp(logits, 0.1, iterations=50)
+    assert torch.allclose(q50.sum(0), torch.full((6,), 2.0), atol=1e-3)
+    # a logit matrix whose columns already balance (a doubly stochastic softmax) is left as the plain softmax
+    sym = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    assert torch.allclose(sinkhorn_knopp(sym, 1.0, 3), torch.softmax(sym, 1), atol=1e-6)
+    # where the EMA centre would let every row pick prototype 0, equipartition spreads them
+    skew = torch.tensor([[5.0, 0.0], [4.0, 0.0], [5.0, 1.0], [4.0, 1.0]])
+    assert torch.softmax(skew / 0.5, 1)[:, 0].min() > 0.85
+    assert sinkhorn_knopp(skew, 0.5, 20).sum(0).tolist() == pytest.approx([2.0, 2.0], abs=1e-3)
+
+
+def test_dino_loss_sinkhorn_centering_uses_sinkhorn_targets():
+    from lafs.ssl.dino import sinkhorn_knopp
+
+    torch.manual_seed(1)
+    t = [torch.randn(4, 8), torch.randn(4, 8)]
+    s = [torch.randn(4, 8), torch.randn(4, 8)]
+    loss = DINOLoss(8, 2, student_temp=0.1, centering="sinkhorn")(s, t, 0.05)
+    q = sinkhorn_knopp(torch.cat(t), 0.05, 3).split(4)
+    lp = [torch.log_softmax(x / 0.1, -1) for x in s]
+    hand = ((-q[0] * lp[1]).sum(-1).mean() + (-q[1] * lp[0]).sum(-1).mean()) / 2
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="centering must be one of"):
+        DINOLoss(8, centering="mean")
+
+
+def test_koleo_loss_hand_values_and_it_spreads_close_points():
+    from lafs.ssl.dino import koleo_loss
+
+    # four unit vectors 90 degrees apart on a circle: every nearest neighbour is sqrt(2) away
+    square = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]) * 3.0  # the norm does not matter
+    assert koleo_loss(square).item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
+    # two points 0.1 rad apart and one opposite: nearest distances 2 sin(0.05), 2 sin(0.05), and to the nearer one
+    a = torch.tensor([[1.0, 0.0], [math.cos(0.1), math.sin(0.1)], [-1.0, 0.0]])
+    d = 2 * math.sin(0.05)
+    d3 = 2 * math.sin((math.pi - 0.1) / 2)
+    assert koleo_loss(a).item() == pytest.approx(-(2 * math.log(d) + math.log(d3)) / 3, abs=1e-5)
+    # a gradient step pushes the close pair apart
+    x = a.clone().requires_grad_(True)
+    koleo_loss(x).backward()
+    with torch.no_grad():
+        moved = torch.nn.functional.normalize(x - 0.01 * x.grad, dim=-1)
+    assert (moved[0] @ moved[1]).item() < math.cos(0.1)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        koleo_loss(torch.ones(1, 3))

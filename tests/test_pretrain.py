@@ -338,3 +338,28 @@ def test_two_process_lafs_pretraining(tmp_path, landmark_ckpt):
     state = torch.load(checkpoints_in(tmp_path / "checkpoints")[-1], weights_only=False)
     assert state["world_size"] == 2 and state["step"] == 3
     assert not torch.equal(state["teacher"]["encoder.pos_embedding"], state["student"]["encoder.pos_embedding"])
+
+
+def test_blur_scaled_to_the_input_and_koleo_added_to_the_loss(tmp_path, landmark_ckpt):
+    """``ssl.blur_sigma`` is in pixels of a 112 px face and scales with the input, like perturb_alpha; with
+    ``ssl.koleo_weight`` the loss is the DINO loss + weight x KoLeo of the student's global-view embeddings, both logged."""
+    cfg = cfg_for(tmp_path, landmark_ckpt, "dino", "model.name=fvit", "ssl.koleo_weight=0.5", "ssl.centering=sinkhorn")
+    task = build_pretrain_task(cfg, log=lambda *_: None)
+    scale = task.img_size / 112
+    assert task.img_size != 112
+    for view in (task.views.global_1, task.views.global_2, task.views.local):
+        assert view.blur_sigma == pytest.approx((0.1 * scale, 2.0 * scale))
+    assert task.loss_fn.centering == "sinkhorn"
+    torch.manual_seed(0)
+    out = task(torch.randint(0, 256, (6, 3, task.img_size, task.img_size), dtype=torch.uint8))
+    assert out["loss"].item() == pytest.approx(out["dino_loss"].item() + 0.5 * out["koleo"].item(), rel=1e-5)
+    assert out["loss"].requires_grad and math.isfinite(out["koleo"].item())
+    bad = cfg_for(tmp_path, landmark_ckpt, "dino", "model.name=fvit", "ssl.blur_sigma=[1.0]")
+    with pytest.raises(ValueError, match="ssl.blur_sigma"):
+        build_pretrain_task(bad, log=lambda *_: None)
+    bad = cfg_for(tmp_path, landmark_ckpt, "dino", "model.name=fvit", "ssl.color_jitter=[0.4,0.4]")
+    with pytest.raises(ValueError, match="ssl.color_jitter.*4 non-negative"):
+        build_pretrain_task(bad, log=lambda *_: None)
+    mild = build_pretrain_task(cfg_for(tmp_path, landmark_ckpt, "dino", "model.name=fvit",
+                                       "ssl.color_jitter=[0.4,0.4,0.0,0.0]", "ssl.grayscale_prob=0"), log=lambda *_: None)
+    assert mild.views.global_1.jitter == (0.4, 0.4, 0.0, 0.0) and mild.views.local.grayscale_prob == 0

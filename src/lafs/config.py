@@ -321,6 +321,17 @@ class SSLConfig:
     replacement: bool = True  # LAFS subset drawn with replacement (the released code's randint)
     shuffle: str = registered("student", "shuffle_scopes", "landmark shuffle scope; both = paper Eq. 4")
     perturb_alpha: float = 2.0  # Eq. 6, pixels of a 112 x 112 face (paper best 2, code 5)
+    # Gaussian-blur sigma range of the views in pixels of a 112 x 112 face (the LAFS code's (0.1, 2) at 112 px;
+    # DINO's at 224 px), scaled to the model input like perturb_alpha: a 64 px view gets (0.057, 1.14)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # DINO's colour jitter (brightness, contrast, saturation, hue; p = 0.8) and grayscale probability, every view
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    grayscale_prob: float = 0.2
+    # DINOv2 (Oquab et al. 2024, §4) options, off by default (DINO and LAFS have neither): the teacher's targets by
+    # Sinkhorn-Knopp instead of the EMA centre, and the KoLeo spreading term on the student's embedding of each
+    # global view (DINOv2: weight 0.1)
+    centering: str = choice("ema", ("ema", "sinkhorn"), "teacher centring: DINO's EMA centre or DINOv2's Sinkhorn-Knopp")
+    koleo_weight: float = 0.0
 
 
 @dataclass

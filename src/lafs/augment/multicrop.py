@@ -40,6 +40,7 @@ from .ops import color_jitter, sample_boxes, uniform
 
 __all__ = [
     "DINO_GLOBAL_1", "DINO_GLOBAL_2", "DINO_LOCAL", "LAFSViews", "MultiCropViews", "Photometric", "crop_resize",
+    "dino_photometrics",
     "random_resized_crop",
 ]  # fmt: skip
 
@@ -152,6 +153,20 @@ class Photometric(nn.Module):
 DINO_GLOBAL_1 = Photometric(blur_prob=1.0, solarize_prob=0.0)
 DINO_GLOBAL_2 = Photometric(blur_prob=0.1, solarize_prob=0.2)
 DINO_LOCAL = Photometric(blur_prob=0.5, solarize_prob=0.0)
+
+
+def dino_photometrics(blur_sigma: tuple[float, float] = (0.1, 2.0),
+                      jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+                      grayscale_prob: float = 0.2) -> dict[str, Photometric]:
+    """DINO's three presets (``global_1``, ``global_2``, ``local``: keyword arguments of the view classes) with the
+    blur's sigma range ``blur_sigma`` in pixels of the views, the colour-jitter strengths ``jitter`` (brightness,
+    contrast, saturation, hue) and the grayscale probability. DINO's blur (0.1, 2) is in pixels of a 224 px crop and
+    the LAFS code keeps it at 112 px; :class:`~lafs.train.pretrain.PretrainTask` scales it to the model input."""
+    sigma = tuple(float(s) for s in blur_sigma)
+    common = {"blur_sigma": sigma, "jitter": tuple(jitter), "grayscale_prob": grayscale_prob}
+    return {"global_1": Photometric(blur_prob=1.0, solarize_prob=0.0, **common),
+            "global_2": Photometric(blur_prob=0.1, solarize_prob=0.2, **common),
+            "local": Photometric(blur_prob=0.5, solarize_prob=0.0, **common)}
 
 
 class MultiCropViews:

@@ -14,6 +14,9 @@ copies unchanged. What is here:
   layer are per epoch as in DINO, or per step when given as fractions of the run (``lafs.train.schedules``).
 - ``ema_update`` (teacher <- student, parameters only), ``clip_gradients_per_param`` (DINO ``clip_gradients``) and
   ``cancel_last_layer_grads`` (DINO ``cancel_gradients_last_layer``).
+- Options from DINOv2 (Oquab et al., TMLR 2024, §4), off by default: Sinkhorn-Knopp centring of the teacher
+  (``DINOLoss(centering="sinkhorn")``, SwAV's equipartition, Caron et al. 2020, §3.1) in place of the EMA centre,
+  and the KoLeo regulariser (:func:`koleo_loss`, Sablayrolles et al., ICLR 2019, Eq. 6) on the student's embedding.
 - Collapse diagnostics: mean entropy of the teacher's centred, sharpened distribution (~0: one-hot collapse,
   ~log(out_dim): uniform collapse) and the teacher-student KL.
 
@@ -38,8 +41,10 @@ __all__ = [
     "momentum_at", "weight_decay_at",
     "ema_update", "clip_gradients_per_param", "cancel_last_layer_grads", "teacher_entropy", "teacher_entropy_tensor",
     "mean_entropy",
-    "teacher_student_kl",
+    "teacher_student_kl", "sinkhorn_knopp", "koleo_loss", "CENTERINGS",
 ]
+
+CENTERINGS = ("ema", "sinkhorn")  # DINOLoss teacher centring: DINO's EMA centre, or DINOv2's Sinkhorn-Knopp
 
 # (warmup_teacher_temp, teacher_temp, warmup_epochs). "dino": the paper's setting; "lafs_code": the released LAFS
 # script (decreasing; whether intended is unknown: the LAFS paper states no temperatures).
@@ -124,8 +129,12 @@ class DINOLoss(nn.Module):
     center: torch.Tensor
 
     def __init__(self, out_dim: int, num_teacher_views: int = 2, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, centering: str = "ema", sinkhorn_iterations: int = 3):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
         self.out_dim = out_dim
         self.num_teacher_views = num_teacher_views
         self.student_temp = student_temp
@@ -145,15 +154,18 @@ class DINOLoss(nn.Module):
         center = self.center.float()
         total = torch.zeros((), device=log_p[0].device)
         n_terms = 0
-        for iq, t in enumerate(teacher):
-            q = F.softmax((t - center) / teacher_temp, dim=-1)
+        if self.centering == "sinkhorn":
+            targets = sinkhorn_knopp(torch.cat(teacher), teacher_temp, self.sinkhorn_iterations).split(len(teacher[0]))
+        else:
+            targets = [F.softmax((t - center) / teacher_temp, dim=-1) for t in teacher]
+        for iq, q in enumerate(targets):
             for v, lp in enumerate(log_p):
                 if v == iq:  # never match a view with itself
                     continue
                 total = total + torch.sum(-q * lp, dim=-1).mean()
                 n_terms += 1
         loss = total / n_terms
-        self.update_center(teacher)
+        self.update_center(teacher)  # also under Sinkhorn-Knopp: the centre then only feeds the entropy monitor
         return loss
 
     @torch.no_grad()
@@ -171,6 +183,50 @@ class DINOLoss(nn.Module):
         batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)
         self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.dtype),
                                                     alpha=1.0 - self.center_momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int = 3) -> torch.Tensor:
+    """Teacher targets by Sinkhorn-Knopp (SwAV, Caron et al. 2020, §3.1 and Alg. 1; DINOv2 §4): ``N x K`` rows that
+    each sum to 1 and whose columns are near-equally used over the global batch (``iterations`` alternating
+    normalisations of ``exp(logits / temp)``: prototypes to mass 1/K, then samples to 1/N). It replaces the EMA centre
+    of :class:`DINOLoss`: equipartition forbids the uniform and the one-prototype collapse in every batch, where the
+    centre reacts over ~10 steps. Under DDP the prototype sums and the row count are all-reduced (DINOv2's code).
+    Computed in fp32, the logits shifted by their maximum first (the exponent of a cosine / 0.04 fits fp32, but
+    cosine / 0.01 would not)."""
+    logits = teacher_logits.float() / teacher_temp
+    q = torch.exp(logits - logits.max()).t()  # K x N
+    n = torch.tensor(float(q.shape[1]), device=q.device)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.all_reduce(n)
+    k = q.shape[0]
+    total = q.sum()
+    if distributed:
+        dist.all_reduce(total)
+    q = q / total
+    for _ in range(iterations):
+        rows = q.sum(dim=1, keepdim=True)
+        if distributed:
+            dist.all_reduce(rows)
+        q = q / rows / k
+        q = q / q.sum(dim=0, keepdim=True) / n
+    return (q * n).t()
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko regulariser (Sablayrolles et al., "Spreading vectors for similarity search", ICLR 2019,
+    Eq. 6; DINOv2 §4): ``-mean_i log(min_{j != i} ||x_i - x_j||)`` over the L2-normalised rows of ``x`` (N x D),
+    the log distance of each embedding to its nearest neighbour in the batch. Minimising it spreads the
+    embeddings evenly over the sphere, which is what cosine verification reads. Computed in fp32."""
+    if len(x) < 2:
+        raise ValueError(f"koleo_loss needs at least 2 rows, got {len(x)}")
+    z = F.normalize(x.float(), dim=-1, eps=eps)
+    sim = z @ z.t()
+    sim.fill_diagonal_(-2.0)  # below any cosine: never one's own neighbour
+    nearest = sim.argmax(dim=1)
+    dist_nn = (z - z[nearest]).norm(dim=-1)
+    return -torch.log(dist_nn + eps).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------

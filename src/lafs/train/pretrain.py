@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..augment.multicrop import LAFSViews, MultiCropViews
+from ..augment.multicrop import LAFSViews, MultiCropViews, dino_photometrics
 from ..models.fvit import FViT, grid_landmarks
 from ..data.datasets import to_model_input
 from ..ssl import METHODS
 from ..ssl.dino import (
     TEACHER_TEMP_PRESETS, DINOHead, DINOLoss, cancel_last_layer_grads, ema_update, momentum_at,
-    teacher_entropy_tensor, teacher_temp_at, teacher_temp_at_step,
+    koleo_loss, teacher_entropy_tensor, teacher_temp_at, teacher_temp_at_step,
 )
 from ..ssl.lafs import landmark_view
 
@@ -56,12 +56,14 @@ class Branch(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, images: Tensor, landmarks: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    def forward(self, images: Tensor, landmarks: Tensor | None = None, positions: Tensor | None = None,
+                with_embedding: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if landmarks is None:
             out = self.backbone(images)
         else:
             out = self.backbone(images, landmarks=landmarks, positions=positions)
-        return self.head(out["embedding"])
+        logits = self.head(out["embedding"])
+        return (logits, out["embedding"]) if with_embedding else logits
 
 
 def teacher_temperatures(ssl) -> tuple[float, float, int]:
@@ -106,7 +108,8 @@ class PretrainTask(nn.Module):
         self.student = Branch(backbone, head)
         # the teacher starts as a copy of the student and is only ever updated by EMA
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.loss_fn = DINOLoss(ssl.out_dim, 2, ssl.student_temp, ssl.center_momentum)
+        self.loss_fn = DINOLoss(ssl.out_dim, 2, ssl.student_temp, ssl.center_momentum, ssl.centering)
+        self.koleo_weight = float(ssl.koleo_weight)
         self.temps = teacher_temperatures(ssl)
         self.momentum = (ssl.momentum_teacher, ssl.momentum_teacher_end)
         self.freeze_last_layer = ssl.freeze_last_layer
@@ -117,8 +120,15 @@ class PretrainTask(nn.Module):
         self.step = 0
         self.teacher_mode = ssl.teacher_mode
         scale = self.img_size / REFERENCE_SIZE
+        if len(ssl.blur_sigma) != 2:
+            raise ValueError(f"ssl.blur_sigma must be [low, high] in pixels of a 112 px face, got {ssl.blur_sigma}")
+        try:
+            photometrics = dino_photometrics((ssl.blur_sigma[0] * scale, ssl.blur_sigma[1] * scale),
+                                             tuple(ssl.color_jitter), ssl.grayscale_prob)
+        except ValueError as e:
+            raise ValueError(f"ssl.color_jitter / ssl.blur_sigma: {e}") from None
         if self.method == "lafs":
-            self.views = LAFSViews(self.img_size, 2 + ssl.num_local, tuple(ssl.global_scale))
+            self.views = LAFSViews(self.img_size, 2 + ssl.num_local, tuple(ssl.global_scale), **photometrics)
             self.subset_size = ssl.subset_size or max(1, round(self.num_landmarks * 36 / 196))
             if not ssl.replacement and self.subset_size > self.num_landmarks:
                 raise ValueError(f"ssl.subset_size {self.subset_size} > num_landmarks {self.num_landmarks} "
@@ -133,7 +143,7 @@ class PretrainTask(nn.Module):
                 raise ValueError(f"{type(backbone).__name__} takes only {self.img_size} px inputs: set "
                                  f"ssl.local_size={self.img_size} (or ssl.num_local=0)")
             self.views = MultiCropViews(self.img_size, local, ssl.num_local, tuple(ssl.global_scale),
-                                        tuple(ssl.local_scale))
+                                        tuple(ssl.local_scale), **photometrics)
         self.teacher_temp = self.temps[0]  # the warm-up value (also a fractional warm-up's before set_schedule)
 
     # ------------------------------------------------------------------------------------------ loop hooks
@@ -250,11 +260,21 @@ class PretrainTask(nn.Module):
         groups = self.view_groups(x)
         with torch.no_grad():
             teacher_out = self.teacher(**groups[0]).chunk(2)
-        student_out = [chunk for g in groups for chunk in self.student(**g).split(b)]
+        student_out, out = [], {}
+        for i, g in enumerate(groups):
+            if i == 0 and self.koleo_weight > 0:
+                logits, emb = self.student(**g, with_embedding=True)
+                # DINOv2 §4: KoLeo per global view, over the batch (each rank's own, as DINOv2's code)
+                out["koleo"] = sum(koleo_loss(e) for e in emb.split(b)) / 2
+            else:
+                logits = self.student(**g)
+            student_out += list(logits.split(b))
         # before the centre update; a tensor, so the loop's one all-reduce per step is the only host sync
         entropy = teacher_entropy_tensor(list(teacher_out), self.loss_fn.center, self.teacher_temp)
-        loss = self.loss_fn(student_out, list(teacher_out), self.teacher_temp)
-        return {"loss": loss, "teacher_temp": torch.tensor(self.teacher_temp), "teacher_entropy": entropy}
+        dino = self.loss_fn(student_out, list(teacher_out), self.teacher_temp)
+        loss = dino + self.koleo_weight * out["koleo"] if "koleo" in out else dino
+        return {"loss": loss, "teacher_temp": torch.tensor(self.teacher_temp), "teacher_entropy": entropy,
+                **({"dino_loss": dino.detach(), "koleo": out["koleo"].detach()} if "koleo" in out else {})}
 
 
 def build_pretrain_task(cfg, log=print) -> PretrainTask:
