@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -96,7 +97,7 @@ def test_a_demo_refuses_a_folder_holding_one(tmp_path, capsys):
 
 def test_demo_end_to_end_writes_run_folder(demo):
     out, stdout, _ = demo
-    assert ("| pretraining | pretraining steps | finetune steps | held-out accuracy | AUC | TAR@FAR=1e-2 |"
+    assert ("| pretraining | pretraining steps | finetune steps | test accuracy | AUC | TAR@FAR=1e-2 |"
             in stdout)
     for stage in ("stage1_supervised", *PRETRAININGS, *FINETUNES):
         for name in ("config.yaml", "metrics.jsonl", "checkpoints/MODEL_CARD.md"):
@@ -113,6 +114,17 @@ def test_demo_end_to_end_writes_run_folder(demo):
         values = [r["accuracy"], r["auc"], *r["tar_at_far"].values()]
         assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), r
         assert f"| {100 * r['accuracy']:.2f} +- " in stdout
+    # the floors, scored like the arms, as rows of the table and in demo.json
+    assert set(summary["floors"]) == {"raw_pixels", "pca_whitened", "untrained"}
+    assert summary["floors_fit_images"] == 128 * 16 and summary["test_pairs"] == 1200 and summary["test_set"] == "heldout"
+    for key, label in (("raw_pixels", "raw pixels"), ("pca_whitened", "PCA-whitened pixels"),
+                       ("untrained", "untrained network")):
+        r = summary["floors"][key]
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["auc"] <= 1.0
+        assert f"| floor: {label} | - | - | {100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f} % |" in stdout
+    spread = summary["landmark_spread"]
+    assert set(spread) == {"before", "after"} and all(0 < v < 0.5 for s in spread.values() for v in s.values())
+    assert "landmark spread (std of x / y over a face" in stdout
     for pic in ("landmarks.png", "roc.png", "attention.png"):
         assert (out / pic).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -152,3 +164,63 @@ def test_slowed_arm_still_trains_equal_steps(demo):
     for arm in ("lafs", "dino"):
         assert f"| {arm} | {n_pre} | {n_fine} | " in stdout
     assert f"| scratch | - | {n_fine} | " in stdout
+
+
+def test_landmark_spread_hand_computed():
+    from lafs.cli.demo import landmark_spread
+
+    # a 7 x 7 grid of pixel centres 4, 12, ..., 52 over a 56 px face: std 8 * sqrt((7^2 - 1) / 12) = 16 px = 0.286
+    g = np.arange(4, 56, 8, dtype=np.float64)
+    grid = np.stack(np.meshgrid(g, g), -1).reshape(1, 49, 2)
+    assert landmark_spread(grid, 56) == pytest.approx({"x": 16 / 56, "y": 16 / 56})
+    # collapsed into a vertical band at x = 28: no x spread; averaged over faces
+    band = grid.copy()
+    band[..., 0] = 28.0
+    assert landmark_spread(np.concatenate([grid, band]), 56) == pytest.approx({"x": 8 / 56, "y": 16 / 56})
+
+
+def _celeba_like(root: Path, counts: list[int]) -> None:
+    """``train/celeba64_train.rec`` (identity i: counts[i] images of 32 px) and ``celeba64/celeba64_val.bin``."""
+    from lafs.data.datasets import encode_image
+    from lafs.data.pairs import write_bin
+    from lafs.data.recordio import write_face_records
+
+    rng = np.random.default_rng(0)
+    (root / "train").mkdir(parents=True)
+    (root / "celeba64").mkdir()
+    labels = [i for i, n in enumerate(counts) for _ in range(n)]
+    write_face_records(root / "train" / "celeba64_train.rec",
+                       [(lab, encode_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))) for lab in labels])
+    write_bin(root / "celeba64" / "celeba64_val.bin",
+              [encode_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(8)], [True, False] * 2)
+
+
+def test_real_source_splits_identities_and_reads_the_sets(tmp_path):
+    """--real: stage 1 takes every image of the first half of the identities, the few-shot index `shots` images of
+    each identity of the second half (fewer-image identities left out), the tests come from the .bin."""
+    from lafs.cli.demo import RealSource
+    from lafs.data.fewshot import load_index
+
+    _celeba_like(tmp_path / "data", [3, 2, 4, 1, 3, 2])  # identities 0..5; the split is 3
+    src = RealSource(tmp_path, 2, 0, None, tmp_path / "data")
+    assert src.split == 3 and src.stage1_positions.tolist() == list(range(9))
+    few = src.fewshot_positions
+    # identity 3 (position 9) has one image: left out; identity 4 is at 10..12, identity 5 at 13, 14
+    assert len(few) == 4 and set(few[:2]) <= {10, 11, 12} and few[2:].tolist() == [13, 14]
+    stage1 = src.stage_data("stage1")
+    assert "data.source=records" in stage1 and "data.geometry=celeba64" in stage1
+    index = next(o for o in stage1 if o.startswith("data.index="))
+    assert load_index(index.split("=", 1)[1])[0].tolist() == list(range(9))
+    assert not any(o.startswith("data.index=") for o in src.stage_data("pretrain"))
+    sets = src.eval_sets()
+    assert list(sets) == ["celeba64_val"] and sets["celeba64_val"][0].shape == (8, 3, 64, 64)
+    assert sets["celeba64_val"][1].tolist() == [True, False, True, False]
+    assert src.fit_images().shape == (15, 3, 32, 32)
+
+
+def test_real_demo_errors_name_the_missing_file(tmp_path, capsys):
+    assert main(["demo", "--real", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d"), "--no-lfw",
+                 "--quiet"]) == 2
+    assert f"--real: {tmp_path / 'nowhere' / 'train' / 'celeba64_train.rec'} not found" in capsys.readouterr().err
+    assert main(["demo", "--data", str(tmp_path), "--out", str(tmp_path / "d"), "--no-lfw", "--quiet"]) == 2
+    assert "--data needs --real" in capsys.readouterr().err

@@ -55,7 +55,10 @@ def test_raw_pixel_floor_hand_computed(flip):
     issame = np.arange(10) % 2 == 0
     second = torch.where(torch.from_numpy(issame)[:, None, None, None], a, 255 - a)
     r = floor_accuracies(interleave(a, second), issame, flip=flip)["raw_pixels"]
-    assert r["accuracy"] == 1.0 and r["std"] == 0.0 and r["auc"] == 1.0
+    assert r["accuracy"] == 1.0 and r["std"] == 0.0 and r["auc"] == 1.0 and "cosines" not in r
+    # scores=True: the per-pair cosines the floor was scored on (for ROC pictures)
+    cos = floor_accuracies(interleave(a, second), issame, flip=flip, scores=True)["raw_pixels"]["cosines"]
+    np.testing.assert_allclose(cos, np.where(issame, 1.0, -1.0), atol=1e-6)
     # no separation at all: every pair is (A, A), half labelled different. Leave-one-out (10 folds of 1 pair) learns
     # the majority of the 9 other pairs, which is always the opposite label: 0 %. One fold on all pairs: 50 %.
     same = interleave(a, a)

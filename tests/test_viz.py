@@ -51,3 +51,35 @@ def test_cls_attention_has_one_weight_per_token(name):
     img = ((x[0].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
     heat = attention_overlay(img, w[0], None if token_xy is None else token_xy[0])
     assert heat.shape == (224, 224, 3) and heat.std() > 0
+
+
+def test_attention_heat_paints_each_landmark_patch_with_its_normalised_weight():
+    from lafs.viz import attention_heat
+
+    # two tokens: weight 0.2 at pixel (4, 4), weight 0.4 at (10, 4); patches of 4 pixels; max-normalised to 0.5 / 1
+    heat = attention_heat(np.array([0.2, 0.4]), np.array([[4.0, 4.0], [10.0, 4.0]]), 16, 16, patch_size=4)
+    assert heat.shape == (16, 16) and heat.max() == 1.0
+    assert np.allclose(heat[2:6, 2:6], 0.5) and np.allclose(heat[2:6, 8:12], 1.0)
+    assert heat[6:, :].sum() == 0 and heat[:, 12:].sum() == 0
+    # overlapping patches keep the larger weight
+    both = attention_heat(np.array([0.2, 0.4]), np.array([[4.0, 4.0], [6.0, 4.0]]), 16, 16, patch_size=4)
+    assert np.allclose(both[2:6, 4:8], 1.0) and np.allclose(both[2:6, 2:4], 0.5)
+    # a grid model (no landmarks): the 2 x 2 grid fills its cells
+    grid = attention_heat(np.array([1.0, 0.0, 0.0, 0.5]), None, 8, 8)
+    assert np.allclose(grid[:4, :4], 1.0) and np.allclose(grid[4:, 4:], 0.5) and grid[:4, 4:].sum() == 0
+
+
+def test_labelled_face_figures_are_pngs():
+    pytest.importorskip("matplotlib")
+    import cv2
+
+    from lafs.viz import attention_png, face_rows_png
+
+    faces = [np.full((56, 56, 3), 40 * i, np.uint8) for i in range(4)]
+    png = face_rows_png([("before", faces), ("after", faces[:3])], "title", caption="what is drawn",
+                        column_titles=["a", "b", "c", "d"])
+    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None and img.shape[1] > img.shape[0] > 200
+    heat = [np.eye(56, dtype=np.float32)] * 4
+    img = cv2.imdecode(np.frombuffer(attention_png(faces, heat, "t", "c"), np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None and img.shape[1] > 2 * img.shape[0]

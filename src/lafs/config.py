@@ -184,6 +184,9 @@ class DataConfig:
     val_pairs: int = 200  # synthetic: pairs of held-out identities
     val_identities: int = 32  # synthetic: held-out identities for val_pairs
     seed: int = 0  # synthetic identities
+    # synthetic: strength of the per-image nuisances (pose, expression, light, blur, noise, occluders, clutter),
+    # 1 = the generator's defaults, 0 = none (lafs.data.synthetic.SyntheticConfig.scaled); identities never change
+    nuisance: float = 1.0
     # DataLoader worker processes: "auto" (sized from the cores, lafs.data.workers) or an integer >= 0
     workers: Any = "auto"
     # bad records (unreadable, undecodable, failing their checksum) a run may skip in all, each once: they are logged,
@@ -191,6 +194,8 @@ class DataConfig:
     max_bad_records: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.nuisance) <= 1.0:
+            raise ConfigError(f"data.nuisance must be in [0, 1], got {self.nuisance}")
         # "auto" resolves here, on the machine that loads the config, so the trainer always sees an integer
         from .data.workers import resolve_workers
 

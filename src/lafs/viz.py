@@ -43,19 +43,23 @@ def _png(fig, plt) -> bytes:
 def roc_png(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str = "",
             more: list[tuple[str, list]] = ()) -> bytes | None:
     """TAR vs FAR (log FAR) of ``(label, distances, issame)`` curves; a pair is accepted when its distance is small.
-    ``more``: further ``(title, curves)`` panels drawn side by side (the demo's held-out set and LFW)."""
+    Curves labelled ``floor: ...`` are drawn dashed. ``more``: further ``(title, curves)`` panels drawn side by side (the demo's held-out set and LFW)."""
     plt = _pyplot()
     if plt is None:
         return None
     panels = [(title, curves), *more]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (panel_title, panel) in zip(axes[0], panels):
+        # the smallest FAR a pair set can measure is one impostor pair: the axis starts there, not at 1e-6
+        ax.set_xlim(min((1 / max(1, (~np.asarray(s, bool)).sum()) for _, _, s in panel), default=1e-6), 1.0)
         for label, dist, same in panel:
             same = np.asarray(same, bool)
             order = np.argsort(dist, kind="stable")
             far = np.cumsum(~same[order]) / max(1, (~same).sum())
             tar = np.cumsum(same[order]) / max(1, same.sum())
-            ax.plot(np.maximum(far, 1e-6), tar, label=label)
+            # the floors (labels "floor: ...") dashed, so the trained arms stand out against them
+            ax.plot(np.maximum(far, 1e-6), tar, label=label,
+                    **({"linestyle": "--", "linewidth": 1.0} if label.startswith("floor") else {}))
         ax.set_xscale("log")
         _style(ax, "FAR", "TAR", panel_title)
     return _png(fig, plt)
@@ -153,25 +157,104 @@ def cls_attention(model, images) -> tuple[np.ndarray, np.ndarray | None]:
     return w.cpu().numpy(), (None if lm is None else lm.detach().cpu().numpy())
 
 
-def attention_overlay(image: np.ndarray, weights: np.ndarray, token_xy: np.ndarray | None = None,
-                      patch_size: int = 8, scale: int = 4) -> np.ndarray:
-    """A face with per-token attention as a heat map: grid tokens fill their cells; landmark tokens (``token_xy``,
-    pixels of ``image``) paint a patch-sized square each, stronger where attention is higher (max-normalised)."""
+def attention_heat(weights: np.ndarray, token_xy: np.ndarray | None, h: int, w: int,
+                   patch_size: int = 8) -> np.ndarray:
+    """Per-token attention as an H x W map in [0, 1] (max-normalised): grid tokens fill their cells; landmark tokens
+    (``token_xy``, pixels) paint a patch-sized square each, the larger weight where squares overlap."""
     import cv2
 
-    img = np.asarray(image)
-    h, w = img.shape[:2]
     heat = np.zeros((h, w), np.float32)
     wts = np.asarray(weights, np.float32)
     wts = wts / max(float(wts.max()), 1e-12)
     if token_xy is None:
         side = int(round(len(wts) ** 0.5))
-        heat = cv2.resize(wts.reshape(side, side), (w, h), interpolation=cv2.INTER_NEAREST)
-    else:
-        for (x, y), a in zip(np.asarray(token_xy), wts):
-            x0, y0 = int(round(x - patch_size / 2 + 0.5)), int(round(y - patch_size / 2 + 0.5))
-            region = heat[max(0, y0): max(0, y0 + patch_size), max(0, x0): max(0, x0 + patch_size)]
-            np.maximum(region, a, out=region)
+        return cv2.resize(wts.reshape(side, side), (w, h), interpolation=cv2.INTER_NEAREST)
+    for (x, y), a in zip(np.asarray(token_xy), wts):
+        x0, y0 = int(round(x - patch_size / 2 + 0.5)), int(round(y - patch_size / 2 + 0.5))
+        region = heat[max(0, y0): max(0, y0 + patch_size), max(0, x0): max(0, x0 + patch_size)]
+        np.maximum(region, a, out=region)
+    return heat
+
+
+def attention_overlay(image: np.ndarray, weights: np.ndarray, token_xy: np.ndarray | None = None,
+                      patch_size: int = 8, scale: int = 4) -> np.ndarray:
+    """A face with per-token attention as a heat map (:func:`attention_heat`, JET colours), blended in OpenCV."""
+    import cv2
+
+    img = np.asarray(image)
+    h, w = img.shape[:2]
+    heat = attention_heat(weights, token_xy, h, w, patch_size)
     colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
     blend = (0.55 * img.astype(np.float32) + 0.45 * colour.astype(np.float32)).astype(np.uint8)
     return cv2.resize(blend, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
+
+
+# --- labelled figures of faces (matplotlib): what a reader understands without the README ---------------------
+
+
+def _caption(fig, caption: str, plt) -> None:
+    import textwrap
+
+    if caption:
+        fig.text(0.01, 0.01, textwrap.fill(caption, 130), fontsize=7, va="bottom", ha="left")
+
+
+def face_rows_png(rows: list[tuple[str, list[np.ndarray]]], title: str, caption: str = "",
+                  column_titles: list[str] | None = None) -> bytes | None:
+    """Rows of RGB face pictures, each row labelled on its left (e.g. "before stage 1" / "after stage 1"), a title
+    above and a caption below saying what is drawn. ``None`` without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    ncol = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol + 1.2, 1.9 * len(rows) + 1.1), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(ncol):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(images[c])
+            else:
+                ax.axis("off")
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if r == 0 and column_titles and c < len(column_titles):
+                ax.set_title(column_titles[c], fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _caption(fig, caption, plt)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    return _png_tight(fig, plt)
+
+
+def attention_png(faces: list[np.ndarray], heats: list[np.ndarray], title: str, caption: str = "") -> bytes | None:
+    """Faces (RGB uint8) with their attention maps (:func:`attention_heat`, [0, 1]) over them, a colour bar that
+    says what the colours mean, a title and a caption. ``None`` without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, len(faces), figsize=(2.2 * len(faces) + 1.2, 3.4), squeeze=False)
+    im = None
+    for ax, face, heat in zip(axes[0], faces, heats):
+        ax.imshow(face)
+        # pixels no token covers (exactly 0) stay the face's own colour
+        im = ax.imshow(np.ma.masked_equal(np.asarray(heat, np.float32), 0.0), cmap="jet", alpha=0.5, vmin=0.0,
+                       vmax=1.0, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    _caption(fig, caption, plt)
+    fig.tight_layout(rect=(0, 0.14, 0.9, 0.93))
+    cax = fig.add_axes((0.91, 0.2, 0.015, 0.65))
+    bar = fig.colorbar(im, cax=cax)
+    bar.set_label("attention / its maximum", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    return _png_tight(fig, plt)
+
+
+def _png_tight(fig, plt) -> bytes:
+    """Like ``_png`` for figures laid out by hand (no second ``tight_layout``)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()

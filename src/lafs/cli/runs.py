@@ -66,7 +66,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, run_demo
 
     lfw = False if args.no_lfw else args.lfw
-    summary = run_demo(args.out, args.budget_minutes, lfw, args.dino, args.shots, args.seed, progress=not args.quiet)
+    summary = run_demo(args.out, args.budget_minutes, lfw, args.dino, args.shots, args.seed, progress=not args.quiet,
+                       real=args.real, data=args.data)
     print(format_summary(summary))
     print(f"run folder: {args.out} (one folder per stage with config.yaml, metrics.jsonl, tb/, checkpoints/ and "
           "MODEL_CARD.md; demo.json, roc.png, landmarks.png, attention.png)")
@@ -93,8 +94,14 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="the LAFS story on synthetic faces: stage 1, LAFS (+ DINO) pretraining, "
                        "few-shot finetune vs scratch, a table and pictures")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--budget-minutes", type=float, default=8.0,
-                   help="scales every stage's steps together (8: about that long on 2 CPU cores)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="training minutes, shared out between the stages (default 8 on synthetic faces, 25 with "
+                   "--real; the whole run takes a little longer: data, evaluation, floors and pictures)")
+    p.add_argument("--real", action="store_true",
+                   help="the same story on real faces: CelebA-64 (train/celeba64_train.rec, celeba64/celeba64_val.bin "
+                   "under --data) and LFW, with floors")
+    p.add_argument("--data", help="--real: the folder holding train/celeba64_train.rec and celeba64/celeba64_val.bin "
+                   "(default ../shared/data)")
     p.add_argument("--lfw", help="also evaluate on this lfw.bin (default: ../shared/data/lfw/lfw.bin if present)")
     p.add_argument("--no-lfw", action="store_true", help="no LFW evaluation")
     p.add_argument("--dino", action=argparse.BooleanOptionalAction, default=None,

@@ -62,7 +62,7 @@ import functools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import cv2
 import numpy as np
@@ -167,6 +167,22 @@ class SyntheticConfig:
             illumination_strength=0.0, color_jitter=0.0, grayscale_prob=0.0, blur_prob=0.0, lowres_prob=0.0,
             noise_prob=0.0, occluder_prob=0.0, max_clutter=0,
         )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def scaled(cls, nuisance: float, **overrides) -> SyntheticConfig:
+        """The default nuisances at strength ``nuisance`` (1 = the defaults, 0 = :meth:`no_nuisance` but for the
+        background clutter, which is rounded): every range (rotation, log-scale, shift, aspect, shear, parallax,
+        expression, illumination, colour cast, blur sigma, noise) and every probability scaled by it. The identity
+        parameters never change, so one population is compared across strengths."""
+        if not 0.0 <= nuisance <= 1.0:
+            raise ValueError(f"nuisance must be in [0, 1], got {nuisance}")
+        d = cls()
+        base = {f.name: getattr(d, f.name) * nuisance for f in fields(cls)
+                if f.name not in ("img_size", "max_scale", "max_clutter")}
+        base["max_scale"] = d.max_scale ** nuisance  # log-uniform range: scale the log
+        base["max_clutter"] = int(round(d.max_clutter * nuisance))
         base.update(overrides)
         return cls(**base)
 

@@ -212,6 +212,7 @@ def floor_accuracies(
     device="cpu",
     keypoints=None,
     untrained_embeddings: np.ndarray | None = None,
+    scores: bool = False,
 ) -> dict:
     """The floors of one pair set (pair k = images 2k, 2k+1, as ``evaluate_pairs``); see the module docstring.
 
@@ -220,7 +221,8 @@ def floor_accuracies(
     backbone in eval mode, or its precomputed ``untrained_embeddings``, one row per image, are given), each the
     ``ten_fold_accuracy`` result plus ``std`` (= ``accuracy_std``), and ``settings``. ``flip``, ``flip_mode``,
     ``nfolds`` and ``thresholds`` should be the model's own, so the comparison is like for like; ``keypoints``
-    (N x 5 x 2) go to a keypoint-aware untrained network.
+    (N x 5 x 2) go to a keypoint-aware untrained network. ``scores``: each floor also carries ``cosines``, the
+    per-pair cosine it was scored on (flip test included), e.g. for a ROC picture; raw pixels and PCA only.
     """
     images = _as_images(images, "images")
     issame = np.asarray(issame, bool).ravel()
@@ -232,12 +234,16 @@ def floor_accuracies(
     out: dict = {}
     cos = _pair_cosines(lambda x: raw_pixel_embeddings(x, raw_size), images, flip, flip_mode, batch_size)
     out["raw_pixels"] = _with_std(_score_cosines(*cos, issame, nfolds, thresholds))
+    if scores:
+        out["raw_pixels"]["cosines"] = cos[0]
     pca = None
     if fit_images is not None:
         pca = fit_images if isinstance(fit_images, PCAWhitening) else PCAWhitening().fit(
             fit_images, components=components, size=size, max_images=max_images, seed=seed)
         cos = _pair_cosines(pca.transform, images, flip, flip_mode, batch_size)
         out["pca_whitened"] = _with_std(_score_cosines(*cos, issame, nfolds, thresholds))
+        if scores:
+            out["pca_whitened"]["cosines"] = cos[0]
     if untrained_embeddings is not None:
         emb = np.asarray(untrained_embeddings)
         if emb.ndim != 2 or len(emb) != len(images):

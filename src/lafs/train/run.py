@@ -34,9 +34,10 @@ def build_train_set(cfg):
     d = cfg.data
     needs_kps = model_uses_keypoints(cfg)
     if d.source == "synthetic":
-        from ..data.synthetic import SyntheticFaces
+        from ..data.synthetic import SyntheticConfig, SyntheticFaces
 
-        faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed)
+        faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed,
+                               config=SyntheticConfig.scaled(d.nuisance))
         ids = np.repeat(np.arange(d.num_identities), d.images_per_identity)
         idx = np.tile(np.arange(d.images_per_identity), d.num_identities)
         images, kps = faces.batch(ids.tolist(), idx.tolist())
@@ -99,9 +100,10 @@ def build_val_sets(cfg, log=print) -> dict:
             log(note)
         sets[Path(path).stem] = (images, issame, kps if needs_kps else None)
     if d.source == "synthetic" and not d.val and d.val_pairs > 0 and d.val_identities >= 2:
-        from ..data.synthetic import SyntheticFaces, synthetic_pairs
+        from ..data.synthetic import SyntheticConfig, SyntheticFaces, synthetic_pairs
 
-        faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed)
+        faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed,
+                               config=SyntheticConfig.scaled(d.nuisance))
         held_out = range(d.num_identities, d.num_identities + d.val_identities)
         images, issame, kps = synthetic_pairs(faces, d.val_pairs, seed=d.seed, identities=held_out)
         sets["synthetic_val"] = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), issame, kps)
