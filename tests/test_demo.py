@@ -22,7 +22,7 @@ from lafs.train.logging import read_metrics
 # Seconds one optimizer step of each run takes on the training loop's clock (a virtual clock, so that the step
 # counts do not depend on the load of the machine running the test). One arm of each comparison, not its first, is
 # ten times slower than the others: timed on its own it would train the 6 steps a timing gives at least (1 untimed +
-# 5 timed), where the first arms' timings give 13 (1.68 s / 0.125 s) and 9 (0.6 s / 0.0625 s).
+# 5 timed), where the first arms' timings give 12 (1.56 s / 0.125 s) and 7 (0.48 s / 0.0625 s).
 SECONDS_PER_STEP = {"stage1_supervised": 0.5, "pretrain_lafs": 0.125, "pretrain_dino": 1.25,
                     "finetune_scratch": 0.0625, "finetune_lafs": 0.625, "finetune_dino": 0.0625}
 SLOWED = ("pretrain_dino", "finetune_lafs")
@@ -103,9 +103,9 @@ def test_demo_end_to_end_writes_run_folder(demo):
         for name in ("config.yaml", "metrics.jsonl", "checkpoints/MODEL_CARD.md"):
             assert (out / stage / name).is_file(), (stage, name)
         assert list((out / stage / "tb").iterdir())
-    # stage 1 trains 32 % of the budget, a finetune 5 %: their first steps are timed, the count follows
-    assert load_config(out / "stage1_supervised" / "config.yaml").train.budget_minutes == pytest.approx(0.064)
-    assert load_config(out / "finetune_scratch" / "config.yaml").train.budget_minutes == pytest.approx(0.01)
+    # stage 1 trains 40 % of the budget, a finetune 4 %: their first steps are timed, the count follows
+    assert load_config(out / "stage1_supervised" / "config.yaml").train.budget_minutes == pytest.approx(0.08)
+    assert load_config(out / "finetune_scratch" / "config.yaml").train.budget_minutes == pytest.approx(0.008)
     summary = json.loads((out / "demo.json").read_text())
     budget = [r for r in read_metrics(out / "stage1_supervised" / "metrics.jsonl") if r["kind"] == "budget"]
     assert len(budget) == 1 and summary["stages"]["stage1"]["steps"] == budget[0]["steps"] >= 6
@@ -122,6 +122,10 @@ def test_demo_end_to_end_writes_run_folder(demo):
         r = summary["floors"][key]
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["auc"] <= 1.0
         assert f"| floor: {label} | - | - | {100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f} % |" in stdout
+    sup = summary["supervised"]
+    assert sup["steps"] == summary["stages"]["stage1"]["steps"] and 0.0 <= sup["accuracy"] <= 1.0
+    assert (f"| supervised stage 1 (reference; its steps) | - | {sup['steps']} | {100 * sup['accuracy']:.2f} +- "
+            in stdout)
     spread = summary["landmark_spread"]
     assert set(spread) == {"before", "after"} and all(0 < v < 0.5 for s in spread.values() for v in s.values())
     assert "landmark spread (std of x / y over a face" in stdout

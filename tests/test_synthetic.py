@@ -144,6 +144,17 @@ def test_data_nuisance_config_key():
     np.testing.assert_array_equal(ds[1]["image"].permute(1, 2, 0).numpy(), faces.render(0, 1)[0])
     with pytest.raises(ConfigError, match="data.nuisance must be in"):
         load_config(None, ["data.nuisance=2"])
+    # data.synthetic: SyntheticConfig fields set after the scaling; a wrong name or value names the key
+    cfg = load_config(None, ["data.num_identities=2", "data.images_per_identity=2", "data.nuisance=0",
+                             "data.synthetic={max_rotation_deg: 30.0}"])
+    posed = SyntheticFaces(2 + cfg.data.val_identities, seed=0,
+                           config=SyntheticConfig.scaled(0.0, max_rotation_deg=30.0))
+    np.testing.assert_array_equal(build_train_set(cfg)[1]["image"].permute(1, 2, 0).numpy(), posed.render(0, 1)[0])
+    assert not np.array_equal(posed.render(0, 1)[0], faces.render(0, 1)[0])
+    with pytest.raises(ConfigError, match="data.synthetic .*occluder"):
+        load_config(None, ["data.synthetic={occluder: 0}"])
+    with pytest.raises(ConfigError, match="data.synthetic .*blur_prob must be in"):
+        load_config(None, ["data.synthetic={blur_prob: 3}"])
 
 
 # --- keypoints are exactly where the features are drawn ----------------------------------------------------

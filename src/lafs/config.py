@@ -187,6 +187,8 @@ class DataConfig:
     # synthetic: strength of the per-image nuisances (pose, expression, light, blur, noise, occluders, clutter),
     # 1 = the generator's defaults, 0 = none (lafs.data.synthetic.SyntheticConfig.scaled); identities never change
     nuisance: float = 1.0
+    # synthetic: SyntheticConfig fields set after the scaling, e.g. {occluder_prob: 0, max_rotation_deg: 25}
+    synthetic: dict = field(default_factory=dict)
     # DataLoader worker processes: "auto" (sized from the cores, lafs.data.workers) or an integer >= 0
     workers: Any = "auto"
     # bad records (unreadable, undecodable, failing their checksum) a run may skip in all, each once: they are logged,
@@ -196,6 +198,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.nuisance) <= 1.0:
             raise ConfigError(f"data.nuisance must be in [0, 1], got {self.nuisance}")
+        if self.synthetic:
+            from .data.synthetic import SyntheticConfig
+
+            try:
+                SyntheticConfig.scaled(float(self.nuisance), **dict(self.synthetic))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"data.synthetic {dict(self.synthetic)}: {err}") from None
         # "auto" resolves here, on the machine that loads the config, so the trainer always sees an integer
         from .data.workers import resolve_workers
 

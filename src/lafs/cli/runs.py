@@ -95,7 +95,7 @@ def register(sub) -> None:
                        "few-shot finetune vs scratch, a table and pictures")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--budget-minutes", type=float, default=None,
-                   help="training minutes, shared out between the stages (default 8 on synthetic faces, 25 with "
+                   help="training minutes, shared out between the stages (default 6 on synthetic faces, 22 with "
                    "--real; the whole run takes a little longer: data, evaluation, floors and pictures)")
     p.add_argument("--real", action="store_true",
                    help="the same story on real faces: CelebA-64 (train/celeba64_train.rec, celeba64/celeba64_val.bin "

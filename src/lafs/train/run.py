@@ -37,7 +37,7 @@ def build_train_set(cfg):
         from ..data.synthetic import SyntheticConfig, SyntheticFaces
 
         faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed,
-                               config=SyntheticConfig.scaled(d.nuisance))
+                               config=SyntheticConfig.scaled(d.nuisance, **dict(d.synthetic)))
         ids = np.repeat(np.arange(d.num_identities), d.images_per_identity)
         idx = np.tile(np.arange(d.images_per_identity), d.num_identities)
         images, kps = faces.batch(ids.tolist(), idx.tolist())
@@ -103,7 +103,7 @@ def build_val_sets(cfg, log=print) -> dict:
         from ..data.synthetic import SyntheticConfig, SyntheticFaces, synthetic_pairs
 
         faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed,
-                               config=SyntheticConfig.scaled(d.nuisance))
+                               config=SyntheticConfig.scaled(d.nuisance, **dict(d.synthetic)))
         held_out = range(d.num_identities, d.num_identities + d.val_identities)
         images, issame, kps = synthetic_pairs(faces, d.val_pairs, seed=d.seed, identities=held_out)
         sets["synthetic_val"] = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), issame, kps)
