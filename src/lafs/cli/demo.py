@@ -114,9 +114,9 @@ class SyntheticSource:
         self.faces = SyntheticFaces(IDS_ALL + IDS_VAL, seed=seed, config=SyntheticConfig.scaled(NUISANCE, **SYNTHETIC))
 
     def describe(self) -> str:
-        return (f"synthetic faces at nuisance {NUISANCE:g}, no occluders / blur / noise (stage 1: {IDS_STAGE1} identities; pretraining: {IDS_ALL} "
-                f"unlabelled; few-shot: identities {IDS_STAGE1}..{IDS_ALL - 1} x {self.shots} shots; test: "
-                f"{HELDOUT_PAIRS} pairs of {IDS_VAL} unseen identities)")
+        return (f"synthetic faces at nuisance {NUISANCE:g}, no occluders / blur / noise (stage 1: {IDS_STAGE1} "
+                f"identities; pretraining: {IDS_ALL} unlabelled; few-shot: identities {IDS_STAGE1}..{IDS_ALL - 1} "
+                f"x {self.shots} shots; test: {HELDOUT_PAIRS} pairs of {IDS_VAL} unseen identities)")
 
     def _data(self, num_identities: int, val_pairs: int) -> list[str]:
         return ["data.source=synthetic", f"data.num_identities={num_identities}",
@@ -185,12 +185,9 @@ class RealSource:
         self.split = (int(labels.max()) + 1) // 2
         self.stage1_positions = np.flatnonzero(labels < self.split)
         rng = np.random.default_rng(seed)
-        few = []
-        for ident in range(self.split, int(labels.max()) + 1):
-            own = np.flatnonzero(labels == ident)
-            if len(own) >= shots:
-                few.extend(sorted(rng.choice(own, shots, replace=False)))
-        self.fewshot_positions = np.asarray(few, np.int64)
+        few = [np.sort(rng.choice(own, shots, replace=False))
+               for ident, own in self.dataset.identity_index().items() if ident >= self.split and len(own) >= shots]
+        self.fewshot_positions = np.concatenate(few).astype(np.int64) if few else np.zeros(0, np.int64)
 
     def describe(self) -> str:
         n = int(self.dataset.labels.max()) + 1
@@ -227,11 +224,10 @@ class RealSource:
         return self._sets
 
     def fit_images(self) -> torch.Tensor:
-        """Up to 20,000 of the pretraining's unlabelled training faces (a seeded subsample)."""
-        from ..eval.floors import subsample_indices
+        """Up to 20,000 of the pretraining's unlabelled training faces (a seeded subsample), at the PCA's 32 px."""
+        from ..eval.report import load_fit_images
 
-        idx = subsample_indices(len(self.dataset), 20000, seed=0)
-        return torch.stack([self.dataset[int(i)]["image"] for i in idx])
+        return load_fit_images([self.rec], size=32)[0]
 
     def heldout_faces(self, img_size: int) -> tuple[torch.Tensor, np.ndarray]:
         """The first images of four celeba64_val pairs (identities no stage saw), in the training geometry."""

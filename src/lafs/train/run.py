@@ -26,6 +26,15 @@ def model_uses_keypoints(cfg) -> bool:
     return kw.get("rpe") == "kprpe" and kw.get("keypoint_source", "data") == "data"
 
 
+def synthetic_faces(d):
+    """The ``data`` section's synthetic population: training identities then held-out ones, at its nuisance strength
+    (``data.nuisance``, ``data.synthetic``)."""
+    from ..data.synthetic import SyntheticConfig, SyntheticFaces
+
+    return SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed,
+                          config=SyntheticConfig.scaled(d.nuisance, **dict(d.synthetic)))
+
+
 def build_train_set(cfg):
     """The ``data`` section -> a face dataset (items: uint8 image, label, and keypoints when the model uses them:
     records then need their ``<stem>_kps.npy`` sidecar)."""
@@ -34,10 +43,7 @@ def build_train_set(cfg):
     d = cfg.data
     needs_kps = model_uses_keypoints(cfg)
     if d.source == "synthetic":
-        from ..data.synthetic import SyntheticConfig, SyntheticFaces
-
-        faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed,
-                               config=SyntheticConfig.scaled(d.nuisance, **dict(d.synthetic)))
+        faces = synthetic_faces(d)
         ids = np.repeat(np.arange(d.num_identities), d.images_per_identity)
         idx = np.tile(np.arange(d.images_per_identity), d.num_identities)
         images, kps = faces.batch(ids.tolist(), idx.tolist())
@@ -100,10 +106,9 @@ def build_val_sets(cfg, log=print) -> dict:
             log(note)
         sets[Path(path).stem] = (images, issame, kps if needs_kps else None)
     if d.source == "synthetic" and not d.val and d.val_pairs > 0 and d.val_identities >= 2:
-        from ..data.synthetic import SyntheticConfig, SyntheticFaces, synthetic_pairs
+        from ..data.synthetic import synthetic_pairs
 
-        faces = SyntheticFaces(d.num_identities + d.val_identities, seed=d.seed,
-                               config=SyntheticConfig.scaled(d.nuisance, **dict(d.synthetic)))
+        faces = synthetic_faces(d)
         held_out = range(d.num_identities, d.num_identities + d.val_identities)
         images, issame, kps = synthetic_pairs(faces, d.val_pairs, seed=d.seed, identities=held_out)
         sets["synthetic_val"] = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), issame, kps)
