@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def cmd_train(args: argparse.Namespace, finetune: bool = False, pretrain: bool =
         # a checkpoint's DiskFullError names its file and what is intact; other writes (logs) say what the system said
         print(f"lafs: error: {err if isinstance(err, DiskFullError) else f'the disk is full: {err}'}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 says it once
     if result.val:
         for name, r in result.val.items():
             print(f"{name}: accuracy {r['accuracy'] * 100:.2f} +- {r['accuracy_std'] * 100:.2f} %, AUC {r['auc']:.4f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from ..config import ConfigError
 from ..io import atomic_write_bytes
 from ..models import build_backbone
-from .distributed import DistEnv, broadcast_object, setup, teardown
+from .distributed import DistEnv, barrier, broadcast_object, setup, teardown
 from .loop import Trainer, TrainResult
 from .pretrained import load_pretrained, require_match
 from .run_folder import RunFolderError, check_fresh, clean_temporaries, lock_run_folder, unlock_run_folder
@@ -171,7 +172,7 @@ def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: 
     if resume_anyway and not resume:
         resume = "auto"
     env = setup(cfg.train.device, cfg.train.dist_timeout_minutes)
-    lock = None
+    lock = trainer = task = None
     try:
         lock = _take_folder(Path(cfg.out_dir), resume, env.is_main)
         # identical initial weights on every rank (DDP also broadcasts them); then per-rank random streams
@@ -207,8 +208,14 @@ def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: 
                        "max_bad_records": cfg.data.max_bad_records, "bad_records": result.bad_records,
                        "resumed_from": result.resumed_from, "precision": trainer.amp, "compiled": cfg.train.compile}
             atomic_write_bytes(Path(cfg.out_dir) / "summary.json", json.dumps(summary, indent=2).encode())
+        barrier()  # no rank leaves (and tears its process group down) while another still talks to it
         return result
     finally:
         if lock is not None:
             unlock_run_folder(lock)
+        # DistributedDataParallel holds the process group: drop it before destroy_process_group, so gloo's threads
+        # are joined here and not during interpreter shutdown (a rare SIGABRT, "terminate called without an
+        # active exception", seen in CI)
+        del trainer, task
+        gc.collect()
         teardown()
