@@ -418,3 +418,89 @@ def test_a_claim_appears_with_its_pid_and_an_unwritten_one_is_not_taken_over(tmp
     assert ex.claim(folder) is None  # past the grace period it is stale
     (folder / ex.CLAIM).write_text("999999999")  # a dead runner's claim
     assert ex.claim(folder) is None
+
+
+def test_t975_matches_the_t_table():
+    assert ex.t975(1) == pytest.approx(12.706) and ex.t975(4) == pytest.approx(2.776)
+    assert ex.t975(30) == pytest.approx(2.042)
+    assert ex.t975(40) == pytest.approx(2.0211, abs=2e-4) and ex.t975(120) == pytest.approx(1.9799, abs=2e-4)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        ex.t975(0)
+
+
+PAIRED_GRID = {
+    "name": "paired",
+    "seeds": [0, 1, 2, 3, 4],
+    "stages": [
+        {"name": "train_{init}_s{seed}", "cli": ["finetune", "cfg.yaml"], "axes": {"init": ["scratch", "dino", "lafs"]}},
+        {"name": "eval_{init}_{shots}_s{seed}", "cli": ["eval", "@train_{init}_s{seed}", "--floors", "--out", "{out}"],
+         "axes": {"init": ["scratch", "dino", "lafs"], "shots": [1, 2]}},
+    ],
+    "tables": [{"title": "few-shot", "runs": "eval_{init}_{shots}_s{seed}", "rows": ["init"], "columns": "shots",
+                "metric": "lfw:accuracy", "scale": 100, "floors": True, "digits": 2,
+                "paired": {"axis": "init", "pairs": [["lafs", "scratch"], ["lafs", "dino"]]}}],
+}
+# accuracy (%) per arm and seed 0..4 at 1 shot; at 2 shots lafs and dino +10, scratch 50..54 (under the PCA floor)
+PAIRED_VALUES = {"lafs": [60, 62, 61, 65, 63], "dino": [59, 61, 60, 63, 62], "scratch": [58, 61, 60, 62, 60]}
+
+
+def test_paired_differences_floors_and_flags_from_fake_run_folders(tmp_path):
+    """Issue 21: a - b per seed, its mean, sample std and Student-t 95 % interval, by hand; the floors of the runs'
+    eval.json as rows; arms under the PCA-whitened floor marked and their comparisons flagged."""
+    grid = _grid(tmp_path, PAIRED_GRID)
+    root = tmp_path / "root"
+    runs = ex.expand(grid, root)
+    for r in runs:
+        folder = root / r.name
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text(json.dumps({"spec": r.argv, "seconds": 1.0, "steps": 40}))
+        if r.argv[0] == "eval":
+            init, shots = r.values["init"], int(r.values["shots"])
+            acc = PAIRED_VALUES[init][r.seed] + (10 if shots == 2 and init != "scratch" else 0)
+            if shots == 2 and init == "scratch":
+                acc = 50 + r.seed
+            floors = {"raw_pixels": {"accuracy": 0.61}, "pca_whitened": {"accuracy": 0.59},
+                      "untrained": {"accuracy": 0.55 + 0.01 * r.seed}}
+            (folder / "eval.json").write_text(json.dumps({"meta": {}, "results": [{"name": "lfw", "accuracy": acc / 100}],
+                                                          "floors": {"sets": {"lfw": floors}}}))
+    result, md = ex.report(grid, runs, root, "lafs experiment paired")
+    t = result["tables"][0]
+    assert t["floor_rows"] == ["floor: raw pixels", "floor: PCA-whitened", "floor: untrained net"]
+    assert t["cells"]["floor: PCA-whitened"]["1"]["mean"] == pytest.approx(59.0)
+    untrained = t["cells"]["floor: untrained net"]["2"]
+    assert untrained["values"] == pytest.approx([55, 56, 57, 58, 59]) and untrained["std"] == pytest.approx(1.5811, abs=1e-4)
+    assert t["cells"]["scratch"]["2"]["below_floor"] and not t["cells"]["scratch"]["1"]["below_floor"]
+
+    by = {(p["a"], p["b"], p["column"]): p for p in t["paired"]}
+    p = by[("lafs", "scratch", "1")]  # differences 2, 1, 1, 3, 3: mean 2, sample std 1, half-width 2.776 / sqrt 5
+    assert p["differences"] == pytest.approx([2, 1, 1, 3, 3]) and p["seeds"] == [0, 1, 2, 3, 4]
+    assert p["mean"] == pytest.approx(2.0) and p["std"] == pytest.approx(1.0)
+    assert p["ci"] == pytest.approx([2 - 2.776 / math.sqrt(5), 2 + 2.776 / math.sqrt(5)])
+    assert p["below_floor"] == []
+    q = by[("lafs", "dino", "1")]  # differences 1, 1, 1, 2, 1: mean 1.2, std sqrt(0.2)
+    assert q["ci"] == pytest.approx([1.2 - 2.776 * math.sqrt(0.2 / 5), 1.2 + 2.776 * math.sqrt(0.2 / 5)])
+    assert by[("lafs", "scratch", "2")]["below_floor"] == ["scratch"]
+    assert by[("lafs", "scratch", "2")]["mean"] == pytest.approx(np.mean([70, 72, 71, 75, 73]) - 52)
+
+    assert "| floor: PCA-whitened | 59.00 ± 0.00 | 59.00 ± 0.00 |" in md
+    assert "| scratch | 60.20 ± 1.48 | 52.00 ± 1.58 † | 40 |" in md
+    # at 2 shots: differences 20, 21, 19, 22, 19 (mean 20.2, std 1.3038, half-width 2.776 x 1.3038 / sqrt 5 = 1.619)
+    assert "| lafs - scratch | +2.00 [+0.76, +3.24] (n=5) | +20.20 [+18.58, +21.82] (n=5) † |" in md
+    assert "paired differences over seeds, mean [95 % CI]" in md and "below the PCA-whitened floor" in md
+
+
+def test_paired_differences_use_the_seeds_both_arms_have(tmp_path):
+    p = ex.paired_difference({0: 60.0, 1: 62.0, 2: 64.0}, {1: 61.0, 2: 60.0, 3: 50.0})
+    assert p["seeds"] == [1, 2] and p["differences"] == [1.0, 4.0] and p["mean"] == pytest.approx(2.5)
+    assert p["ci"] == pytest.approx([2.5 - 12.706 * math.sqrt(4.5) / math.sqrt(2), 2.5 + 12.706 * math.sqrt(4.5) / math.sqrt(2)])
+    one = ex.paired_difference({0: 1.0}, {0: 0.5})
+    assert one["mean"] == 0.5 and one["ci"] is None and one["std"] is None
+
+
+def test_paired_spec_errors_name_the_table(tmp_path):
+    table = dict(PAIRED_GRID["tables"][0], paired={"axis": "shots", "pairs": [["1", "2"]]})
+    with pytest.raises(ConfigError, match=r"tables\[0\].paired needs 'axis' \(one of the table's rows"):
+        _grid(tmp_path, dict(PAIRED_GRID, tables=[table]))
+    table = dict(PAIRED_GRID["tables"][0], paired={"axis": "init", "pairs": [["lafs"]]})
+    with pytest.raises(ConfigError, match="pairs"):
+        _grid(tmp_path, dict(PAIRED_GRID, tables=[table]))

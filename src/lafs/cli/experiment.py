@@ -23,7 +23,11 @@ A run is known by its name and command line, so grids sharing a root (the defaul
 share their identical runs: the ablation's "paper" pretrainings are the few-shot grid's LAFS runs, trained once.
 
 **Tables** read each run's ``eval.json`` (``lafs eval --out``): rows and columns are axes (or named metrics), cells
-the mean ± sample std over the seeds present. ``results_NAME.json`` and ``results_NAME.md`` go to the root, and
+the mean ± sample std over the seeds present. A table's ``floors: true`` adds the floors its runs' ``eval.json`` hold
+(``lafs eval --floors``) as rows (``floors_by: AXIS``: one untrained-network row per value) and marks cells under the
+PCA-whitened floor; ``paired: {axis, pairs: [[a, b], ...]}`` adds the differences a - b matched by seed, with
+their mean and Student-t 95 % interval over the seeds, flagged where an arm is under that floor.
+``results_NAME.json`` and ``results_NAME.md`` go to the root, and
 ``--results docs/results.md`` replaces the grid's marked section of that file, so the tables there are always
 generated from the raw run folders.
 """
@@ -113,6 +117,18 @@ def load_grid(path: str | Path) -> dict:
     for i, table in enumerate(grid["tables"]):
         if not {"title", "runs", "rows"} <= set(table) or ("metric" in table) == ("metrics" in table):
             raise ConfigError(f"{path}: tables[{i}] needs title, runs, rows and one of metric (+ columns) / metrics")
+        paired = table.get("paired")
+        if paired is not None:
+            pairs = paired.get("pairs") if isinstance(paired, dict) else None
+            if (not isinstance(paired, dict) or paired.get("axis") not in table["rows"] or not pairs
+                    or not all(isinstance(p, list) and len(p) == 2 for p in pairs)):
+                raise ConfigError(f"{path}: tables[{i}].paired needs 'axis' (one of the table's rows "
+                                  f"{table['rows']}) and 'pairs', a list of [a, b] values of it (a - b is shown)")
+        if table.get("floors") and "metric" not in table:
+            raise ConfigError(f"{path}: tables[{i}].floors reads the floors of one metric's set: give 'metric'")
+        if table.get("floors_by") is not None and table["floors_by"] not in table["rows"]:
+            raise ConfigError(f"{path}: tables[{i}].floors_by must be one of the table's rows {table['rows']}, "
+                              f"got {table['floors_by']!r}")
     return grid
 
 
@@ -456,14 +472,130 @@ def aggregate(grid: dict, runs: list[Run], root: str | Path) -> dict:
                     cell["steps"].append(steps(run))
         for row in cells.values():
             for cell in row.values():
-                v = np.asarray(cell["values"], float)
-                cell["mean"] = float(v.mean()) if v.size else None
-                cell["std"] = float(v.std(ddof=1)) if v.size > 1 else None
-        tables.append({"title": spec["title"], "rows": list(dict.fromkeys(rows)),
-                       "columns": list(dict.fromkeys(columns)), "cells": cells, "row_label": " / ".join(spec["rows"]),
-                       "column_label": column_axis or "", "digits": int(spec.get("digits", 2)),
-                       "note": spec.get("note", "")})
+                _summarise(cell)
+        floor_rows = _floor_rows(spec, members, load, labels) if spec.get("floors") else {}
+        pca = floor_rows.get(PCA_FLOOR_ROW, {})
+        for row in cells.values():
+            for column, cell in row.items():
+                floor = pca.get(column, {}).get("mean")
+                cell["below_floor"] = bool(cell["mean"] is not None and floor is not None and cell["mean"] < floor)
+        table = {"title": spec["title"], "rows": list(dict.fromkeys(rows)), "columns": list(dict.fromkeys(columns)),
+                 "cells": cells, "row_label": " / ".join(spec["rows"]), "column_label": column_axis or "",
+                 "digits": int(spec.get("digits", 2)), "note": spec.get("note", ""), "floor_rows": list(floor_rows)}
+        cells.update(floor_rows)
+        if spec.get("paired"):
+            table["paired"] = _paired(spec, members, cells, load, labels, metrics, column_axis)
+        tables.append(table)
     return {"grid": grid["name"], "tables": tables}
+
+
+def _summarise(cell: dict) -> dict:
+    v = np.asarray(cell["values"], float)
+    cell["mean"] = float(v.mean()) if v.size else None
+    cell["std"] = float(v.std(ddof=1)) if v.size > 1 else None
+    return cell
+
+
+PCA_FLOOR_ROW = "floor: PCA-whitened"  # eval.report.FLOOR_LABELS["pca_whitened"]; cells under it are flagged
+
+
+# two-sided 95 % quantiles of Student's t, df = 1..30 (any statistics table)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom: the table to 30, beyond it the
+    Cornish-Fisher series around the normal's 1.95996 (error < 1e-4 there)."""
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 2 values (df >= 1), got df={df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """``a`` and ``b``: seed -> value. The differences a - b on the seeds both have, their mean, sample std and the
+    95 % confidence interval of the mean difference (Student's t over the seeds; none with fewer than 2)."""
+    seeds = sorted(set(a) & set(b))
+    d = np.asarray([a[s] - b[s] for s in seeds], float)
+    out = {"seeds": seeds, "differences": d.tolist(), "n": len(seeds), "mean": float(d.mean()) if d.size else None,
+           "std": float(d.std(ddof=1)) if d.size > 1 else None, "ci": None}
+    if d.size > 1:
+        half = t975(d.size - 1) * out["std"] / np.sqrt(d.size)
+        out["ci"] = [out["mean"] - half, out["mean"] + half]
+    return out
+
+
+def _floor_rows(spec: dict, members: list, load, labels: dict) -> dict:
+    """Rows ``floor: <name>`` of a table: the floors its runs' ``eval.json`` hold for the metric's set (``lafs eval
+    --floors``), one value per seed and column. The untrained network differs by model: with ``floors_by: AXIS`` (e.g.
+    the backbone) one untrained row per value of that axis."""
+    from ..eval.floors import FLOOR_KEYS  # torch: imported only when a table has floors
+    from ..eval.report import FLOOR_LABELS
+
+    set_name, _, key = spec["metric"].partition(":")
+    column_axis, by = spec.get("columns"), spec.get("floors_by")
+    rows: dict = {}
+    for run in members:
+        data = load(run, spec.get("file", "eval.json"))
+        floors = ((data or {}).get("floors") or {}).get("sets", {}).get(set_name, {})
+        column = labels.get(run.values[column_axis], run.values[column_axis]) if column_axis else spec["metric"]
+        for floor in FLOOR_KEYS:
+            if floor not in floors:
+                continue
+            value = floors[floor]
+            try:
+                for part in key.split("/"):
+                    value = value[part]
+            except (KeyError, TypeError):
+                continue  # a metric the floors do not give (e.g. TAR): no floor row for it
+            name = f"floor: {FLOOR_LABELS[floor]}"
+            if floor == "untrained" and by:
+                name += f" ({labels.get(run.values[by], run.values[by])})"
+            cell = rows.setdefault(name, {}).setdefault(column, {"values": [], "seeds": [], "steps": []})
+            if run.seed not in cell["seeds"]:  # the same floor read by every arm of a seed: counted once
+                cell["values"].append(float(spec.get("scale", 1.0)) * float(value))
+                cell["seeds"].append(run.seed)
+    order = {f"floor: {FLOOR_LABELS[k]}": i for i, k in enumerate(FLOOR_KEYS)}
+    for name in rows:
+        for cell in rows[name].values():
+            _summarise(cell)
+    return dict(sorted(rows.items(), key=lambda kv: order.get(kv[0].split(" (")[0], 9)))
+
+
+def _paired(spec: dict, members: list, cells: dict, load, labels: dict, metrics: dict, column_axis) -> list[dict]:
+    """Per pair [a, b] of the ``paired`` axis, per remaining row context and column: a - b matched by seed."""
+    axis, others = spec["paired"]["axis"], [a for a in spec["rows"] if a != spec["paired"]["axis"]]
+    scale = float(spec.get("scale", 1.0))
+    values: dict = {}  # (context, arm value, column) -> {seed: value}
+    for run in members:
+        data = load(run, spec.get("file", "eval.json"))
+        if data is None:
+            continue
+        context = " / ".join(labels.get(run.values[a], run.values[a]) for a in others)
+        for label, metric in metrics.items():
+            column = labels.get(run.values[column_axis], run.values[column_axis]) if column_axis else label
+            values.setdefault((context, run.values[axis], column), {})[run.seed] = scale * metric_value(data, metric)
+    row_of = {}
+    for run in members:
+        row_of[(" / ".join(labels.get(run.values[a], run.values[a]) for a in others), run.values[axis])] = \
+            " / ".join(labels.get(run.values[a], run.values[a]) for a in spec["rows"])
+    out = []
+    contexts = list(dict.fromkeys(c for c, _, _ in values))
+    columns = list(dict.fromkeys(col for _, _, col in values))
+    for context in contexts:
+        for a, b in spec["paired"]["pairs"]:
+            a, b = str(a), str(b)
+            for column in columns:
+                if (context, a, column) not in values or (context, b, column) not in values:
+                    continue
+                diff = paired_difference(values[(context, a, column)], values[(context, b, column)])
+                below = [v for v in (a, b) if cells.get(row_of.get((context, v)), {}).get(column, {}).get("below_floor")]
+                out.append({"context": context, "a": labels.get(a, a), "b": labels.get(b, b), "column": column,
+                            **diff, "below_floor": [labels.get(v, v) for v in below]})
+    return out
 
 
 def _cell(cell: dict, digits: int, seeds: int) -> str:
@@ -474,7 +606,37 @@ def _cell(cell: dict, digits: int, seeds: int) -> str:
         text += f" ± {cell['std']:.{digits}f}"
     if len(cell["values"]) < seeds:
         text += f" (n={len(cell['values'])})"
-    return text
+    return text + (" †" if cell.get("below_floor") else "")
+
+
+def _paired_text(p: dict, digits: int) -> str:
+    if p["mean"] is None:
+        return "–"
+    text = f"{p['mean']:+.{digits}f}"
+    if p["ci"] is not None:
+        text += f" [{p['ci'][0]:+.{digits}f}, {p['ci'][1]:+.{digits}f}]"
+    return text + f" (n={p['n']})" + (" †" if p["below_floor"] else "")
+
+
+def format_paired(t: dict) -> list[str]:
+    """A table's paired differences as Markdown: one row per context and pair, its columns' mean difference
+    [95 % CI] (n seeds); † where an arm sits below the PCA-whitened floor, which makes the comparison
+    uninformative."""
+    paired = t.get("paired") or []
+    if not paired:
+        return []
+    rows = list(dict.fromkeys((p["context"], p["a"], p["b"]) for p in paired))
+    by = {(p["context"], p["a"], p["b"], p["column"]): p for p in paired}
+    head = ["difference"] + [f"{t['column_label']} {c}".strip() if t["column_label"] else str(c) for c in t["columns"]]
+    out = [f"**{t['title']}: paired differences over seeds, mean [95 % CI]**", "", "| " + " | ".join(head) + " |",
+           "|" + "---|" * len(head)]
+    for context, a, b in rows:
+        name = f"{context}: {a} - {b}" if context else f"{a} - {b}"
+        out.append("| " + " | ".join([name] + [_paired_text(by[(context, a, b, c)], t["digits"])
+                                               if (context, a, b, c) in by else "–" for c in t["columns"]]) + " |")
+    out += ["", "Each seed's difference is taken between runs of the same seed; the interval is Student's t over "
+            "the seeds. † an arm of the pair is below the PCA-whitened floor: the comparison says nothing.", ""]
+    return out
 
 
 def _steps_text(cell: dict | None) -> str:
@@ -493,17 +655,20 @@ def format_tables(result: dict, seeds: int) -> str:
         per_row = all(len({s for s in v if s != "–"}) <= 1 for v in steps.values())
         out += [f"**{t['title']}**", "", "| " + " | ".join(head + ["steps"] * per_row) + " |",
                 "|" + "---|" * (len(head) + per_row)]
-        for row in t["rows"]:
-            trained = [next((s for s in steps[row] if s != "–"), "–")] if per_row else []
+        for row in t["rows"] + t.get("floor_rows", []):
+            trained = [next((s for s in steps.get(row, []) if s != "–"), "–")] if per_row else []
             out.append("| " + " | ".join([row] + [_cell(t["cells"][row][c], t["digits"], seeds)
                                                    if c in t["cells"][row] else "–" for c in t["columns"]]
                                          + trained) + " |")
         if not per_row:
             out += ["", "Steps trained:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             out += ["| " + " | ".join([row] + steps[row]) + " |" for row in t["rows"]]
+        if any(c.get("below_floor") for r in t["rows"] for c in t["cells"][r].values()):
+            out += ["", "† below the PCA-whitened floor of its column: its comparisons are uninformative."]
         if t["note"]:
             out += ["", t["note"].strip()]
         out.append("")
+        out += format_paired(t)
     return "\n".join(out)
 
 
