@@ -254,3 +254,69 @@ def test_real_unaligned_lfw_aligns_onto_lfw_bin(shared_data):
     diff_aligned = (warped[centre].float() - aligned[:n][centre].float()).abs().mean()
     diff_raw = (crops[:n][centre].float() - aligned[:n][centre].float()).abs().mean()
     assert diff_aligned < 0.5 * diff_raw, (float(diff_aligned), float(diff_raw))
+
+
+def test_random_similarities_are_seeded_similarities_within_their_ranges():
+    from lafs.eval.robustness import random_similarities
+
+    m, draws = random_similarities(500, 64, rotate=30, scale=(0.7, 1.3), shift=0.15, seed=3)
+    assert m.shape == (500, 2, 3)
+    a, b = m[:, 0, 0], m[:, 1, 0]
+    assert np.allclose(m[:, 1, 1], a) and np.allclose(m[:, 0, 1], -b)  # a similarity, no shear or mirror
+    assert np.allclose(np.hypot(a, b), draws["scale"]) and np.allclose(np.degrees(np.arctan2(b, a)), draws["angle"])
+    assert np.all(np.abs(draws["angle"]) <= 30) and np.abs(draws["angle"]).max() > 25  # the range is used
+    assert np.all((draws["scale"] >= 0.7) & (draws["scale"] <= 1.3)) and np.all(np.abs(draws["shift"]) <= 0.15 * 64)
+    c = np.full(2, 31.5)  # the crop centre goes to centre + shift
+    assert np.allclose(np.einsum("nij,j->ni", m[:, :, :2], c) + m[:, :, 2], c + draws["shift"])
+    again, _ = random_similarities(500, 64, rotate=30, scale=(0.7, 1.3), shift=0.15, seed=3)
+    assert np.array_equal(m, again) and not np.allclose(m, random_similarities(500, 64, seed=4)[0])
+    ident, _ = random_similarities(3, 64, rotate=0, scale=(1, 1), shift=0)
+    assert np.allclose(ident, np.eye(2, 3))
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        random_similarities(3, 64, scale=(1.3, 0.7))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        random_similarities(3, 64, rotate=-1)
+
+
+def test_data_misalign_moves_pixels_and_keypoints_together(tmp_path, capsys):
+    """A white dot at each image's first keypoint ends up at the moved first keypoint; the pairs are kept; the same
+    seed writes the same set; bad input is named."""
+    from lafs.cli import main
+    from lafs.data.datasets import encode_image
+    from lafs.data.pairs import load_bin, write_bin
+
+    rng = np.random.default_rng(0)
+    n, size = 8, 64
+    kps = rng.uniform(20, 44, (n, 5, 2)).astype(np.float32)
+    images = []
+    for k in kps:
+        img = np.zeros((size, size, 3), np.uint8)
+        x, y = np.round(k[0]).astype(int)
+        img[y - 1:y + 2, x - 1:x + 2] = 255
+        images.append(img)
+        k[0] = (x, y)  # the dot's centre pixel
+    write_bin(tmp_path / "s.bin", [encode_image(i, quality=100) for i in images], [True, False, True, False])
+    np.save(tmp_path / "s_kps.npy", kps)
+    args = ["data", "misalign", str(tmp_path / "s.bin"), "-o", str(tmp_path / "m.bin"), "--rotate", "30",
+            "--scale", "0.9", "1.1", "--shift", "0.05", "--seed", "1"]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    out, issame = load_bin(tmp_path / "m.bin")
+    moved = np.load(tmp_path / "m_kps.npy")
+    affines = np.load(tmp_path / "m_affines.npy")
+    assert out.shape == (n, 3, size, size) and issame.tolist() == [True, False, True, False]
+    assert moved.shape == (n, 5, 2) and affines.shape == (n, 2, 3)
+    for img, k, m in zip(out.numpy(), moved, affines):
+        y, x = np.unravel_index(img[0].argmax(), img[0].shape)
+        assert abs(x - k[0, 0]) <= 1.5 and abs(y - k[0, 1]) <= 1.5  # the dot's brightest pixel sits on the keypoint
+    first = (tmp_path / "m.bin").read_bytes()
+    assert main(args[:4] + [str(tmp_path / "m2.bin")] + args[5:]) == 0
+    assert (tmp_path / "m2.bin").read_bytes() == first
+    assert main(["data", "misalign", str(tmp_path / "s.bin"), "-o", str(tmp_path / "x.bin"), "--scale", "1.2", "0.8"]) == 2
+    assert "0 < low <= high" in capsys.readouterr().err
+    (tmp_path / "s_kps.npy").unlink()
+    assert main(["data", "misalign", str(tmp_path / "s.bin"), "-o", str(tmp_path / "x.bin")]) == 2
+    assert "s_kps.npy not found" in capsys.readouterr().err
+    assert main(["data", "misalign", str(tmp_path / "s.bin"), "-o", str(tmp_path / "s.bin"),
+                 "--keypoints", str(tmp_path / "m_kps.npy")]) == 2
+    assert "overwrite its input" in capsys.readouterr().err

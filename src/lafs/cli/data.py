@@ -1,4 +1,4 @@
-"""``lafs data pack | detect | bin | subset | align | synth | check``: building and checking face data."""
+"""``lafs data pack | detect | bin | subset | align | misalign | synth | check``: building and checking face data."""
 
 from __future__ import annotations
 
@@ -72,6 +72,17 @@ def cmd_data_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_misalign(args: argparse.Namespace) -> int:
+    from ..data.tools import misalign_set
+
+    try:
+        print(misalign_set(args.set, args.out, keypoints=args.keypoints, rotate=args.rotate, scale=args.scale,
+                           shift=args.shift, seed=args.seed, border=args.border))
+    except ValueError as err:
+        raise ConfigError(f"lafs data misalign: {err}") from None
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -107,7 +118,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``data`` and its subcommands to the ``lafs`` subcommands."""
-    data = sub.add_parser("data", help="pack, build, subset, align, synthesise and check face data").add_subparsers(
+    data = sub.add_parser("data", help="pack, build, subset, align, misalign, synthesise and check face data").add_subparsers(
         dest="data_command", required=True
     )
     p = data.add_parser("pack", help="image folder (identity/image.jpg, or any folder with --list) -> insightface "
@@ -168,6 +179,19 @@ def register(sub) -> None:
     p.add_argument("--list", metavar="LIST.csv", help="the folder's images: lines 'path' or 'path,label'")
     p.add_argument("--size", type=int, default=112)
     p.set_defaults(func=cmd_data_align)
+    p = data.add_parser("misalign", help="a .bin + its keypoints -> a seeded misaligned copy (each image warped by a "
+                        "random similarity, keypoints moved with it): robustness beyond the training range")
+    p.add_argument("set", help="the .bin to misalign (keypoints: its <stem>_kps.npy or --keypoints)")
+    p.add_argument("-o", "--out", required=True, help="output .bin (+ <stem>_kps.npy, <stem>_affines.npy)")
+    p.add_argument("--keypoints", metavar="KPS.npy", help="(images, 5, 2) pixels, one row per image of the set")
+    p.add_argument("--rotate", type=float, default=30.0, help="rotation uniform in +-DEG (default 30)")
+    p.add_argument("--scale", type=float, nargs=2, default=(0.7, 1.3), metavar=("LOW", "HIGH"),
+                   help="scale uniform in [LOW, HIGH] (default 0.7 1.3)")
+    p.add_argument("--shift", type=float, default=0.15, help="shift of each axis uniform in +-FRACTION of the side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--border", choices=("constant", "replicate", "reflect"), default="constant",
+                   help="what fills the uncovered pixels (constant: black, as align_face)")
+    p.set_defaults(func=cmd_data_misalign)
     p = data.add_parser("synth", help="procedural synthetic identities -> .rec/.idx + keypoints")
     p.add_argument("--identities", type=int, required=True)
     p.add_argument("--images-per-id", type=int, required=True)

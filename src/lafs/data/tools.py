@@ -1,4 +1,4 @@
-"""The file work of ``lafs data detect``, ``align`` and ``bin``: sets in, keypoint sidecars and aligned crops out.
+"""The file work of ``lafs data detect``, ``align``, ``bin`` and ``misalign``: sets in, keypoint sidecars and aligned crops out.
 
 Image folders come in the layouts of :mod:`lafs.data.sources` (identity folders, a flat folder, or a ``path[,label]``
 list); keypoint rows follow that order. The detector is the optional extra of :mod:`lafs.data.detect`, imported only
@@ -137,3 +137,32 @@ def bin_keypoints(bin_path: str | Path, image_paths: list[Path], image_root: str
         rows = np.stack([detector.detect_keypoints(decode_image(p.read_bytes(), "rgb", str(p)), str(p),
                                                    upsample=upsample) for p in image_paths]).astype(np.float32)
     return atomic_write(sidecar_keypoints(bin_path), lambda fh: np.save(fh, rows))
+
+
+def misalign_set(bin_path: str | Path, out: str | Path, *, keypoints: str | Path | None = None, rotate: float = 30.0,
+                 scale=(0.7, 1.3), shift: float = 0.15, seed: int = 0, border: str = "constant") -> str:
+    """A misaligned copy of a verification set: every image warped by its own seeded similarity
+    (``eval.robustness.random_similarities``) with its keypoints moved with the pixels. Writes ``out`` (.bin, the same
+    pairs), ``<out stem>_kps.npy`` and ``<out stem>_affines.npy`` (the (N, 2, 3) warps). Returns a
+    summary line."""
+    from ..eval.robustness import random_similarities, warp_crops
+    from .pairs import load_bin, load_set_keypoints, sidecar_keypoints, write_bin
+
+    bin_path, out = Path(bin_path), Path(out)
+    if out.resolve() == bin_path.resolve():
+        raise ValueError(f"{out}: the output would overwrite its input set")
+    images, issame = load_bin(bin_path)
+    kps = load_set_keypoints(bin_path, keypoints, len(images))
+    affines, draws = random_similarities(len(images), images.shape[-1], rotate=rotate, scale=scale, shift=shift,
+                                         seed=seed)
+    warped, moved = warp_crops(images, kps, affines, border=border)
+    # JPEG at quality 95 as every set here; PNG would make LFW's 12,000 images 4x larger
+    write_bin(out, [encode_image(np.ascontiguousarray(img), quality=95) for img in warped.permute(0, 2, 3, 1).numpy()],
+              issame)
+    kps_path = atomic_write(sidecar_keypoints(out), lambda fh: np.save(fh, moved.astype(np.float32)))
+    aff_path = atomic_write(out.with_name(out.stem + "_affines.npy"), lambda fh: np.save(fh, affines))
+    inside = float(np.mean(np.all((moved >= 0) & (moved <= images.shape[-1] - 1), axis=(1, 2))))
+    return (f"wrote {out} ({len(issame)} pairs, {len(images)} images warped: rotation +-{rotate:g} deg, scale "
+            f"{scale[0]:g}-{scale[1]:g}, shift +-{100 * shift:g} %, seed {seed}; |angle| mean "
+            f"{np.abs(draws['angle']).mean():.1f} deg; {100 * inside:.1f} % of faces keep all 5 keypoints inside), "
+            f"{kps_path.name}, {aff_path.name}")

@@ -112,6 +112,31 @@ def warp_crops(images: torch.Tensor, keypoints, affines, size: int | None = None
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), moved
 
 
+def random_similarities(n: int, size: int, *, rotate: float = 30.0, scale=(0.7, 1.3), shift: float = 0.15,
+                        seed: int = 0) -> tuple[np.ndarray, dict]:
+    """``n`` seeded similarities of ``size x size`` crops about the crop centre: rotation uniform in +-``rotate``
+    degrees, scale uniform in ``scale``, shift of each axis uniform in +-``shift`` x size. The KP-RPE paper's
+    robustness claim (§4.4) is about misalignment; this makes a test set beyond the training range of the
+    ``misalign`` augmentation (+-20 degrees, scale 0.8-1.2, shift 10 %). Returns ((n, 2, 3) affines, the draws:
+    ``angle`` degrees, ``scale``, ``shift`` (n, 2) pixels)."""
+    lo, hi = (float(v) for v in scale)
+    if not rotate >= 0 or not shift >= 0:
+        raise ValueError(f"rotate ({rotate}) and shift ({shift}) must be >= 0")
+    if not 0 < lo <= hi:
+        raise ValueError(f"scale range ({lo}, {hi}) must satisfy 0 < low <= high")
+    rng = np.random.default_rng(seed)
+    angle = rng.uniform(-rotate, rotate, n)
+    s = rng.uniform(lo, hi, n)
+    d = rng.uniform(-shift, shift, (n, 2)) * size
+    th = np.deg2rad(angle)
+    m = np.zeros((n, 2, 3))
+    m[:, 0, 0], m[:, 0, 1] = s * np.cos(th), -s * np.sin(th)
+    m[:, 1, 0], m[:, 1, 1] = s * np.sin(th), s * np.cos(th)
+    c = np.full(2, (size - 1) / 2.0)  # pixel centres at integer coordinates, as cv2.warpAffine
+    m[:, :, 2] = c + d - np.einsum("nij,j->ni", m[:, :, :2], c)
+    return m, {"angle": angle, "scale": s, "shift": d}
+
+
 def affine_sensitivity(
     embed_fn: Callable,
     images: torch.Tensor,
