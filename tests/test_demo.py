@@ -206,7 +206,7 @@ def test_real_source_splits_identities_and_reads_the_sets(tmp_path):
     from lafs.data.fewshot import load_index
 
     _celeba_like(tmp_path / "data", [3, 2, 4, 1, 3, 2])  # identities 0..5; the split is 3
-    src = RealSource(tmp_path, 2, 0, None, tmp_path / "data")
+    src = RealSource(tmp_path, 2, 0, None, tmp_path / "data", fraction=1.0)
     assert src.split == 3 and src.stage1_positions.tolist() == list(range(9))
     few = src.fewshot_positions
     # identity 3 (position 9) has one image: left out; identity 4 is at 10..12, identity 5 at 13, 14
@@ -220,6 +220,27 @@ def test_real_source_splits_identities_and_reads_the_sets(tmp_path):
     assert list(sets) == ["celeba64_val"] and sets["celeba64_val"][0].shape == (8, 3, 64, 64)
     assert sets["celeba64_val"][1].tolist() == [True, False, True, False]
     assert src.fit_images().shape == (15, 3, 32, 32)
+
+
+def test_real_source_fewshot_takes_a_seeded_fraction_of_the_identities(tmp_path):
+    """The few-shot set takes round(fraction x eligible) second-half identities (at least one), `shots` images of
+    each, chosen by the seed; the description says how many."""
+    from lafs.cli.demo import RealSource
+
+    # identities 0..9, 3 images each; the split is 5: identities 5..9 eligible at 2 shots
+    _celeba_like(tmp_path / "data", [3] * 10)
+    picks = set()
+    for seed in range(6):
+        src = RealSource(tmp_path, 2, seed, None, tmp_path / "data", fraction=0.4)
+        few = src.fewshot_positions
+        ids = sorted({int(p) // 3 for p in few})
+        assert src.fewshot_identities == 2 and len(few) == 4 and len(ids) == 2 and all(5 <= i <= 9 for i in ids)
+        assert "few-shot: 2 of identities 5..9 x 2 shots, 4 images" in src.describe()
+        picks.add(tuple(ids))
+    assert len(picks) > 1  # the seed chooses
+    assert RealSource(tmp_path, 2, 0, None, tmp_path / "data", fraction=0.01).fewshot_identities == 1
+    assert (RealSource(tmp_path, 2, 3, None, tmp_path / "data", fraction=0.4).fewshot_positions.tolist()
+            == RealSource(tmp_path, 2, 3, None, tmp_path / "data", fraction=0.4).fewshot_positions.tolist())
 
 
 def test_real_demo_errors_name_the_missing_file(tmp_path, capsys):
