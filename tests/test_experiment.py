@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from lafs.cli import experiment as ex
+from lafs.cli import experiment_tables as tables
 from lafs.cli import main
 from lafs.config import ConfigError
 
@@ -421,11 +422,11 @@ def test_a_claim_appears_with_its_pid_and_an_unwritten_one_is_not_taken_over(tmp
 
 
 def test_t975_matches_the_t_table():
-    assert ex.t975(1) == pytest.approx(12.706) and ex.t975(4) == pytest.approx(2.776)
-    assert ex.t975(30) == pytest.approx(2.042)
-    assert ex.t975(40) == pytest.approx(2.0211, abs=2e-4) and ex.t975(120) == pytest.approx(1.9799, abs=2e-4)
+    assert tables.t975(1) == pytest.approx(12.706) and tables.t975(4) == pytest.approx(2.776)
+    assert tables.t975(30) == pytest.approx(2.042)
+    assert tables.t975(40) == pytest.approx(2.0211, abs=2e-4) and tables.t975(120) == pytest.approx(1.9799, abs=2e-4)
     with pytest.raises(ValueError, match="at least 2 values"):
-        ex.t975(0)
+        tables.t975(0)
 
 
 PAIRED_GRID = {
@@ -490,10 +491,10 @@ def test_paired_differences_floors_and_flags_from_fake_run_folders(tmp_path):
 
 
 def test_paired_differences_use_the_seeds_both_arms_have(tmp_path):
-    p = ex.paired_difference({0: 60.0, 1: 62.0, 2: 64.0}, {1: 61.0, 2: 60.0, 3: 50.0})
+    p = tables.paired_difference({0: 60.0, 1: 62.0, 2: 64.0}, {1: 61.0, 2: 60.0, 3: 50.0})
     assert p["seeds"] == [1, 2] and p["differences"] == [1.0, 4.0] and p["mean"] == pytest.approx(2.5)
     assert p["ci"] == pytest.approx([2.5 - 12.706 * math.sqrt(4.5) / math.sqrt(2), 2.5 + 12.706 * math.sqrt(4.5) / math.sqrt(2)])
-    one = ex.paired_difference({0: 1.0}, {0: 0.5})
+    one = tables.paired_difference({0: 1.0}, {0: 0.5})
     assert one["mean"] == 0.5 and one["ci"] is None and one["std"] is None
 
 
