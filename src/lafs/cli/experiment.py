@@ -466,7 +466,7 @@ def aggregate(grid: dict, runs: list[Run], root: str | Path) -> dict:
                  "digits": int(spec.get("digits", 2)), "note": spec.get("note", ""), "floor_rows": list(floor_rows)}
         cells.update(floor_rows)
         if spec.get("paired"):
-            table["paired"] = _paired(spec, members, cells, load, labels, metrics, column_axis)
+            table["paired"] = _paired(spec, members, cells, labels)
         tables.append(table)
     return {"grid": grid["name"], "tables": tables}
 

@@ -101,34 +101,26 @@ def _floor_rows(spec: dict, members: list, load, labels: dict) -> dict:
     return dict(sorted(rows.items(), key=lambda kv: order.get(kv[0].split(" (")[0], 9)))
 
 
-def _paired(spec: dict, members: list, cells: dict, load, labels: dict, metrics: dict, column_axis) -> list[dict]:
-    """Per pair [a, b] of the ``paired`` axis, per remaining row context and column: a - b matched by seed."""
-    axis, others = spec["paired"]["axis"], [a for a in spec["rows"] if a != spec["paired"]["axis"]]
-    scale = float(spec.get("scale", 1.0))
-    values: dict = {}  # (context, arm value, column) -> {seed: value}
-    for run in members:
-        data = load(run, spec.get("file", "eval.json"))
-        if data is None:
-            continue
-        context = " / ".join(labels.get(run.values[a], run.values[a]) for a in others)
-        for label, metric in metrics.items():
-            column = labels.get(run.values[column_axis], run.values[column_axis]) if column_axis else label
-            values.setdefault((context, run.values[axis], column), {})[run.seed] = scale * metric_value(data, metric)
-    row_of = {}
-    for run in members:
-        row_of[(" / ".join(labels.get(run.values[a], run.values[a]) for a in others), run.values[axis])] = \
-            " / ".join(labels.get(run.values[a], run.values[a]) for a in spec["rows"])
+def _paired(spec: dict, members: list, cells: dict, labels: dict) -> list[dict]:
+    """Per pair [a, b] of the ``paired`` axis, per remaining row context and column: a - b matched by seed, from the
+    table's cells (their ``seeds`` and ``values``)."""
+    axis = spec["paired"]["axis"]
+    others = [a for a in spec["rows"] if a != axis]
+    name = lambda run, axes: " / ".join(labels.get(run.values[a], run.values[a]) for a in axes)
+    row_of = {(name(run, others), run.values[axis]): name(run, spec["rows"]) for run in members}
     out = []
-    contexts = list(dict.fromkeys(c for c, _, _ in values))
-    columns = list(dict.fromkeys(col for _, _, col in values))
-    for context in contexts:
+    for context in dict.fromkeys(c for c, _ in row_of):
         for a, b in spec["paired"]["pairs"]:
             a, b = str(a), str(b)
-            for column in columns:
-                if (context, a, column) not in values or (context, b, column) not in values:
+            if (context, a) not in row_of or (context, b) not in row_of:
+                continue
+            row_a, row_b = cells[row_of[(context, a)]], cells[row_of[(context, b)]]
+            for column in row_a:
+                if column not in row_b:
                     continue
-                diff = paired_difference(values[(context, a, column)], values[(context, b, column)])
-                below = [v for v in (a, b) if cells.get(row_of.get((context, v)), {}).get(column, {}).get("below_floor")]
+                diff = paired_difference(dict(zip(row_a[column]["seeds"], row_a[column]["values"])),
+                                         dict(zip(row_b[column]["seeds"], row_b[column]["values"])))
+                below = [v for v, row in ((a, row_a), (b, row_b)) if row[column].get("below_floor")]
                 out.append({"context": context, "a": labels.get(a, a), "b": labels.get(b, b), "column": column,
                             **diff, "below_floor": [labels.get(v, v) for v in below]})
     return out
