@@ -105,6 +105,44 @@ def test_minmax_rescale_by_hand():
     assert raw.grad[0, 3].item() == pytest.approx(-111 * 1 / 16)
 
 
+def test_minmax_rescale_per_axis_by_hand():
+    # layout (x0, y0, x1, y1, x2, y2): x over (2, 3), y over (4, 6); joint, the x values would share the y range
+    raw = torch.tensor([[2.0, 4.0, 3.0, 6.0, 2.5, 5.0], [-1.0, 1.0, 0.0, 0.5, -0.5, 0.75]], requires_grad=True)
+    out = minmax_rescale(raw, 112, "per_axis")
+    expected = torch.tensor([[0.0, 0.0, 111.0, 111.0, 55.5, 55.5], [0.0, 111.0, 111.0, 0.0, 55.5, 55.5]])
+    torch.testing.assert_close(out, expected)
+    # x2 = 2.5 depends on the x values alone: d/d x2 = 111 / (3 - 2); through the min x0 and the max x1,
+    # -111 (3 - 2.5) / 1 and -111 (2.5 - 2) / 1; nothing through the y values
+    out[0, 4].backward()
+    torch.testing.assert_close(raw.grad[0], torch.tensor([-55.5, 0.0, -55.5, 0.0, 111.0, 0.0]))
+    assert not raw.grad[1].any()
+
+
+def test_per_axis_rescale_spreads_a_collapsed_band_over_the_face():
+    """Landmarks whose raw x sit in a narrow band: joint keeps the band, per axis stretches it over the width."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.stack([0.5 + 0.01 * torch.rand(3, 49, generator=g), torch.rand(3, 49, generator=g)], dim=-1)
+    raw = xy.flatten(1)
+    joint = minmax_rescale(raw, 56).view(3, 49, 2)
+    axis = minmax_rescale(raw, 56, "per_axis").view(3, 49, 2)
+    width = lambda lm: (lm[..., 0].amax(1) - lm[..., 0].amin(1))  # noqa: E731
+    assert (width(joint) < 1.0).all()
+    torch.testing.assert_close(width(axis), torch.full((3,), 55.0))
+    torch.testing.assert_close(axis[..., 1].amax(1) - axis[..., 1].amin(1), torch.full((3,), 55.0))
+
+
+def test_landmark_rescale_option_reaches_the_cnn_and_bad_names_are_refused():
+    from lafs.config import ConfigError, load_config
+
+    model = build_backbone("part_fvit", "micro", landmark_rescale="per_axis")
+    assert model.landmark_cnn.rescale == "per_axis"
+    assert build_backbone("part_fvit", "micro").landmark_cnn.rescale == "joint"
+    lm = model.eval()(torch.rand(2, 3, 56, 56) * 2 - 1)["landmarks"]
+    torch.testing.assert_close(lm.amax(1) - lm.amin(1), torch.full((2, 2), 55.0), atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="landmark_rescale"):
+        load_config(None, ["model.landmark_rescale=diagonal"])
+
+
 # --- patch sampling ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["centred", "reference"])

@@ -396,6 +396,26 @@ def test_finetune_init_from_another_architecture_is_refused(tmp_path, capsys):
     assert code == 0 and f"{checkpoints_in(same / 'checkpoints')[-1]} [model]: loaded" in stdout
 
 
+def test_landmark_cnn_trained_with_another_rescale_is_refused(tmp_path, capsys):
+    """A stage 1 trained with per-axis landmark rescaling gives another landmark map under the joint one: finetune and
+    pretraining from it refuse a mismatched model.landmark_rescale and name the value to set."""
+    from conftest import lafs_cli
+
+    stage1 = tmp_path / "stage1"
+    assert lafs_cli(capsys, "train", *BASE, "train.steps=1", "model.landmark_rescale=per_axis", "--out", str(stage1),
+                    "--quiet")[0] == 0
+    ckpt = checkpoints_in(stage1 / "checkpoints")[-1]
+    code, _, err = lafs_cli(capsys, "finetune", *BASE, "train.steps=1", "--landmark-init", str(ckpt),
+                            "--out", str(tmp_path / "ft"), "--quiet")
+    assert code == 2 and "model.landmark_rescale=per_axis, this run has joint" in err
+    code, _, err = lafs_cli(capsys, "pretrain", *BASE, "ssl.method=lafs", f"ssl.landmark_init={ckpt}",
+                            "train.steps=1", "--out", str(tmp_path / "pre"), "--quiet")
+    assert code == 2 and "set model.landmark_rescale=per_axis" in err
+    code, _, _ = lafs_cli(capsys, "finetune", *BASE, "train.steps=1", "model.landmark_rescale=per_axis",
+                          "--landmark-init", str(ckpt), "--out", str(tmp_path / "ft2"), "--quiet")
+    assert code == 0
+
+
 def test_train_cli_rejects_unknown_key(tmp_path, capsys):
     from lafs.cli import main
 

@@ -49,7 +49,7 @@ def _registries() -> dict[str, tuple]:
     from .augment.supervised import PRESETS as AUGMENT_PRESETS
     from .data.datasets import COLORS, SOURCES
     from .heads.margin import HEADS
-    from .models import part_fvit, rpe, vit
+    from .models import landmark_cnn, part_fvit, rpe, vit
     from .models.precision import AMP_CHOICES
     from .models.registry import BACKBONES
     from .ssl import METHODS, TEACHER_TEMP_PRESETS
@@ -60,7 +60,8 @@ def _registries() -> dict[str, tuple]:
         "backbones": tuple(BACKBONES), "drop_path_schedules": vit.DROP_PATH_SCHEDULES, "attn_scales": vit.ATTN_SCALES,
         "pools": vit.POOLS, "token_inits": vit.TOKEN_INITS, "mlp_acts": vit.MLP_ACTS, "weight_inits": vit.WEIGHT_INITS,
         "rpes": vit.RPES, "irpe_modes": rpe.IRPE_MODES, "kprpe_variants": rpe.KPRPE_VARIANTS,
-        "patch_layouts": part_fvit.PATCH_LAYOUTS, "keypoint_sources": part_fvit.KEYPOINT_SOURCES, "heads": HEADS,
+        "patch_layouts": part_fvit.PATCH_LAYOUTS, "landmark_rescales": landmark_cnn.RESCALES,
+        "keypoint_sources": part_fvit.KEYPOINT_SOURCES, "heads": HEADS,
         "colors": COLORS, "augment_presets": tuple(AUGMENT_PRESETS),
         "ssl_methods": ("none", *METHODS),  # none: supervised, `lafs train`
         "teacher_temp_schedules": tuple(TEACHER_TEMP_PRESETS), "shuffle_scopes": SHUFFLE_SCOPES,
@@ -110,6 +111,9 @@ class ModelConfig:
     patch_layout: Optional[str] = registered(None, "patch_layouts")
     landmark_width_mult: Optional[float] = None
     landmark_dropout: Optional[float] = None
+    # the landmark CNN's min-max rescale: joint over x and y (Part fViT's code) or per_axis (models/landmark_cnn.py)
+    landmark_rescale: Optional[str] = registered(None, "landmark_rescales",
+                                                 "joint: reference code; per_axis: x and y each span the face")
     width: Optional[int] = None
     mlp_act: Optional[str] = registered(None, "mlp_acts")
     weight_init: Optional[str] = registered(None, "weight_inits")

@@ -5,6 +5,11 @@ A truncated MobileNetV3-Large trunk (Howard et al. 2019, Table 1: stem + 15 bott
 each sample are min-max rescaled *jointly* (x and y together) to ``[0, img_size - 1]`` pixels, so every
 sample has one coordinate at exactly 0 and one at exactly ``img_size - 1``; gradients flow through the
 min and the max. No landmark supervision: the CNN learns through the patch sampler.
+
+``rescale="per_axis"`` (not the reference's) rescales x and y each over its own min and max, so the landmarks span
+the face's full width and height. The joint rescale only pins the extremes of all 2R numbers: a CNN trained by the
+identity loss alone can put every x in a narrow band while the y values take the full range (seen in the demo's
+stage 1, landmarks collapsed onto a vertical strip down the nose); per axis, that band is stretched over the face.
 Output ``B x R x 2`` in (x, y) pixel coordinates (pixel centres at integers).
 """
 
@@ -117,8 +122,18 @@ class MobileNetV3Trunk(nn.Module):
         return self.features(x)
 
 
-def minmax_rescale(raw: Tensor, size: int) -> Tensor:
-    """Per-sample joint min-max rescale of B x 2R raw outputs to ``[0, size - 1]`` (differentiable)."""
+RESCALES = ("joint", "per_axis")
+
+
+def minmax_rescale(raw: Tensor, size: int, mode: str = "joint") -> Tensor:
+    """Per-sample min-max rescale of B x 2R raw outputs, laid out (x0, y0, x1, y1, ...), to ``[0, size - 1]``
+    (differentiable): over all 2R values together (``joint``, the reference code) or over the R x values and the R
+    y values separately (``per_axis``). Returns B x 2R in the same layout."""
+    if mode == "per_axis":
+        xy = raw.view(raw.shape[0], -1, 2)
+        lo = xy.min(dim=1, keepdim=True).values
+        hi = xy.max(dim=1, keepdim=True).values
+        return ((xy - lo) / (hi - lo).clamp_min(1e-12) * (size - 1)).view_as(raw)
     lo = raw.min(dim=1, keepdim=True).values
     hi = raw.max(dim=1, keepdim=True).values
     return (raw - lo) / (hi - lo).clamp_min(1e-12) * (size - 1)
@@ -128,9 +143,13 @@ class LandmarkCNN(nn.Module):
     """Predicts ``num_landmarks`` (x, y) pixel positions per face. ``forward(x in [-1, 1]) -> B x R x 2``."""
 
     def __init__(
-        self, num_landmarks: int = 196, img_size: int = 112, width_mult: float = 1.0, dropout: float = 0.5
+        self, num_landmarks: int = 196, img_size: int = 112, width_mult: float = 1.0, dropout: float = 0.5,
+        rescale: str = "joint",
     ) -> None:
         super().__init__()
+        if rescale not in RESCALES:
+            raise ValueError(f"landmark rescale must be one of {RESCALES}, got {rescale!r}")
+        self.rescale = rescale
         self.num_landmarks = num_landmarks
         self.img_size = img_size
         self.trunk = MobileNetV3Trunk(width_mult)
@@ -147,4 +166,4 @@ class LandmarkCNN(nn.Module):
         with cnn_precision(x, amx_pays=False):
             feats = F.adaptive_avg_pool2d(self.trunk(x.float()), 1).flatten(1)
         raw = self.output_layer(self.dropout(feats))
-        return minmax_rescale(raw, self.img_size).view(-1, self.num_landmarks, 2)
+        return minmax_rescale(raw, self.img_size, self.rescale).view(-1, self.num_landmarks, 2)

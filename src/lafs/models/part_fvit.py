@@ -112,6 +112,7 @@ class PartFViT(nn.Module):
         patch_layout: str = "centred",
         landmark_width_mult: float = 1.0,
         landmark_dropout: float = 0.5,
+        landmark_rescale: str = "joint",
         keypoint_source: str = "data",
         **encoder_kwargs,
     ) -> None:
@@ -129,7 +130,8 @@ class PartFViT(nn.Module):
         self.num_landmarks = num_landmarks
         self.num_tokens = num_landmarks
         self.patch_layout = patch_layout
-        self.landmark_cnn = LandmarkCNN(num_landmarks, img_size, landmark_width_mult, landmark_dropout)
+        self.landmark_cnn = LandmarkCNN(num_landmarks, img_size, landmark_width_mult, landmark_dropout,
+                                        landmark_rescale)
         self.encoder = ViTEncoder(
             token_dim=patch_size * patch_size * in_chans, num_tokens=num_landmarks, img_size=img_size,
             patch_size=patch_size, **encoder_kwargs

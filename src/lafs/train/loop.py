@@ -556,9 +556,9 @@ class Trainer:
                     record.update(first_steps=self.untimed_steps, first_steps_s=result.first_steps_s)
                 if self.budget_pending:
                     self._time_budget(logger)
-                # the loss and every logged scalar in one all-reduce (one host sync per step)
-                names = ["loss", *extras]
-                means = torch.stack([torch.stack(losses).mean()] + [torch.stack(v).mean() for v in extras.values()])
+                # the loss and every logged scalar in one all-reduce (one host sync per step), on the loss's device
+                names, loss_mean = ["loss", *extras], torch.stack(losses).mean()
+                means = torch.stack([loss_mean] + [torch.stack(v).mean().to(loss_mean.device) for v in extras.values()])
                 record.update(zip(names, all_reduce_mean(means).tolist()))
                 loss_value = record["loss"]
                 result.losses.append(loss_value)

@@ -273,7 +273,8 @@ class PretrainTask(nn.Module):
         entropy = teacher_entropy_tensor(list(teacher_out), self.loss_fn.center, self.teacher_temp)
         dino = self.loss_fn(student_out, list(teacher_out), self.teacher_temp)
         loss = dino + self.koleo_weight * out["koleo"] if "koleo" in out else dino
-        return {"loss": loss, "teacher_temp": torch.tensor(self.teacher_temp), "teacher_entropy": entropy,
+        temp = torch.tensor(self.teacher_temp, device=loss.device)  # beside the loss: the loop stacks them
+        return {"loss": loss, "teacher_temp": temp, "teacher_entropy": entropy,
                 **({"dino_loss": dino.detach(), "koleo": out["koleo"].detach()} if "koleo" in out else {})}
 
 
@@ -281,7 +282,7 @@ def build_pretrain_task(cfg, log=print) -> PretrainTask:
     """Backbone from ``model``, its landmark CNN from ``ssl.landmark_init`` (Part fViT), the task from ``ssl``."""
     from ..config import ConfigError
     from ..models import build_backbone
-    from .pretrained import load_pretrained
+    from .pretrained import load_pretrained, require_same_rescale
 
     ssl = cfg.ssl
     backbone = build_backbone(cfg.model.name, cfg.model.size, **cfg.model.overrides())
@@ -289,6 +290,10 @@ def build_pretrain_task(cfg, log=print) -> PretrainTask:
         if not ssl.landmark_init:
             raise ConfigError("ssl.landmark_init: pretraining a Part fViT needs a trained landmark CNN (the checkpoint "
                               "of a supervised Part fViT run, `lafs train`); it stays frozen (LAFS §3.2)")
+        try:
+            require_same_rescale(ssl.landmark_init, cfg.model.landmark_rescale, "ssl.landmark_init")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         report = load_pretrained(backbone, ssl.landmark_init, only_prefix="landmark_cnn.")
         if not report.loaded:
             raise ConfigError(f"ssl.landmark_init: {ssl.landmark_init} holds no landmark_cnn.* tensors of this shape")

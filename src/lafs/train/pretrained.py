@@ -117,6 +117,24 @@ def source_architecture(path: str | Path) -> str:
     return f"{model['name']}-{model.get('size', '?')}"
 
 
+def require_same_rescale(path: str | Path, rescale: str | None, what: str) -> None:
+    """A ``ValueError`` when the checkpoint at ``path`` stores a landmark CNN trained with another min-max rescale
+    (``model.landmark_rescale``, models/landmark_cnn.py) than this run's: its weights would place the landmarks
+    elsewhere. None and an absent value both mean the reference's ``joint``."""
+    import yaml
+
+    from ..checkpoint import config_text
+
+    try:
+        model = (yaml.safe_load(config_text(path) or "") or {}).get("model") or {}
+    except (ValueError, OSError, yaml.YAMLError):
+        return  # no stored config (a converted or foreign file): nothing to compare
+    held, want = model.get("landmark_rescale") or "joint", rescale or "joint"
+    if held != want:
+        raise ValueError(f"{what}: {path} holds a landmark CNN trained with model.landmark_rescale={held}, this run "
+                         f"has {want}; set model.landmark_rescale={held}")
+
+
 def require_match(report: LoadReport, target: str, what: str) -> LoadReport:
     """``report``, or a ``ValueError`` naming the checkpoint and both architectures when not one tensor fitted the
     model ``target`` (``name-size``): a finetune from random weights would otherwise pass for a finetune."""

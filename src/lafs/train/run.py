@@ -14,7 +14,7 @@ from ..io import atomic_write_bytes
 from ..models import build_backbone
 from .distributed import DistEnv, barrier, broadcast_object, setup, teardown
 from .loop import Trainer, TrainResult
-from .pretrained import load_pretrained, require_match
+from .pretrained import load_pretrained, require_match, require_same_rescale
 from .run_folder import RunFolderError, check_fresh, clean_temporaries, lock_run_folder, unlock_run_folder
 from .supervised import SupervisedTask, build_augment, build_classifier
 
@@ -121,10 +121,13 @@ def build_task(cfg, num_classes: int, env: DistEnv, log=print) -> SupervisedTask
     ft = cfg.finetune
     arch = f"{cfg.model.name}-{cfg.model.size}"
     if ft.init:
+        if hasattr(backbone, "landmark_cnn"):
+            require_same_rescale(ft.init, cfg.model.landmark_rescale, "finetune.init")
         log(require_match(load_pretrained(backbone, ft.init), arch, "finetune.init").summary())
     if ft.landmark_init:
         if not hasattr(backbone, "landmark_cnn"):
             raise ConfigError("finetune.landmark_init needs model.name=part_fvit")
+        require_same_rescale(ft.landmark_init, cfg.model.landmark_rescale, "finetune.landmark_init")
         report = load_pretrained(backbone, ft.landmark_init, only_prefix="landmark_cnn.")
         log(require_match(report, arch, "finetune.landmark_init").summary())
     head = build_classifier(cfg, backbone.embedding_size, num_classes, env.rank, env.world_size)
