@@ -1,7 +1,8 @@
 """The training loops on a CUDA device (skipped without one; CI has none).
 
-A DINO pretraining on CUDA once stopped at its first logged step: the task's ``teacher_temp`` scalar sat on the CPU
-and the loop's one-sync reduction of the logged scalars stacked it with CUDA tensors. These runs take each loop
+A DINO pretraining on CUDA once stopped at its first logged step: the task's ``teacher_temp`` scalar sits on the CPU
+and the loop's one-sync reduction of the logged scalars stacked it with CUDA tensors (it now moves each scalar to the
+loss's device). These runs take each loop
 through a few steps and a validation on the GPU and check what they log.
 """
 
@@ -38,8 +39,8 @@ def test_pretraining_on_cuda_logs_its_scalars(tmp_path, method, model):
     run = tmp_path / method
     argv = ["pretrain", *SYNTH, *model, f"ssl.method={method}", "ssl.out_dim=256", "ssl.hidden_dim=128",
             "ssl.bottleneck_dim=32", "ssl.num_local=0" if method == "dino" else "ssl.num_local=2",
-            "ssl.koleo_weight=0.1", "ssl.centering=sinkhorn", "ssl.freeze_last_layer=0", "train.steps=3", "train.val_every=3",
-            *landmarks, "--out", str(run), "--quiet"]
+            "ssl.koleo_weight=0.1", "ssl.centering=sinkhorn", "ssl.freeze_last_layer=0", "train.steps=3",
+            "train.val_every=3", *landmarks, "--out", str(run), "--quiet"]
     assert main(argv) == 0
     rec = _train_records(run)
     assert [r["step"] for r in rec] == [1, 2, 3]

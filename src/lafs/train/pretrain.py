@@ -273,8 +273,7 @@ class PretrainTask(nn.Module):
         entropy = teacher_entropy_tensor(list(teacher_out), self.loss_fn.center, self.teacher_temp)
         dino = self.loss_fn(student_out, list(teacher_out), self.teacher_temp)
         loss = dino + self.koleo_weight * out["koleo"] if "koleo" in out else dino
-        temp = torch.tensor(self.teacher_temp, device=loss.device)  # beside the loss: the loop stacks them
-        return {"loss": loss, "teacher_temp": temp, "teacher_entropy": entropy,
+        return {"loss": loss, "teacher_temp": torch.tensor(self.teacher_temp), "teacher_entropy": entropy,
                 **({"dino_loss": dino.detach(), "koleo": out["koleo"].detach()} if "koleo" in out else {})}
 
 

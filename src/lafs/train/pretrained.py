@@ -102,16 +102,21 @@ def load_pretrained(module: nn.Module, path: str | Path, source: str | None = No
     return report
 
 
-def source_architecture(path: str | Path) -> str:
-    """``name-size`` of the model a checkpoint or safetensors folder stores its config for, else a phrase saying so."""
+def _stored_model(path: str | Path) -> dict:
+    """The ``model`` block of the config a checkpoint or safetensors folder stores; {} when it stores none."""
     import yaml
 
     from ..checkpoint import config_text
 
     try:
-        model = (yaml.safe_load(config_text(path) or "") or {}).get("model") or {}
+        return (yaml.safe_load(config_text(path) or "") or {}).get("model") or {}
     except (ValueError, OSError, yaml.YAMLError):
-        model = {}
+        return {}
+
+
+def source_architecture(path: str | Path) -> str:
+    """``name-size`` of the model a checkpoint or safetensors folder stores its config for, else a phrase saying so."""
+    model = _stored_model(path)
     if not model.get("name"):
         return "an architecture it does not name (no stored config)"
     return f"{model['name']}-{model.get('size', '?')}"
@@ -120,16 +125,8 @@ def source_architecture(path: str | Path) -> str:
 def require_same_rescale(path: str | Path, rescale: str | None, what: str) -> None:
     """A ``ValueError`` when the checkpoint at ``path`` stores a landmark CNN trained with another min-max rescale
     (``model.landmark_rescale``, models/landmark_cnn.py) than this run's: its weights would place the landmarks
-    elsewhere. None and an absent value both mean the reference's ``joint``."""
-    import yaml
-
-    from ..checkpoint import config_text
-
-    try:
-        model = (yaml.safe_load(config_text(path) or "") or {}).get("model") or {}
-    except (ValueError, OSError, yaml.YAMLError):
-        return  # no stored config (a converted or foreign file): nothing to compare
-    held, want = model.get("landmark_rescale") or "joint", rescale or "joint"
+    elsewhere. None and an absent value (also a file with no stored config) both mean the reference's ``joint``."""
+    held, want = _stored_model(path).get("landmark_rescale") or "joint", rescale or "joint"
     if held != want:
         raise ValueError(f"{what}: {path} holds a landmark CNN trained with model.landmark_rescale={held}, this run "
                          f"has {want}; set model.landmark_rescale={held}")

@@ -139,7 +139,7 @@ class SupervisedTask(nn.Module):
         if self.landmark_option == "c":
             if self.reference_landmarks is None:
                 raise RuntimeError("landmark option c: call freeze_reference() after loading the landmark CNN")
-            result["beta"] = torch.tensor(self.beta, device=result["loss"].device)
+            result["beta"] = torch.tensor(self.beta)
             if self.beta > 0:
                 with torch.no_grad():
                     r_hat = self.reference_landmarks(x)
