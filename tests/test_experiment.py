@@ -403,6 +403,16 @@ def test_shipped_grids_expand_and_agree_on_shared_runs(tmp_path):
     assert {"fewshot", "lafs-ablation", "fewshot-equal-steps"} <= users["pretrain_lafs_part_fvit_s0"]
     assert {"lafs-ablation", "fewshot-equal-steps"} <= users["finetune678_part_fvit_lafs_2shot_s0"]
     assert {"fewshot", "dino-drift"} <= users["finetune_fvit_dino_2shot_s0"]
+    # the CelebA-64 grid: every initialisation of a backbone finetunes the same fixed steps, and the floors are
+    # scored by the scratch arm's evaluation alone
+    runs = ex.expand(ex.load_grid(folder / "fewshot-celeba64.yaml"), tmp_path, seeds=[0])
+    finetunes = [r for r in runs if r.argv[0] == "finetune"]
+    assert len(finetunes) == 16 and {r.steps for r in finetunes} == {600}
+    assert {r.values["init"] for r in finetunes} == {"scratch", "dino", "lafs"}
+    evals = [r for r in runs if r.argv[0] == "eval"]
+    assert {r.values["init"] for r in evals if "--floors" in r.argv} == {"scratch"}
+    assert {"fewshot-celeba64", "lafs-ablation-celeba64"} <= users["c64_pretrain_lafs_part_fvit_s0"]
+    assert {"fewshot-celeba64", "lafs-ablation-celeba64"} <= users["c64_eval_part_fvit_lafs_2shot_s0"]
 
 
 def test_a_claim_appears_with_its_pid_and_an_unwritten_one_is_not_taken_over(tmp_path):

@@ -95,6 +95,9 @@ _FACE_VIT = dict(img_size=112, patch_size=8, dim=512, dim_head=64, dropout=0.0, 
 FACE_VIT_SIZES: dict[str, dict[str, Any]] = {
     "micro": {**_FACE_VIT, "img_size": 56, "dim": 96, "depth": 2, "heads": 3, "dim_head": 32, "mlp_dim": 384,
               "embedding_size": 128},
+    # the CPU recipes' size (configs/cpu/kprpe_celeba64): fViT-mini's 64 px, 64 tokens, width 192 and depth 6
+    "mini": {**_FACE_VIT, "img_size": 64, "dim": 192, "depth": 6, "heads": 3, "dim_head": 64, "mlp_dim": 768,
+             "drop_path": 0.05, "embedding_size": 256},
     "small": {**_FACE_VIT, "depth": 12, "heads": 8, "mlp_dim": 2560},
     "base": {**_FACE_VIT, "depth": 24, "heads": 16, "dim_head": 32, "mlp_dim": 1536},
 }
