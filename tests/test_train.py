@@ -463,7 +463,8 @@ def test_budget_minutes_times_steps_then_fixes_the_count(tmp_path, monkeypatch):
 
 def test_budgeted_run_resumes_with_its_measured_steps(tmp_path):
     out = tmp_path / "b"
-    cfg = cfg_for(out, "train.budget_minutes=0.05", "train.budget_timed_steps=2", "train.ckpt_every=4",
+    # 12 s: enough steps past the resume point even when the machine is shared (0.05 min gave 3 steps under load)
+    cfg = cfg_for(out, "train.budget_minutes=0.2", "train.budget_timed_steps=2", "train.ckpt_every=4",
                   "train.keep_last=100")
     first = train(cfg, progress=False).step
     assert first >= 5, "too few steps for this test: raise the budget"
