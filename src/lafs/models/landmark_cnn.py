@@ -129,14 +129,11 @@ def minmax_rescale(raw: Tensor, size: int, mode: str = "joint") -> Tensor:
     """Per-sample min-max rescale of B x 2R raw outputs, laid out (x0, y0, x1, y1, ...), to ``[0, size - 1]``
     (differentiable): over all 2R values together (``joint``, the reference code) or over the R x values and the R
     y values separately (``per_axis``). Returns B x 2R in the same layout."""
-    if mode == "per_axis":
-        xy = raw.view(raw.shape[0], -1, 2)
-        lo = xy.min(dim=1, keepdim=True).values
-        hi = xy.max(dim=1, keepdim=True).values
-        return ((xy - lo) / (hi - lo).clamp_min(1e-12) * (size - 1)).view_as(raw)
-    lo = raw.min(dim=1, keepdim=True).values
-    hi = raw.max(dim=1, keepdim=True).values
-    return (raw - lo) / (hi - lo).clamp_min(1e-12) * (size - 1)
+    # per axis, the extremes are taken over the R landmarks of each coordinate: B x R x 2, reduced over dim 1
+    x = raw.view(raw.shape[0], -1, 2) if mode == "per_axis" else raw
+    lo = x.min(dim=1, keepdim=True).values
+    hi = x.max(dim=1, keepdim=True).values
+    return ((x - lo) / (hi - lo).clamp_min(1e-12) * (size - 1)).view_as(raw)
 
 
 class LandmarkCNN(nn.Module):
