@@ -116,7 +116,7 @@ def test_demo_end_to_end_writes_run_folder(demo):
         assert f"| {100 * r['accuracy']:.2f} +- " in stdout
     # the floors, scored like the arms, as rows of the table and in demo.json
     assert set(summary["floors"]) == {"raw_pixels", "pca_whitened", "untrained"}
-    assert summary["floors_fit_images"] == 128 * 16 and summary["test_pairs"] == 1200 and summary["test_set"] == "heldout"
+    assert summary["floors_fit_images"] == 128 * 64 and summary["test_pairs"] == 1200 and summary["test_set"] == "heldout"
     for key, label in (("raw_pixels", "raw pixels"), ("pca_whitened", "PCA-whitened pixels"),
                        ("untrained", "untrained network")):
         r = summary["floors"][key]

@@ -281,3 +281,15 @@ def test_holdout_pairs_alternate_and_stay_in_the_split(tmp_path):
     assert len(images) == 40 and issame.sum() == 10
     assert np.load(tmp_path / "val_kps.npy").shape == (40, 5, 2)
     assert np.load(tmp_path / "i.npy").size == 2 * 7
+
+
+def test_an_indexed_run_counts_the_identities_it_holds_and_keeps_the_head_of_the_full_set(tmp_path, capsys):
+    """A few-shot index of 3 of 8 synthetic identities (one image each): the run says "3 images of 3 identities",
+    names the 8 classes its head keeps (labels are not renumbered), and trains."""
+    from conftest import lafs_cli
+
+    index = save_index(tmp_path / "three.npy", np.array([4 * 1, 4 * 5, 4 * 6 + 2], dtype=np.int64))
+    code, out, _ = lafs_cli(capsys, "train", "train.steps=1", f"data.index={index}", "train.batch_size=3",
+                            "--out", str(tmp_path / "run"))
+    assert code == 0
+    assert "on 3 images of 3 identities (the head has the full set's 8 classes)" in out

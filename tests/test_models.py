@@ -143,6 +143,29 @@ def test_landmark_rescale_option_reaches_the_cnn_and_bad_names_are_refused():
         load_config(None, ["model.landmark_rescale=diagonal"])
 
 
+def test_grid_output_init_starts_every_face_on_the_patch_grid_and_still_learns():
+    """landmark_output_init=grid: zero weights and a grid bias, so at init every face gets the same 7 x 7 grid
+    (0, 55/6, ..., 55 px on both axes after the joint rescale), and the weights get a gradient through the
+    sampler; the reference init gives face-dependent, non-grid landmarks."""
+    from lafs.config import ConfigError, load_config
+
+    torch.manual_seed(0)
+    model = build_backbone("part_fvit", "micro", landmark_output_init="grid")
+    x = torch.rand(3, 3, 56, 56) * 2 - 1
+    out = model.train()(x)
+    axis = torch.arange(7.0) * 55 / 6
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1).reshape(49, 2)
+    torch.testing.assert_close(out["landmarks"], grid.expand(3, 49, 2), atol=1e-4, rtol=0)
+    out["embedding"].pow(2).sum().backward()
+    assert model.landmark_cnn.output_layer.weight.grad.abs().sum() > 0
+    ref = build_backbone("part_fvit", "micro").eval()(x)["landmarks"]
+    assert (ref - grid).abs().max() > 1.0
+    with pytest.raises(ValueError, match="output_init"):
+        build_backbone("part_fvit", "micro", landmark_output_init="ring")
+    with pytest.raises(ConfigError, match="landmark_output_init"):
+        load_config(None, ["model.landmark_output_init=ring"])
+
+
 # --- patch sampling ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["centred", "reference"])

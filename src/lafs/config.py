@@ -61,6 +61,7 @@ def _registries() -> dict[str, tuple]:
         "pools": vit.POOLS, "token_inits": vit.TOKEN_INITS, "mlp_acts": vit.MLP_ACTS, "weight_inits": vit.WEIGHT_INITS,
         "rpes": vit.RPES, "irpe_modes": rpe.IRPE_MODES, "kprpe_variants": rpe.KPRPE_VARIANTS,
         "patch_layouts": part_fvit.PATCH_LAYOUTS, "landmark_rescales": landmark_cnn.RESCALES,
+        "landmark_output_inits": landmark_cnn.OUTPUT_INITS,
         "keypoint_sources": part_fvit.KEYPOINT_SOURCES, "heads": HEADS,
         "colors": COLORS, "augment_presets": tuple(AUGMENT_PRESETS),
         "ssl_methods": ("none", *METHODS),  # none: supervised, `lafs train`
@@ -114,6 +115,9 @@ class ModelConfig:
     # the landmark CNN's min-max rescale: joint over x and y (Part fViT's code) or per_axis (models/landmark_cnn.py)
     landmark_rescale: Optional[str] = registered(None, "landmark_rescales",
                                                  "joint: reference code; per_axis: x and y each span the face")
+    # the landmark CNN's output layer at init: PyTorch's default (Part fViT's code) or a grid (models/landmark_cnn.py)
+    landmark_output_init: Optional[str] = registered(None, "landmark_output_inits",
+                                                     "reference: PyTorch default Linear init; grid: fViT's patch grid")
     width: Optional[int] = None
     mlp_act: Optional[str] = registered(None, "mlp_acts")
     weight_init: Optional[str] = registered(None, "weight_inits")

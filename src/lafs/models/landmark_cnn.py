@@ -10,11 +10,17 @@ min and the max. No landmark supervision: the CNN learns through the patch sampl
 the face's full width and height. The joint rescale only pins the extremes of all 2R numbers: a CNN trained by the
 identity loss alone can put every x in a narrow band while the y values take the full range (seen in the demo's
 stage 1, landmarks collapsed onto a vertical strip down the nose); per axis, that band is stretched over the face.
+``output_init="grid"`` (not the reference's, which keeps PyTorch's default Linear init and so starts every face at
+one random spread) zeroes the output layer's weights and sets its bias to a square grid over the crop, so the CNN
+starts as fViT's patch grid and learns per-face offsets from it.
 Output ``B x R x 2`` in (x, y) pixel coordinates (pixel centres at integers).
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -123,6 +129,7 @@ class MobileNetV3Trunk(nn.Module):
 
 
 RESCALES = ("joint", "per_axis")
+OUTPUT_INITS = ("reference", "grid")
 
 
 def minmax_rescale(raw: Tensor, size: int, mode: str = "joint") -> Tensor:
@@ -141,11 +148,13 @@ class LandmarkCNN(nn.Module):
 
     def __init__(
         self, num_landmarks: int = 196, img_size: int = 112, width_mult: float = 1.0, dropout: float = 0.5,
-        rescale: str = "joint",
+        rescale: str = "joint", output_init: str = "reference",
     ) -> None:
         super().__init__()
         if rescale not in RESCALES:
             raise ValueError(f"landmark rescale must be one of {RESCALES}, got {rescale!r}")
+        if output_init not in OUTPUT_INITS:
+            raise ValueError(f"landmark output_init must be one of {OUTPUT_INITS}, got {output_init!r}")
         self.rescale = rescale
         self.num_landmarks = num_landmarks
         self.img_size = img_size
@@ -153,6 +162,19 @@ class LandmarkCNN(nn.Module):
         self.dropout = Dropout(dropout)
         # Outside the trunk's init on purpose: the reference keeps PyTorch's default Linear init here.
         self.output_layer = nn.Linear(self.trunk.out_channels, 2 * num_landmarks)
+        if output_init == "grid":
+            self._grid_init()
+
+    def _grid_init(self) -> None:
+        """Zero weights and a bias laid out as a square grid in [-1, 1] (x0, y0, x1, y1, ...), row-major like the
+        fViT patch grid; a landmark count that is not a square fills the first R points of the next larger grid."""
+        side = int(math.ceil(math.sqrt(self.num_landmarks)))
+        axis = torch.linspace(-1.0, 1.0, side)
+        ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+        grid = torch.stack([xs.flatten(), ys.flatten()], dim=1)[: self.num_landmarks]
+        with torch.no_grad():
+            self.output_layer.weight.zero_()
+            self.output_layer.bias.copy_(grid.flatten())
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:

@@ -113,6 +113,7 @@ class PartFViT(nn.Module):
         landmark_width_mult: float = 1.0,
         landmark_dropout: float = 0.5,
         landmark_rescale: str = "joint",
+        landmark_output_init: str = "reference",
         keypoint_source: str = "data",
         **encoder_kwargs,
     ) -> None:
@@ -131,7 +132,7 @@ class PartFViT(nn.Module):
         self.num_tokens = num_landmarks
         self.patch_layout = patch_layout
         self.landmark_cnn = LandmarkCNN(num_landmarks, img_size, landmark_width_mult, landmark_dropout,
-                                        landmark_rescale)
+                                        landmark_rescale, landmark_output_init)
         self.encoder = ViTEncoder(
             token_dim=patch_size * patch_size * in_chans, num_tokens=num_landmarks, img_size=img_size,
             patch_size=patch_size, **encoder_kwargs

@@ -55,7 +55,8 @@ VIT_OPTIONS = (
     "num_keypoints",
 )
 PART_FVIT_OPTIONS = VIT_OPTIONS + ("num_landmarks", "patch_layout", "landmark_width_mult", "landmark_dropout",
-                                   "landmark_rescale", "keypoint_source")
+                                   "landmark_rescale", "landmark_output_init",
+                                   "keypoint_source")
 IRESNET_OPTIONS = ("img_size", "depth", "width", "embedding_size", "dropout")
 
 # The released code's values: dim_head 64, dim**-0.5 attention scale, DropPath 0.1 in every block.

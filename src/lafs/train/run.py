@@ -79,8 +79,11 @@ def build_train_set(cfg):
         if len(positions) and (positions.max() >= len(dataset) or positions.min() < 0):
             raise ConfigError(f"data.index {d.index}: positions outside the dataset's 0..{len(dataset) - 1}")
         num_classes = dataset.num_identities
+        present = int(np.unique(dataset.labels[positions]).size)
         dataset = Subset(dataset, positions.tolist())
-        dataset.num_identities = num_classes
+        # labels keep their numbering, so the head has a class for every identity of the full set; the log says
+        # how many of them the index holds (a few-shot subset of 64 identities out of 128 is not "128 identities")
+        dataset.num_identities, dataset.present_identities = num_classes, present
     return dataset
 
 
@@ -195,7 +198,9 @@ def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: 
         torch.manual_seed(cfg.train.seed + env.rank)
         trainer = Trainer(cfg, task, train_set, env, val_sets, progress=progress and env.is_main)
         what = f"{cfg.ssl.method} pretraining" if pretraining else "training"
-        data = f"{len(train_set)} images (labels unused)" if pretraining else f"{len(train_set)} images of {num_classes} identities"
+        present = getattr(train_set, "present_identities", num_classes)
+        data = (f"{len(train_set)} images (labels unused)" if pretraining else f"{len(train_set)} images of {present} "
+                "identities" + (f" (the head has the full set's {num_classes} classes)" if present != num_classes else ""))
         steps = (f"steps for {cfg.train.budget_minutes:g} min" if cfg.train.budget_minutes is not None
                  else f"{trainer.total_steps} steps")
         log(f"{what} {cfg.model.name}-{cfg.model.size} on {data}; "
