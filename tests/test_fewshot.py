@@ -293,3 +293,33 @@ def test_an_indexed_run_counts_the_identities_it_holds_and_keeps_the_head_of_the
                             "--out", str(tmp_path / "run"))
     assert code == 0
     assert "on 3 images of 3 identities (the head has the full set's 8 classes)" in out
+
+
+def test_an_indexed_synthetic_set_renders_only_its_images_and_they_equal_the_full_sets(tmp_path, monkeypatch):
+    """With data.index the synthetic source renders only the indexed faces: the same pixels, labels and keypoints as
+    the full set at those positions, the full set's class count; positions past the set are a named error."""
+    from lafs.config import ConfigError, load_config
+    from lafs.data.synthetic import SyntheticFaces
+    from lafs.train.run import build_train_set
+
+    # a KP-RPE model, so that the items carry their keypoints too
+    base = ["data.source=synthetic", "data.num_identities=6", "data.images_per_identity=3", "model.name=vit",
+            "model.size=micro", "model.rpe=kprpe"]
+    full = build_train_set(load_config(None, base))
+    positions = np.array([1, 5, 6, 16], dtype=np.int64)
+    index = save_index(tmp_path / "i.npy", positions)
+    rendered = []
+    batch = SyntheticFaces.batch
+    monkeypatch.setattr(SyntheticFaces, "batch", lambda self, ids, idx: rendered.append(len(ids)) or batch(self, ids, idx))
+    sub = build_train_set(load_config(None, [*base, f"data.index={index}"]))
+    assert rendered == [4]
+    assert len(sub) == 4 and sub.num_identities == 6 and sub.present_identities == 4
+    for k, p in enumerate(positions):
+        a, b = sub[k], full[int(p)]
+        assert set(a) == set(b) and {"image", "label", "keypoints"} <= set(a)
+        for key in set(a) - {"index"}:  # "index": the item's position in its own dataset
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+        assert int(a["label"]) == p // 3
+    bad = save_index(tmp_path / "bad.npy", np.array([0, 18], dtype=np.int64))
+    with pytest.raises(ConfigError, match=r"bad.npy: positions outside the dataset's 0..17"):
+        build_train_set(load_config(None, [*base, f"data.index={bad}"]))

@@ -43,12 +43,24 @@ def build_train_set(cfg):
 
     d = cfg.data
     needs_kps = model_uses_keypoints(cfg)
+    positions = None
+    if d.index:
+        from ..data.fewshot import load_index
+
+        positions, _ = load_index(d.index)
     if d.source == "synthetic":
         faces = synthetic_faces(d)
         ids = np.repeat(np.arange(d.num_identities), d.images_per_identity)
         idx = np.tile(np.arange(d.images_per_identity), d.num_identities)
+        if positions is not None:
+            # render only the indexed images (a few-shot subset of 128 out of 8,192): an image is a function of
+            # (seed, identity, image index) alone, so they are the full set's images at those positions
+            _check_positions(positions, len(ids), d.index)
+            ids, idx = ids[positions], idx[positions]
         images, kps = faces.batch(ids.tolist(), idx.tolist())
         dataset = ArrayFaceDataset(images, ids, kps, name=f"synthetic({d.num_identities}x{d.images_per_identity})")
+        if positions is not None:
+            return _indexed(dataset, np.arange(len(ids)), d.num_identities)
     else:
         if not d.train:
             raise ConfigError(f"data.source={d.source} needs data.train (a list of {'.rec files' if d.source == 'records' else 'image folders'})")
@@ -70,21 +82,27 @@ def build_train_set(cfg):
                                       "pack them with `lafs data pack --keypoints` first")
                 parts.append(ImageFolderDataset(path, max_bad_records=d.max_bad_records))
         dataset = parts[0] if len(parts) == 1 else ConcatFaceDataset(parts)
-    if d.index:
-        from torch.utils.data import Subset
-
-        from ..data.fewshot import load_index
-
-        positions, _ = load_index(d.index)
-        if len(positions) and (positions.max() >= len(dataset) or positions.min() < 0):
-            raise ConfigError(f"data.index {d.index}: positions outside the dataset's 0..{len(dataset) - 1}")
-        num_classes = dataset.num_identities
-        present = int(np.unique(dataset.labels[positions]).size)
-        dataset = Subset(dataset, positions.tolist())
-        # labels keep their numbering, so the head has a class for every identity of the full set; the log says
-        # how many of them the index holds (a few-shot subset of 64 identities out of 128 is not "128 identities")
-        dataset.num_identities, dataset.present_identities = num_classes, present
+    if positions is not None:
+        _check_positions(positions, len(dataset), d.index)
+        return _indexed(dataset, positions, dataset.num_identities)
     return dataset
+
+
+def _check_positions(positions: np.ndarray, size: int, index: str) -> None:
+    if len(positions) and (positions.max() >= size or positions.min() < 0):
+        raise ConfigError(f"data.index {index}: positions outside the dataset's 0..{size - 1}")
+
+
+def _indexed(dataset, positions: np.ndarray, num_classes: int):
+    """The images of ``dataset`` at ``positions``, labels unchanged: the head keeps a class for each of the full set's
+    ``num_classes`` identities, and ``present_identities`` says how many of them the index holds (for the run log: a
+    few-shot subset of 64 identities out of 128 is not "128 identities")."""
+    from torch.utils.data import Subset
+
+    present = int(np.unique(dataset.labels[positions]).size)
+    subset = Subset(dataset, positions.tolist())
+    subset.num_identities, subset.present_identities = num_classes, present
+    return subset
 
 
 def build_val_sets(cfg, log=print) -> dict:
