@@ -168,10 +168,11 @@ class LandmarkCNN(nn.Module):
     def _grid_init(self) -> None:
         """Zero weights and a bias laid out as a square grid in [-1, 1] (x0, y0, x1, y1, ...), row-major like the
         fViT patch grid; a landmark count that is not a square fills the first R points of the next larger grid."""
+        from .fvit import grid_landmarks
+
         side = int(math.ceil(math.sqrt(self.num_landmarks)))
-        axis = torch.linspace(-1.0, 1.0, side)
-        ys, xs = torch.meshgrid(axis, axis, indexing="ij")
-        grid = torch.stack([xs.flatten(), ys.flatten()], dim=1)[: self.num_landmarks]
+        # the patch grid of a side x side image of 1-px patches (cell centres 0..side-1), mapped to [-1, 1]
+        grid = grid_landmarks(side, 1)[: self.num_landmarks] * (2.0 / max(side - 1, 1)) - 1.0
         with torch.no_grad():
             self.output_layer.weight.zero_()
             self.output_layer.bias.copy_(grid.flatten())
