@@ -106,6 +106,14 @@ def test_demo_end_to_end_writes_run_folder(demo):
     # stage 1 trains 40 % of the budget, a finetune 4 %: their first steps are timed, the count follows
     assert load_config(out / "stage1_supervised" / "config.yaml").train.budget_minutes == pytest.approx(0.08)
     assert load_config(out / "finetune_scratch" / "config.yaml").train.budget_minutes == pytest.approx(0.008)
+    # stage 1 chooses its checkpoint on identities 64..127, never on the test's (128 on); the finetunes imprint their
+    # centres; the pretrainings run at lr 2e-3 unscaled, teacher momentum 0.99
+    d = load_config(out / "stage1_supervised" / "config.yaml").data
+    assert d.num_identities + d.val_identities == 128 and d.val_pairs > 0
+    assert all(load_config(out / f / "config.yaml").finetune.head_init == "imprint" for f in FINETUNES)
+    for p in PRETRAININGS:
+        c = load_config(out / p / "config.yaml")
+        assert (c.optim.lr, c.optim.lr_scale_batch, c.ssl.momentum_teacher) == (2e-3, None, 0.99), p
     summary = json.loads((out / "demo.json").read_text())
     budget = [r for r in read_metrics(out / "stage1_supervised" / "metrics.jsonl") if r["kind"] == "budget"]
     assert len(budget) == 1 and summary["stages"]["stage1"]["steps"] == budget[0]["steps"] >= 6
@@ -116,7 +124,7 @@ def test_demo_end_to_end_writes_run_folder(demo):
         assert f"| {100 * r['accuracy']:.2f} +- " in stdout
     # the floors, scored like the arms, as rows of the table and in demo.json
     assert set(summary["floors"]) == {"raw_pixels", "pca_whitened", "untrained"}
-    assert summary["floors_fit_images"] == 128 * 64 and summary["test_pairs"] == 1200 and summary["test_set"] == "heldout"
+    assert summary["floors_fit_images"] == 128 * 64 and summary["test_pairs"] == 6000 and summary["test_set"] == "heldout"
     for key, label in (("raw_pixels", "raw pixels"), ("pca_whitened", "PCA-whitened pixels"),
                        ("untrained", "untrained network")):
         r = summary["floors"][key]

@@ -491,3 +491,59 @@ def test_best_checkpoint_is_chosen_on_one_validation_set_never_the_mean(tmp_path
     fake = SimpleNamespace(cfg=load_config(None, ["train.select_on=agedb"]))
     with pytest.raises(ValueError, match="train.select_on='agedb' is not a validation set of this run: celeba64_val, lfw"):
         Trainer.select_on(fake, val)
+
+
+def test_imprinted_head_starts_on_the_class_mean_embeddings(tmp_path):
+    """finetune.head_init=imprint (Qi et al. 2018, §3.2): every present class's centre points along the mean of its
+    images' normalised embeddings (hand-computed here), absent classes keep their random centre, the norm of each
+    centre is kept, the global RNG is not consumed, and a bad label or a head without centres is an error."""
+    from torch.utils.data import Subset
+
+    from lafs.train.imprint import imprint_head
+
+    cfg = cfg_for(tmp_path)
+    train_set = build_train_set(cfg)
+    task = build_task(cfg, int(train_set.num_identities), DistEnv())
+    subset = Subset(train_set, list(range(0, 24)))  # identities 0..2 of 8 (8 images each)
+    before = task.head.weight.detach().clone()
+    task.eval()
+    with torch.no_grad():
+        items = [subset[i] for i in range(len(subset))]
+        emb = F.normalize(task.embed(torch.stack([it["image"] for it in items])), dim=1)
+    labels = torch.tensor([it["label"] for it in items])
+    task.train()
+    rng = torch.get_rng_state()
+    assert imprint_head(task, subset, batch_size=5) == 3
+    assert torch.equal(torch.get_rng_state(), rng) and task.training
+    w = task.head.weight.detach()
+    for c in range(3):
+        mean = emb[labels == c].mean(0)
+        assert F.cosine_similarity(w[c], mean, dim=0) > 1 - 1e-5, c
+        assert torch.allclose(w[c].norm(), before[c].norm(), rtol=1e-5)
+    assert torch.equal(w[3:], before[3:])
+    with pytest.raises(ValueError, match="label 5 is outside the head's 3 classes"):
+        small = build_task(cfg, 3, DistEnv())
+        imprint_head(small, Subset(train_set, [40]))
+    task.head = torch.nn.Identity()
+    with pytest.raises(ValueError, match="needs a margin head"):
+        imprint_head(task, subset)
+
+
+def test_finetune_cli_imprints_the_head_of_a_few_shot_subset(tmp_path, capsys):
+    """`lafs finetune ... finetune.head_init=imprint` says how many centres it imprinted (the indexed subset's
+    identities, not the full label space), and the config refuses an unknown init."""
+    import numpy as np
+
+    from lafs.cli import main
+
+    stage1 = tmp_path / "stage1"
+    assert main(["train", *BASE, "train.steps=1", "--out", str(stage1), "--quiet"]) == 0
+    ckpt = checkpoints_in(stage1 / "checkpoints")[-1]
+    index = tmp_path / "few.npy"
+    np.save(index, np.array([0, 1, 8, 9, 16], dtype=np.int64))  # identities 0, 1, 2
+    capsys.readouterr()
+    assert main(["finetune", *BASE, "train.steps=1", "train.batch_size=4", "finetune.head_init=imprint", f"data.index={index}",
+                 "--init", str(ckpt), "--out", str(tmp_path / "ft")]) == 0
+    assert "finetune.head_init=imprint: 3 of 8 class centres set to their mean embedding" in capsys.readouterr().out
+    with pytest.raises(Exception, match="head_init"):
+        cfg_for(tmp_path, "finetune.head_init=mean")

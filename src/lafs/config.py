@@ -282,6 +282,7 @@ class TrainConfig:
 # LAFS §3.5: a, the landmark CNN frozen; b, trained freely (the released code); c, trained with beta x MSE to the
 # frozen CNN's landmarks (the paper). lafs.train.supervised reads them from here.
 LANDMARK_OPTIONS = ("a", "b", "c")
+HEAD_INITS = ("random", "imprint")
 
 
 @dataclass
@@ -296,6 +297,9 @@ class FinetuneConfig:
     landmark_init: Optional[str] = None  # supervised Part fViT checkpoint whose landmark CNN is used
     from_scratch: bool = False  # lafs finetune with neither: the recipe from random weights (a few-shot baseline)
     landmark: str = choice("c", LANDMARK_OPTIONS, "a: frozen CNN; b: trained freely (released code); c: + beta*MSE (paper)")
+    # the margin head's class centres at the start: random (the paper's), or imprinted with each class's mean
+    # embedding under the initial backbone (Qi et al., CVPR 2018, §3.2; lafs.train.imprint)
+    head_init: str = choice("random", HEAD_INITS, "random (paper) | imprint: class-mean embeddings")
     beta_schedule: list[float] = field(default_factory=lambda: [1000.0, 100.0, 1.0, 0.11, 0.0])
     beta_epochs: list[int] = field(default_factory=lambda: [0, 8, 14, 21, 28])
     # the beta steps as fractions of the run (one per beta_schedule value, from 0, increasing), applied per step;

@@ -212,6 +212,11 @@ def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: 
             task = build_pretrain_task(cfg, log)
         else:
             task = build_task(cfg, num_classes, env, log)
+            if cfg.finetune.head_init == "imprint":
+                from .imprint import imprint_head
+
+                n = imprint_head(task.to(env.device), train_set, cfg.train.batch_size, env.device)
+                log(f"finetune.head_init=imprint: {n} of {num_classes} class centres set to their mean embedding")
         val_sets = build_val_sets(cfg, log) if env.is_main else {}
         torch.manual_seed(cfg.train.seed + env.rank)
         trainer = Trainer(cfg, task, train_set, env, val_sets, progress=progress and env.is_main)
