@@ -2,7 +2,7 @@
 §3.2): each class centre W_j of the margin head starts as the L2-normalised mean of the normalised embeddings of
 class j's training images under the initial backbone, instead of a random vector.
 
-Why: a few-shot finetune of a pretrained backbone (LAFS §4.2's protocol) starts with a random head, whose first
+Why: a few-shot finetune of a pretrained backbone (LAFS §4, Table 3) starts with a random head, whose first
 gradients reach the backbone as noise and wash out much of what pretraining learned (docs/results.md, "Calibrating
 the demo"). With imprinted centres the head starts as the nearest-class-mean classifier of the pretrained features,
 so the first steps refine the features instead. Neither LAFS nor its code does this: ``finetune.head_init=imprint``
