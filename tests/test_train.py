@@ -542,8 +542,12 @@ def test_finetune_cli_imprints_the_head_of_a_few_shot_subset(tmp_path, capsys):
     index = tmp_path / "few.npy"
     np.save(index, np.array([0, 1, 8, 9, 16], dtype=np.int64))  # identities 0, 1, 2
     capsys.readouterr()
-    assert main(["finetune", *BASE, "train.steps=1", "train.batch_size=4", "finetune.head_init=imprint", f"data.index={index}",
-                 "--init", str(ckpt), "--out", str(tmp_path / "ft")]) == 0
+    args = ["finetune", *BASE, "train.steps=1", "train.batch_size=4", "finetune.head_init=imprint",
+            f"data.index={index}", "--init", str(ckpt), "--out", str(tmp_path / "ft")]
+    assert main(args) == 0
     assert "finetune.head_init=imprint: 3 of 8 class centres set to their mean embedding" in capsys.readouterr().out
+    # a resumed run takes its centres from the checkpoint: nothing is imprinted again
+    assert main([*args, "--resume", "auto"]) == 0
+    assert "head_init=imprint" not in capsys.readouterr().out
     with pytest.raises(Exception, match="head_init"):
         cfg_for(tmp_path, "finetune.head_init=mean")

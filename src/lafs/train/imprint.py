@@ -67,10 +67,10 @@ def imprint_head(task: nn.Module, dataset, batch_size: int = 256, device: torch.
     if means.shape[1] != weight.shape[1]:
         raise ValueError(f"finetune.head_init=imprint: embeddings of size {means.shape[1]}, head centres of size "
                          f"{weight.shape[1]}")
-    present = counts > 0
+    present = (counts > 0).to(weight.device)
     # the head normalises its centres, so only the direction matters; keep the random centres' norm so the
     # weight decay and the optimizer's step sizes meet the same scale as with the default init
     norm = weight.data.norm(dim=1, keepdim=True)
     imprinted = F.normalize(means, dim=1).to(weight.device, weight.dtype) * norm
-    weight.data[present.to(weight.device)] = imprinted[present.to(weight.device)]
+    weight.data[present] = imprinted[present]
     return int(present.sum())

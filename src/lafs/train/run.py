@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import checkpoints_in
 from ..config import ConfigError
 from ..io import atomic_write_bytes
 from ..models import build_backbone
@@ -212,7 +213,10 @@ def train(cfg, resume: str | None = None, progress: bool = True, resume_anyway: 
             task = build_pretrain_task(cfg, log)
         else:
             task = build_task(cfg, num_classes, env, log)
-            if cfg.finetune.head_init == "imprint":
+            # a fresh run only: a resumed one reads its centres from the checkpoint (a fresh run refuses a folder
+            # holding checkpoints, so with --resume auto an empty folder is the only fresh case)
+            fresh = not resume or (resume == "auto" and not checkpoints_in(Path(cfg.out_dir) / "checkpoints"))
+            if cfg.finetune.head_init == "imprint" and fresh:
                 from .imprint import imprint_head
 
                 n = imprint_head(task.to(env.device), train_set, cfg.train.batch_size, env.device)
