@@ -53,7 +53,7 @@ def test_checkpoint_eval_writes_report_and_cache_is_reused(setup, tmp_path, caps
     assert len(list(cache.glob("toy-*.npz"))) == 2
 
 
-def test_bf16_eval_embeds_like_fp32_and_caches_apart(setup, tmp_path, capsys):
+def test_bf16_eval_embeds_like_fp32_and_caches_apart(setup, tmp_path, capsys, monkeypatch):
     root, ckpt, bin_path = setup
     fp32, bf16 = load_embedder(ckpt), load_embedder(ckpt, amp="bf16")
     assert bf16.precision == "bf16" and "[bf16]" in bf16.description
@@ -71,8 +71,14 @@ def test_bf16_eval_embeds_like_fp32_and_caches_apart(setup, tmp_path, capsys):
     assert len(list(cache.glob("toy-*.npz"))) == 2  # the two precisions never share cached embeddings
     meta = json.loads((tmp_path / "bf16" / "eval.json").read_text())["meta"]
     assert meta["precision"] == "bf16"
-    with pytest.raises(ValueError, match="amp must be none, bf16 or fp16"):
+    with pytest.raises(ValueError, match="amp must be one of none, auto, bf16, fp16, got 'int8'"):
         load_embedder(ckpt, amp="int8")
+    # "auto" follows the hardware, as train.amp=auto does
+    from lafs.models import precision
+
+    for flags, expected in (({"avx512_bf16"}, "bf16"), ({"avx2"}, "fp32")):
+        monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert load_embedder(ckpt, amp="auto").precision == expected
 
 
 def test_embeddings_file_scores_like_the_model(setup, tmp_path, capsys):

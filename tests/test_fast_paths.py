@@ -171,8 +171,9 @@ def test_compiled_bf16_run_follows_fp32_and_resumes_exactly(tmp_path, fp32_curve
 
 
 @pytest.mark.parametrize("flags,expected", [({"avx512_bf16", "amx_tile", "amx_bf16"}, "bf16"),
-                                            ({"avx512_bf16", "avx512f"}, "none"), (set(), "none")])
-def test_amp_auto_picks_bf16_only_on_a_cpu_with_amx(monkeypatch, flags, expected):
+                                            ({"avx512_bf16", "avx512f"}, "bf16"), ({"avx512f", "avx2"}, "none"),
+                                            (set(), "none")])
+def test_amp_auto_picks_bf16_only_on_a_cpu_with_bf16_units(monkeypatch, flags, expected):
     from lafs.models import precision
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))

@@ -36,7 +36,7 @@ from .checkpoint import backbone_weights, read_checkpoint, stored_config, stored
 from .data.datasets import resize_keypoints, to_model_input
 from .io import file_hash
 from .io_safe import CONFIG_FILE, SAFETENSORS_FILE, safetensors_folder
-from .models.precision import AMP_DTYPES
+from .models.precision import AMP_DTYPES, resolve_amp
 
 
 @dataclass
@@ -185,6 +185,7 @@ def load_embedder(path: str | Path, device: str | torch.device = "cpu", amp: str
     state = read_checkpoint(path, "a lafs checkpoint, TorchScript or ONNX model", need_model=True)
     fn, size, desc, uses_keypoints = _from_checkpoint(path, state, device)
     threshold, source = stored_threshold(state)
+    amp = resolve_amp(amp, torch.device(device).type)  # "auto": bf16 where the hardware has bf16 units, as in training
     if amp != "none" or compile:
         fn = _fast(fn, device, amp, compile)
         desc += "".join(f" [{t}]" for t in ((amp,) if amp != "none" else ()) + (("compiled",) if compile else ()))

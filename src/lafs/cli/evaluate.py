@@ -255,8 +255,9 @@ def register(sub) -> None:
     p.add_argument("--color", choices=("rgb", "bgr"), default="rgb", help="channel order the .bin stores")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="lafs checkpoints under autocast (bf16: CPU or GPU; fp16: GPU); fp32 embeddings out")
+    p.add_argument("--amp", choices=("none", "auto", "bf16", "fp16"), default="none",
+                   help="lafs checkpoints under autocast (bf16: CPU or GPU; fp16: GPU; auto: bf16 where the hardware "
+                        "has bf16 units, as train.amp=auto); fp32 embeddings out")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (lafs checkpoints; compiles first)")
     p.add_argument("--cache", help="embedding cache folder (default ~/.cache/lafs/embeddings)")
     p.add_argument("--no-cache", action="store_true")
