@@ -242,7 +242,7 @@ class TrainConfig:
     epochs: Optional[float] = None
     accumulation: int = 1
     amp: str = registered("none", "amp_precisions", "fp16 uses a GradScaler (CUDA only); auto: bf16 on CUDA with bf16 "
-                                                   "and on CPUs with AMX, fp32 elsewhere")
+                                                   "and on CPUs with AMX or AVX-512 BF16, fp32 elsewhere")
     # torch.compile (inductor) of the task's forward (training) and embedding (validation); the first steps, which
     # compile, are logged apart (first_steps_s) and never timed by train.budget_minutes
     compile: bool = False
