@@ -515,3 +515,42 @@ def test_paired_spec_errors_name_the_table(tmp_path):
     table = dict(PAIRED_GRID["tables"][0], paired={"axis": "init", "pairs": [["lafs"]]})
     with pytest.raises(ConfigError, match="pairs"):
         _grid(tmp_path, dict(PAIRED_GRID, tables=[table]))
+
+
+def test_floors_of_a_metrics_table_per_column_set(tmp_path):
+    """A ``metrics`` table (the kprpe grid's): each column's floors come from its own set, read from whichever run
+    of the seed holds them; a column whose set has none (a point of the affine curve) gets no floor row."""
+    spec = {"name": "multi", "seeds": [0],
+            "stages": [{"name": "eval_{arm}_s{seed}", "cli": ["eval", "m.pt", "--out", "{out}"],
+                        "axes": {"arm": ["vit", "kprpe"]}}],
+            "tables": [{"title": "robustness", "runs": "eval_{arm}_s{seed}", "rows": ["arm"], "scale": 100,
+                        "floors": True, "metrics": {"LFW": "lfw:accuracy", "val": "val:accuracy",
+                                                    "t=0.5": "lfw@0.5:accuracy"}}]}
+    grid = _grid(tmp_path, spec)
+    root = tmp_path / "root"
+    runs = ex.expand(grid, root)
+    accuracy = {"vit": {"lfw": 0.70, "val": 0.66}, "kprpe": {"lfw": 0.76, "val": 0.64}}
+    for r in runs:
+        folder = root / r.name
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text(json.dumps({"spec": r.argv, "seconds": 1.0, "steps": 10}))
+        acc = accuracy[r.values["arm"]]
+        results = [{"name": s, "accuracy": a} for s, a in acc.items()]
+        results.append({"name": "lfw", "t": [0.5], "points": [{"t": 0.5, "accuracy": acc["lfw"] - 0.05}]})
+        data = {"meta": {}, "results": results}
+        if r.values["arm"] == "vit":  # the floors once per seed, as the grid's plain-ViT eval computes them
+            data["floors"] = {"sets": {"lfw": {"raw_pixels": {"accuracy": 0.65}, "pca_whitened": {"accuracy": 0.75}},
+                                       "val": {"raw_pixels": {"accuracy": 0.61}, "pca_whitened": {"accuracy": 0.65}}}}
+        (folder / "eval.json").write_text(json.dumps(data))
+    result, md = ex.report(grid, runs, root, "lafs experiment multi")
+    t = result["tables"][0]
+    assert t["floor_rows"] == ["floor: raw pixels", "floor: PCA-whitened"]
+    pca = t["cells"]["floor: PCA-whitened"]
+    assert pca["LFW"]["mean"] == pytest.approx(75.0) and pca["val"]["mean"] == pytest.approx(65.0) and "t=0.5" not in pca
+    # LFW: 70 under 75 (vit), 76 over it (kprpe); val: 66 over 65 (vit), 64 under it (kprpe); no floor at t=0.5
+    assert [t["cells"][a]["LFW"]["below_floor"] for a in ("vit", "kprpe")] == [True, False]
+    assert [t["cells"][a]["val"]["below_floor"] for a in ("vit", "kprpe")] == [False, True]
+    assert not t["cells"]["vit"]["t=0.5"]["below_floor"]
+    assert t["cells"]["kprpe"]["t=0.5"]["mean"] == pytest.approx(71.0)
+    assert "| floor: PCA-whitened | 75.00 | – | 65.00 | – |" in md  # columns LFW, t=0.5, val, steps
+    assert "| kprpe | 76.00 | 71.00 | 64.00 † | – |" in md

@@ -124,8 +124,6 @@ def load_grid(path: str | Path) -> dict:
                     or not all(isinstance(p, list) and len(p) == 2 for p in pairs)):
                 raise ConfigError(f"{path}: tables[{i}].paired needs 'axis' (one of the table's rows "
                                   f"{table['rows']}) and 'pairs', a list of [a, b] values of it (a - b is shown)")
-        if table.get("floors") and "metric" not in table:
-            raise ConfigError(f"{path}: tables[{i}].floors reads the floors of one metric's set: give 'metric'")
         if table.get("floors_by") is not None and table["floors_by"] not in table["rows"]:
             raise ConfigError(f"{path}: tables[{i}].floors_by must be one of the table's rows {table['rows']}, "
                               f"got {table['floors_by']!r}")
