@@ -118,10 +118,8 @@ def _from_checkpoint(path: Path, state: dict, device) -> tuple[Callable, int, st
 
 
 def _fast(fn: Callable[..., torch.Tensor], device, amp: str, compile: bool) -> Callable[..., torch.Tensor]:
-    """``fn`` under autocast (``amp``) and ``torch.compile``; fp32 embeddings out."""
-    names = ("none", *AMP_DTYPES)
-    if amp not in names:
-        raise ValueError(f"amp must be {', '.join(names[:-1])} or {names[-1]}, got {amp!r}")
+    """``fn`` under autocast (``amp``, already resolved by :func:`resolve_amp`) and ``torch.compile``; fp32
+    embeddings out."""
     run = torch.compile(fn) if compile else fn
     dtype, kind = AMP_DTYPES.get(amp), torch.device(device).type
 

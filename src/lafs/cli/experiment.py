@@ -49,7 +49,8 @@ import yaml
 
 from ..config import ConfigError
 from ..io import atomic_write_bytes, claim_file
-from .experiment_tables import PCA_FLOOR_ROW, _floor_rows, _paired, _summarise, format_tables, metric_value
+from .experiment_tables import (PCA_FLOOR_ROW, _floor_rows, _paired, _summarise, format_tables, metric_value,
+                                table_metrics)
 
 TRAINING = ("train", "pretrain", "finetune")
 REF = re.compile(r"@([A-Za-z0-9_.\-]+)(/[A-Za-z0-9_.\-/]+)?")
@@ -434,7 +435,7 @@ def aggregate(grid: dict, runs: list[Run], root: str | Path) -> dict:
         members = [r for r in runs if r.stage == spec["runs"]]
         if not members:
             raise ConfigError(f"grid {grid['name']}: table {spec['title']!r} reads runs {spec['runs']!r}, no stage")
-        metrics = spec.get("metrics") or {spec["metric"]: spec["metric"]}
+        metrics = table_metrics(spec)
         column_axis = spec.get("columns")
         rows, columns, cells = [], [], {}
         labels = {str(k): str(v) for k, v in (spec.get("labels") or {}).items()}

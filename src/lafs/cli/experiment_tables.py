@@ -64,6 +64,11 @@ def paired_difference(a: dict, b: dict) -> dict:
     return out
 
 
+def table_metrics(spec: dict) -> dict:
+    """A table's columns as ``{label: "SET:key"}``: its ``metrics``, or its one ``metric``."""
+    return spec.get("metrics") or {spec["metric"]: spec["metric"]}
+
+
 def _floor_rows(spec: dict, members: list, load, labels: dict) -> dict:
     """Rows ``floor: <name>`` of a table: the floors its runs' ``eval.json`` hold for each column's set (``lafs eval
     --floors``; a ``metrics`` table's columns each name their own set, and a column whose set has no floors, such as
@@ -72,47 +77,39 @@ def _floor_rows(spec: dict, members: list, load, labels: dict) -> dict:
     from ..eval.floors import FLOOR_KEYS  # torch: imported only when a table has floors
     from ..eval.report import FLOOR_LABELS
 
-    column_axis = spec.get("columns")
+    column_axis, by = spec.get("columns"), spec.get("floors_by")
     rows: dict = {}
     for run in members:
         data = load(run, spec.get("file", "eval.json"))
         sets = ((data or {}).get("floors") or {}).get("sets", {})
-        if column_axis:
-            column = labels.get(run.values[column_axis], run.values[column_axis])
-            _add_floors(rows, spec, run, labels, column, spec["metric"], sets)
+        if column_axis:  # one metric, a column per value of the axis
+            columns = {labels.get(run.values[column_axis], run.values[column_axis]): spec["metric"]}
         else:
-            for column, metric in (spec.get("metrics") or {spec["metric"]: spec["metric"]}).items():
-                _add_floors(rows, spec, run, labels, column, metric, sets)
+            columns = table_metrics(spec)
+        for column, metric in columns.items():
+            set_name, _, key = metric.partition(":")
+            floors = sets.get(set_name, {})
+            for floor in FLOOR_KEYS:
+                if floor not in floors:
+                    continue
+                value = floors[floor]
+                try:
+                    for part in key.split("/"):
+                        value = value[part]
+                except (KeyError, TypeError):
+                    continue  # a metric the floors do not give (e.g. TAR): no floor row for it
+                name = f"floor: {FLOOR_LABELS[floor]}"
+                if floor == "untrained" and by:
+                    name += f" ({labels.get(run.values[by], run.values[by])})"
+                cell = rows.setdefault(name, {}).setdefault(column, {"values": [], "seeds": [], "steps": []})
+                if run.seed not in cell["seeds"]:  # the same floor read by every arm of a seed: counted once
+                    cell["values"].append(float(spec.get("scale", 1.0)) * float(value))
+                    cell["seeds"].append(run.seed)
     order = {f"floor: {FLOOR_LABELS[k]}": i for i, k in enumerate(FLOOR_KEYS)}
     for columns in rows.values():
         for cell in columns.values():
             _summarise(cell)
     return dict(sorted(rows.items(), key=lambda kv: order.get(kv[0].split(" (")[0], 9)))
-
-
-def _add_floors(rows: dict, spec: dict, run, labels: dict, column: str, metric: str, sets: dict) -> None:
-    """One run's floors of ``metric``'s set into ``rows[floor name][column]`` (each seed counted once)."""
-    from ..eval.floors import FLOOR_KEYS
-    from ..eval.report import FLOOR_LABELS
-
-    set_name, _, key = metric.partition(":")
-    floors, by = sets.get(set_name, {}), spec.get("floors_by")
-    for floor in FLOOR_KEYS:
-        if floor not in floors:
-            continue
-        value = floors[floor]
-        try:
-            for part in key.split("/"):
-                value = value[part]
-        except (KeyError, TypeError):
-            continue  # a metric the floors do not give (e.g. TAR): no floor row for it
-        name = f"floor: {FLOOR_LABELS[floor]}"
-        if floor == "untrained" and by:
-            name += f" ({labels.get(run.values[by], run.values[by])})"
-        cell = rows.setdefault(name, {}).setdefault(column, {"values": [], "seeds": [], "steps": []})
-        if run.seed not in cell["seeds"]:  # the same floor read by every arm of a seed: counted once
-            cell["values"].append(float(spec.get("scale", 1.0)) * float(value))
-            cell["seeds"].append(run.seed)
 
 
 def _paired(spec: dict, members: list, cells: dict, labels: dict) -> list[dict]:
