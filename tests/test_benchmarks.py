@@ -1,6 +1,7 @@
 """The benchmark script keeps running and reports positive, consistent figures (no timing assertions)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,20 @@ def test_lafs_bench_kprpe_times_bf16_autocast_when_asked(tmp_path, capsys):
     assert r["settings"]["amp"] == "bf16" and "precision bf16 autocast" in capsys.readouterr().out
     assert [a["name"] for a in r["arms"]] == ["vit", "vit_irpe", "vit_kprpe"]
     assert all(a["train_img_s"] > 0 for a in r["arms"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_lafs_bench_kprpe_times_compiled_arms_when_asked(tmp_path, capsys):
+    from lafs.cli import main
+
+    out = tmp_path / "kprpe.json"
+    assert main(["bench", "kprpe", "--size", "micro", "--batch", "2", "--rounds", "1", "--warmup", "1",
+                 "--compile", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["settings"]["compile"] is True and "precision fp32, compiled" in capsys.readouterr().out
+    assert all(a["train_img_s"] > 0 and len(a["train_s"]) == 1 for a in r["arms"])  # the warm-up round untimed
 
 
 def test_bench_data_reports_loader_and_step_input_per_core(tmp_path):

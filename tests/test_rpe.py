@@ -2,6 +2,7 @@
 gathered bias and the contextual terms against naive loops, and where gradients go."""
 
 import contextlib
+import shutil
 
 import pytest
 import torch
@@ -406,3 +407,29 @@ def test_face_vit_kprpe_outputs_equal_the_previous_implementation(reference_kprp
             with reference_kprpe() if reference else contextlib.nullcontext():
                 outs.append(model(x, keypoints=kp)["embedding"].detach())
         _assert_close_to_scale(*outs, f"{mode} embedding")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_kprpe_equals_eager_in_outputs_and_w_l_gradient():
+    """Compiled, the KP-RPE table takes the explicit attention (inductor fuses its gather): same numbers as eager's
+    fused path."""
+    torch.manual_seed(0)
+    model = build_backbone("vit_kprpe", "micro").train()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.encoder.kprpe.linear.weight, std=0.5)  # a bias that matters
+    x = torch.rand(2, 3, 56, 56) * 2 - 1
+    kp = torch.rand(2, 5, 2) * 55
+    torch.manual_seed(1)  # DropPath draws the same masks in both runs only eagerly: compare without it
+    for m in model.modules():
+        if hasattr(m, "p") and isinstance(m.p, float):
+            m.p = 0.0
+    grads = []
+    for net in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        out = net(x, keypoints=kp)["embedding"]
+        out.square().sum().backward()
+        grads.append((out.detach(), model.encoder.kprpe.linear.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-3, atol=1e-4)

@@ -34,12 +34,15 @@ def _inputs(model, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, dict
 
 
 def bench_kprpe(size: str = "small", batch: int = 8, rounds: int = 5, warmup: int = 1, threads: int = 0,
-                device: str = "cpu", log=print, amp: str = "none") -> dict:
+                device: str = "cpu", log=print, amp: str = "none", compile: bool = False) -> dict:
     """Measure the three arms; returns ``{"arms": [...], "settings": {...}}`` (times in seconds per step).
 
     ``amp="bf16"`` times every arm's forward (and the train step's forward and backward) under bf16 autocast, the
     weights and AdamW in fp32, as ``train.amp=bf16``: then the ViT's attention and KP-RPE's bias both take the
-    explicit bf16 path (``models/vit.py``)."""
+    explicit bf16 path (``models/vit.py``).
+
+    ``compile=True`` times every arm through ``torch.compile`` (inductor), as ``train.compile=true``: the warm-up
+    rounds compile (give at least one), and the KP-RPE bias is then left to inductor to fuse into the softmax."""
     if amp not in ("none", "bf16"):
         raise ValueError(f"amp must be none or bf16, got {amp!r}")
     if threads > 0:
@@ -55,7 +58,7 @@ def bench_kprpe(size: str = "small", batch: int = 8, rounds: int = 5, warmup: in
         gen = torch.Generator().manual_seed(1)
         x, extra = _inputs(model, batch, gen)
         x, extra = x.to(dev), {k: v.to(dev) for k, v in extra.items()}
-        models.append((model, opt, x, extra))
+        models.append((torch.compile(model) if compile else model, opt, x, extra))
         rows.append({"arm": label, "name": name, "params": c.params, "gflops": 2 * c.macs / 1e9,
                      "attn_gflops": 2 * c.attn_macs / 1e9, "eval_s": [], "train_s": [], "eval_cpu_s": [],
                      "train_cpu_s": []})
@@ -109,14 +112,15 @@ def bench_kprpe(size: str = "small", batch: int = 8, rounds: int = 5, warmup: in
         row["train_cpu_overhead_pct"] = overhead(row, "train_cpu_s")
         row["eval_cpu_overhead_pct"] = overhead(row, "eval_cpu_s")
     settings = {"size": size, "batch": batch, "rounds": rounds, "warmup": warmup, "device": str(dev), "amp": amp,
-                "threads": torch.get_num_threads(), "torch": torch.__version__}
+                "compile": compile, "threads": torch.get_num_threads(), "torch": torch.__version__}
     return {"arms": rows, "settings": settings}
 
 
 def format_kprpe(result: dict) -> str:
     s = result["settings"]
     title = (f"KP-RPE cost table, {s['size']} models, batch {s['batch']}, {s['device']} ({s['threads']} threads), "
-             f"precision {'bf16 autocast' if s.get('amp') == 'bf16' else 'fp32'}, "
+             f"precision {'bf16 autocast' if s.get('amp') == 'bf16' else 'fp32'}"
+             f"{', compiled' if s.get('compile') else ''}, "
              f"{s['rounds']} interleaved rounds; vs ViT: median of the rounds' ratios, wall time (CPU time)")
     lines = [title,
              "| model | params | GFLOPs | + attention GFLOPs | eval img/s | train img/s | eval step vs ViT | train step vs ViT |",

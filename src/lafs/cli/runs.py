@@ -18,7 +18,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import bench_kprpe, format_kprpe
 
-    result = bench_kprpe(args.size, args.batch, args.rounds, args.warmup, args.threads, args.device, amp=args.amp)
+    result = bench_kprpe(args.size, args.batch, args.rounds, args.warmup, args.threads, args.device, amp=args.amp,
+                         compile=args.compile)
     print(format_kprpe(result))
     if args.json:
         from ..io import atomic_write_bytes
@@ -128,5 +129,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="none", choices=("none", "bf16"),
                    help="autocast precision of the timed steps (bf16: weights and AdamW in fp32, as train.amp=bf16)")
+    p.add_argument("--compile", action="store_true",
+                   help="time every arm through torch.compile (inductor), as train.compile=true; warm-up compiles")
     p.add_argument("--json", help="write the measurements here")
     p.set_defaults(func=cmd_bench)

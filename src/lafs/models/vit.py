@@ -99,7 +99,8 @@ class Attention(nn.Module):
         """``attn_bias``: an additive logit bias, or a :class:`~lafs.models.rpe.TableBias` (KP-RPE's table and buckets).
         ``buckets``: the iRPE bucket id of every (query, key) token pair (N x N or B x N x N), when iRPE is on."""
         b, n, _ = x.shape
-        if isinstance(attn_bias, TableBias):  # KP-RPE: a table and its buckets, gathered here (models/rpe.py)
+        table_bias = isinstance(attn_bias, TableBias)
+        if table_bias:  # KP-RPE: a table and its buckets, gathered here (models/rpe.py)
             if self.rpe is None and can_fuse_table_attention(x, attn_bias, self.attn_dropout if self.training else 0.0):
                 qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
                 return self.out_drop(self.to_out(table_bias_attention(qkv, attn_bias, self.scale)))
@@ -114,11 +115,13 @@ class Attention(nn.Module):
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
         value_term = self.rpe is not None and self.rpe.has_value_term
-        if value_term or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
+        compiled_table = table_bias and q.device.type == "cpu" and torch.compiler.is_compiling()
+        if value_term or compiled_table or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             # Explicit attention, for two reasons: iRPE's value term needs the attention probabilities (its
             # contextual v term), and in bf16 on the CPU the fused kernel's backward is several times slower than
             # these batched bf16 matrix products at face-token counts (N <= 197; benchmarks/bench_models.py measures
-            # both).
+            # both). Compiled on the CPU, a KP-RPE table takes this path too: inductor then fuses its gather into the
+            # softmax, where an attn_mask would be built in full for the fused kernel (``lafs bench kprpe --compile``).
             logits = (q @ k.transpose(-2, -1)) * self.scale
             attn = (logits if attn_bias is None else logits + attn_bias).softmax(dim=-1)
             attn = apply_dropout(attn, self.attn_dropout, self.training)
