@@ -416,15 +416,12 @@ def test_compiled_kprpe_equals_eager_in_outputs_and_w_l_gradient():
     """Compiled, the KP-RPE table takes the explicit attention (inductor fuses its gather): same numbers as eager's
     fused path."""
     torch.manual_seed(0)
-    model = build_backbone("vit_kprpe", "micro").train()
+    # no dropout or DropPath: inductor draws its own masks, which would differ from eager's
+    model = build_backbone("vit_kprpe", "micro", dropout=0.0, emb_dropout=0.0, drop_path=0.0).train()
     with torch.no_grad():
         torch.nn.init.normal_(model.encoder.kprpe.linear.weight, std=0.5)  # a bias that matters
     x = torch.rand(2, 3, 56, 56) * 2 - 1
     kp = torch.rand(2, 5, 2) * 55
-    torch.manual_seed(1)  # DropPath draws the same masks in both runs only eagerly: compare without it
-    for m in model.modules():
-        if hasattr(m, "p") and isinstance(m.p, float):
-            m.p = 0.0
     grads = []
     for net in (model, torch.compile(model)):
         model.zero_grad(set_to_none=True)

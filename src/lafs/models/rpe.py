@@ -129,16 +129,17 @@ FUSED_TABLE_ATTENTION = True  # switch for tests and benchmarks: False always ta
 
 def can_fuse_table_attention(x: Tensor, bias: TableBias, dropout_p: float) -> bool:
     """Whether :func:`table_bias_attention` applies: float32 on the CPU, no attention dropout, no autocast, not
-    compiled (inductor fuses the gather itself), not while tracing or exporting (an autograd Function has no ONNX symbolic), and a table that needs a gradient
-    (without one, ``scaled_dot_product_attention``'s fused CPU kernel takes the materialised bias as is).
+    compiled (inductor fuses the gather itself), not while tracing or exporting (an autograd Function has no ONNX
+    symbolic), and a table that needs a gradient (without one, ``scaled_dot_product_attention``'s fused CPU kernel
+    takes the materialised bias as is).
 
     Elsewhere the materialised bias goes through ``scaled_dot_product_attention``: on CUDA its memory-efficient
     kernel returns the bias gradient itself.
     """
     return (FUSED_TABLE_ATTENTION and x.device.type == "cpu" and x.dtype == torch.float32
             and bias.table.dtype == torch.float32 and dropout_p == 0.0 and bias.table.requires_grad
-            and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export())
+            and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export())
 
 
 class _TableBiasAttention(torch.autograd.Function):
