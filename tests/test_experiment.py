@@ -554,3 +554,58 @@ def test_floors_of_a_metrics_table_per_column_set(tmp_path):
     assert t["cells"]["kprpe"]["t=0.5"]["mean"] == pytest.approx(71.0)
     assert "| floor: PCA-whitened | 75.00 | – | 65.00 | – |" in md  # columns LFW, t=0.5, val, steps
     assert "| kprpe | 76.00 | 71.00 | 64.00 † | – |" in md
+
+
+def test_archive_keeps_records_tables_and_done_state_across_roots(tmp_path):
+    """A grid's seeds span sessions on machines that do not keep run folders: the archive holds each done run's
+    records (not its checkpoints) under a root-free command line, tabulates as the run folders do, and restored
+    under another root counts as done; a restored training run read by an unfinished run names the folder."""
+    grid = _grid(tmp_path)
+    root, dest, fresh = tmp_path / "root", tmp_path / "archive", tmp_path / "elsewhere"
+    runs = ex.expand(grid, root)
+    _fake_folders(root, runs, skip={"eval_b_all_s2"})
+    for r in runs:
+        if r.argv[0] == "train":
+            (root / r.name / "checkpoints").mkdir()
+            (root / r.name / "checkpoints" / "step_00000007.pt").write_bytes(b"weights")
+            (root / r.name / "summary.json").write_text(json.dumps({"step": 7}))
+            done = json.loads((root / r.name / "done.json").read_text())
+            done["argv"] = ex.command_line(r, root, {})
+            (root / r.name / "done.json").write_text(json.dumps(done))
+    copied = ex.archive(runs, root, dest)
+    assert len(copied) == 17 and "eval_b_all_s2" not in copied
+    assert sorted(p.name for p in (dest / "train_a_s0").iterdir()) == ["done.json", "summary.json"]  # no weights
+    done = json.loads((dest / "train_a_s0" / "done.json").read_text())
+    assert done["archived"] is True and str(root) not in json.dumps(done)
+    assert f"out_dir=<root>/train_a_s0" in done["spec"] and "train.seed=0" in done["spec"]
+
+    # the archive tabulates as the run folders do (steps from summary.json)
+    at_root, _ = ex.report(grid, runs, root, "x")
+    archived, _ = ex.report(grid, ex.expand(grid, dest), dest, "x")
+    assert archived["tables"] == at_root["tables"]
+    assert archived["tables"][0]["cells"]["a"]["1"]["steps"] == [7, 7, 7]
+
+    # restored elsewhere: done for the runner, nothing runs; the unfinished eval cannot read a checkpoint
+    elsewhere = ex.expand(grid, fresh)
+    (fresh / "train_b_s0").mkdir(parents=True)  # a folder already there, not done: gets the records
+    assert ex.restore(elsewhere, dest, fresh) == copied
+    status = ex.run_grid(elsewhere, fresh, only=["nothing"])
+    assert sorted(status["done"]) == sorted(copied)
+    assert ex.restore(elsewhere, dest, fresh) == []  # already done there: nothing overwritten
+    with pytest.raises(FileNotFoundError, match="restored from an archive.*delete .*train_b_s2"):
+        ex.resolve(["@train_b_s2"], fresh)
+    with pytest.raises(ConfigError, match="--restore .*nowhere: no such folder"):
+        ex.restore(elsewhere, tmp_path / "nowhere", fresh)
+
+
+def test_experiment_cli_archives_and_restores(tmp_path, monkeypatch, capsys):
+    grid_file = tmp_path / "toy.yaml"
+    grid_file.write_text(yaml.safe_dump(GRID))
+    root, dest, fresh = tmp_path / "root", tmp_path / "archive", tmp_path / "fresh"
+    _fake_folders(root, ex.expand(ex.load_grid(grid_file), root))
+    assert main(["experiment", str(grid_file), "--out", str(root), "--aggregate", "--archive", str(dest)]) == 0
+    assert "archived the records of 18 done runs" in capsys.readouterr().out
+    assert main(["experiment", str(grid_file), "--out", str(fresh), "--restore", str(dest), "--only", "x"]) == 0
+    out = capsys.readouterr().out
+    assert "restored the records of 18 done runs" in out and "0 ran, 18 already done" in out
+    assert "| a | 51.00 ± 1.00 | 56.00 ± 1.00 |" in out

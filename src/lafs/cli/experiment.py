@@ -29,7 +29,8 @@ PCA-whitened floor; ``paired: {axis, pairs: [[a, b], ...]}`` adds the difference
 their mean and Student-t 95 % interval over the seeds, flagged where an arm is under that floor.
 ``results_NAME.json`` and ``results_NAME.md`` go to the root, and
 ``--results docs/results.md`` replaces the grid's marked section of that file, so the tables there are always
-generated from the raw run folders.
+generated from the raw run folders. ``--archive DIR`` keeps the done runs' records (no checkpoints) where a later
+session on another machine finds them (``--restore DIR``), so a grid's seeds can span sessions.
 """
 
 from __future__ import annotations
@@ -203,6 +204,10 @@ def checkpoint_of(run_dir: Path) -> Path:
     try:
         return best_or_latest(run_dir / "checkpoints")
     except FileNotFoundError as err:
+        done = run_dir / "done.json"
+        if done.is_file() and json.loads(done.read_text()).get("archived"):
+            raise FileNotFoundError(f"{run_dir}: a run restored from an archive keeps its records, not its "
+                                    f"checkpoints; delete {run_dir} to train it again") from None
         raise FileNotFoundError(f"{run_dir}: {err}") from None
 
 
@@ -324,7 +329,7 @@ def run_grid(runs: list[Run], root: str | Path, log=print, only=None, poll: floa
             if done is not None:
                 status["done"].append(run.name)
                 if run.budget is not None and steps_by_arm.get(run.arm) is None:
-                    steps_by_arm[run.arm] = trained_steps(root / run.name)
+                    steps_by_arm[run.arm] = done.get("steps") or trained_steps(root / run.name)
                 continue
             if run.name not in wanted:
                 continue
@@ -390,6 +395,55 @@ def _with_needs(runs: list[Run], only) -> set[str]:
                 wanted.add(need)
                 stack.append(need)
     return wanted
+
+
+# ------------------------------------------------------------------------------------------------ archives
+RECORDS = ("done.json", "eval.json", "summary.json", "config.yaml")  # what the tables read, and the run's config
+
+
+def archive(runs: list[Run], root: str | Path, dest: str | Path) -> list[str]:
+    """Copy the records of every done run (``RECORDS``: no checkpoint, a few KB a run) to ``dest/<run name>/``;
+    returns the names copied.
+
+    Run folders live on one machine, and a grid of several seeds outlasts a session (and its machine): its finished
+    runs are archived in the repository, and :func:`restore` puts them under a new root, where the runner counts
+    them done and the tables read them. ``lafs experiment NAME --aggregate --out DEST`` tabulates an archive as it
+    is. The command lines in ``done.json`` name the root ``<root>``, so the records do not depend on where it was."""
+    root, dest = Path(root), Path(dest)
+    copied = []
+    for run in runs:
+        folder = root / run.name
+        if not (folder / "done.json").is_file():
+            continue
+        done = json.loads((folder / "done.json").read_text())
+        done.update(spec=_portable(done.get("spec") or run.argv, root), argv=_portable(done.get("argv") or [], root),
+                    archived=True)
+        (dest / run.name).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dest / run.name / "done.json", json.dumps(done, indent=2).encode())
+        for name in RECORDS[1:]:
+            if (folder / name).is_file():
+                atomic_write_bytes(dest / run.name / name, (folder / name).read_bytes())
+        copied.append(run.name)
+    return copied
+
+
+def restore(runs: list[Run], source: str | Path, root: str | Path) -> list[str]:
+    """Put an archive's records (:func:`archive`) of the runs not done under ``root`` into their folders; returns
+    the names restored. A restored training run has no checkpoint: the runs that read it must be done too (they
+    are, when they were archived with it), else they stop with a message naming the folder to delete."""
+    source, root = Path(source), Path(root)
+    if not source.is_dir():
+        raise ConfigError(f"--restore {source}: no such folder")
+    restored = []
+    for run in runs:
+        if (root / run.name / "done.json").is_file() or not (source / run.name / "done.json").is_file():
+            continue
+        (root / run.name).mkdir(parents=True, exist_ok=True)
+        for name in RECORDS[1:] + RECORDS[:1]:  # done.json last: a run counts done only once its records are in
+            if (source / run.name / name).is_file():
+                atomic_write_bytes(root / run.name / name, (source / run.name / name).read_bytes())
+        restored.append(run.name)
+    return restored
 
 
 # ------------------------------------------------------------------------------------------------ tables

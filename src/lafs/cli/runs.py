@@ -45,6 +45,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                   + (f"  [{r.budget:g} min]" if r.budget is not None else "")
                   + (f"  [{r.steps} steps]" if r.steps is not None else ""))
         return 0
+    if args.restore:
+        restored = ex.restore(runs, args.restore, root)
+        print(f"restored the records of {len(restored)} done runs from {args.restore} into {root}")
     status = {"failed": {}}
     if not args.aggregate:
         print(f"lafs experiment {grid['name']}: {len(runs)} runs in {root}, training budget {budget:g} min per run "
@@ -60,6 +63,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     print(f"wrote {root / f'results_{name}.md'} (+ .json)")
     if args.results:
         print(f"updated {ex.update_section(args.results, grid['name'], md)}")
+    if args.archive:
+        print(f"archived the records of {len(ex.archive(runs, root, args.archive))} done runs in {args.archive}")
     return 1 if status["failed"] else 0
 
 
@@ -90,6 +95,11 @@ def register(sub) -> None:
     p.add_argument("--list", action="store_true", help="list the runs and their state; run nothing")
     p.add_argument("--aggregate", action="store_true", help="only write the tables from the run folders")
     p.add_argument("--results", metavar="FILE.md", help="also replace this grid's section of FILE.md (docs/results.md)")
+    p.add_argument("--archive", metavar="DIR", help="then copy every done run's records (done.json, eval.json, "
+                   "summary.json, config.yaml; no checkpoints) to DIR/<run>/: a grid's finished seeds outlast the "
+                   "machine (`--aggregate --out DIR` tabulates them)")
+    p.add_argument("--restore", metavar="DIR", help="first put the records of an --archive DIR into the root: those "
+                   "runs count as done")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("demo", help="the LAFS story on synthetic faces: stage 1, LAFS (+ DINO) pretraining, "
