@@ -204,6 +204,43 @@ def test_sensitivity_input_errors():
         affine_sensitivity(lambda x: x.flatten(1), images, issame[:3], kps)
 
 
+def test_curve_of_a_model_in_another_geometry_ends_aligned_in_that_geometry(tmp_path):
+    """A model trained on CelebA-64 crops (``geometry = "celeba64"``) is tested along the curve in its own geometry:
+    the crops are brought to it as its sets are (t = 0 is the set's own evaluation, at 64 px) and t = 1 aligns onto
+    the celeba64 template. Aligned onto ArcFace's 112 px template instead, a reader of the celeba64 positions reads
+    the wrong pixels (what the curve did before)."""
+    from lafs.data.pairs import write_bin
+    from lafs.eval.report import sensitivity_report
+    from lafs.geometry import get_geometry
+
+    images, issame, kps = painted_pairs(num_pairs=100, seed=3)
+    encoded = [cv2.imencode(".png", im.permute(1, 2, 0).numpy()[:, :, ::-1])[1].tobytes() for im in images]
+    bin_path = write_bin(tmp_path / "crops.bin", encoded, issame)
+    np.save(tmp_path / "crops_kps.npy", kps)
+    celeba = torch.from_numpy(get_geometry("celeba64").array())
+    seen = []
+
+    def fixed(x):  # reads where the celeba64 template puts the 5 points, at 64 px
+        seen.append(x.shape[-1])
+        return read_colours(x, celeba.to(x.dtype).expand(len(x), 5, 2))
+
+    fixed.geometry = "celeba64"
+    r = sensitivity_report(fixed, bin_path, steps=[0.0, 1.0], flip=False)
+    acc = [p["accuracy"] for p in r["points"]]
+    assert set(seen) == {64} and acc[-1] >= 0.85 and acc[0] <= acc[-1] - 0.15, acc
+    assert r["points"][-1]["keypoint_error"] < 1.0  # px at 64, to the celeba64 template
+    # t = 0 is the set's own evaluation (lafs eval --sets on the same .bin), to the last pair
+    from lafs.eval.metrics import ten_fold_accuracy
+    from lafs.eval.report import set_embeddings
+
+    emb, same, _ = set_embeddings(fixed, bin_path, "h", flip=False)
+    assert ten_fold_accuracy(emb[0::2], emb[1::2], same)["accuracy"] == pytest.approx(acc[0], abs=1e-9)
+    # without the geometry (an ArcFace model) the same reader fails at t = 1: the curve ends on ArcFace's template
+    del fixed.geometry
+    r = sensitivity_report(fixed, bin_path, steps=[1.0], flip=False)
+    assert r["points"][0]["accuracy"] <= acc[-1] - 0.15, (r["points"][0]["accuracy"], acc)
+
+
 # --- CLI -------------------------------------------------------------------------------------------------------------
 
 

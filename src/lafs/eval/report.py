@@ -157,14 +157,24 @@ def write_report(results: list[dict], out_dir: str | Path, meta: dict, floors: d
 def sensitivity_report(embed_fn, bin_path: str | Path, keypoints_path=None, *, steps=6, interpolation="similarity",
                        border: str = "constant", color: str = "rgb", batch_size: int = 256, device="cpu", flip: bool = True,
                        flip_mode: str = "sum", thresholds=None) -> dict:
-    """``robustness.affine_sensitivity`` on a ``.bin`` of detector crops and its keypoints; named for the report."""
+    """``robustness.affine_sensitivity`` on a ``.bin`` of detector crops and its keypoints; named for the report.
+
+    A model trained in another face geometry than ArcFace's (``embed_fn.geometry``, e.g. celeba64) sees the curve in
+    its own: the crops are first brought to it as the sets are (:func:`set_in_geometry`: one similarity from their
+    mean keypoints, per-image misalignment kept), so t = 0 is the set's own evaluation, and t = 1 aligns every face
+    onto that geometry's template, not ArcFace's, which the model never saw."""
+    from ..geometry import get_geometry
     from .robustness import affine_sensitivity
 
     images, issame = load_bin(bin_path, color=color)
     kps = load_set_keypoints(bin_path, keypoints_path, len(images))
+    geometry, points = getattr(embed_fn, "geometry", None), None
+    if geometry is not None:
+        images, kps = set_in_geometry(images, kps, bin_path, geometry, keypoints_path)
+        points = get_geometry(geometry).at_size(int(images.shape[-1])).array()
     r = affine_sensitivity(embed_fn, images, issame, kps, steps, interpolation=interpolation, border=border,
-                           batch_size=batch_size,
-                           device=device, flip=flip, flip_mode=flip_mode, thresholds=thresholds)
+                           batch_size=batch_size, device=device, flip=flip, flip_mode=flip_mode,
+                           thresholds=thresholds, template_points=points)
     r["name"] = Path(bin_path).stem
     return r
 

@@ -33,15 +33,16 @@ from .metrics import ten_fold_accuracy
 INTERPOLATIONS = ("similarity", "linear")
 
 
-def alignment_affines(keypoints, size: int = 112) -> np.ndarray:
-    """(N, 5, 2) keypoints of ``size x size`` crops -> (N, 2, 3) similarities onto the ArcFace template at ``size``."""
+def alignment_affines(keypoints, size: int = 112, template_points=None) -> np.ndarray:
+    """(N, 5, 2) keypoints of ``size x size`` crops -> (N, 2, 3) similarities onto ``template_points`` (5 x 2 pixels;
+    default the ArcFace template at ``size``)."""
     kps = np.asarray(keypoints, np.float64)
     if kps.ndim != 3 or kps.shape[1:] != (5, 2):
         raise ValueError(f"keypoints of shape {kps.shape}: expected (N, 5, 2), the 5 ArcFace points of each crop")
     if not np.all(np.isfinite(kps)):
         bad = int(np.flatnonzero(~np.isfinite(kps).all(axis=(1, 2)))[0])
         raise ValueError(f"keypoints of crop {bad} are not finite: {kps[bad].tolist()}")
-    return estimate_similarity_batch(kps, template(size))
+    return estimate_similarity_batch(kps, template(size) if template_points is None else template_points)
 
 
 def _similarity_parts(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,13 +152,16 @@ def affine_sensitivity(
     flip_mode: str = "sum",
     thresholds=None,
     border: str = "constant",
+    template_points=None,
 ) -> dict:
     """Verification accuracy along the detector-crop -> aligned-face path (KP-RPE Fig. 5).
 
     ``images``: uint8 (2P, 3, S, S) detector crops, pair k = images 2k, 2k+1; ``keypoints``: (2P, 5, 2) in crop
-    pixels. ``steps``: the number of evenly spaced t in [0, 1], or the t values themselves. Returns ``{"t": [...],
-    "interpolation", "points": [per-t ten_fold_accuracy dict + "t" and "keypoint_error" (mean distance of the
-    moved keypoints to the template, px)]}``.
+    pixels. ``steps``: the number of evenly spaced t in [0, 1], or the t values themselves. ``template_points``: the
+    5 x 2 pixel positions t = 1 aligns onto (default the ArcFace template at S; a model trained in another geometry
+    is aligned onto its own, see ``report.sensitivity_report``). Returns ``{"t": [...], "interpolation", "points":
+    [per-t ten_fold_accuracy dict + "t" and "keypoint_error" (mean distance of the moved keypoints to the template,
+    px)]}``.
     """
     issame = np.asarray(issame, bool).ravel()
     if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
@@ -168,8 +172,8 @@ def affine_sensitivity(
     if len(ts) == 0 or (np.isscalar(steps) and steps < 2):
         raise ValueError(f"steps must be >= 2 (t = 0 and t = 1) or a list of t values, got {steps!r}")
     size = images.shape[-1]
-    m = alignment_affines(keypoints, size)
-    dst = template(size).astype(np.float64)
+    dst = (template(size) if template_points is None else np.asarray(template_points)).astype(np.float64)
+    m = alignment_affines(keypoints, size, dst)
     with_kps = bool(getattr(embed_fn, "uses_keypoints", False))
     points = []
     for t in ts:
