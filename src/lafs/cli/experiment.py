@@ -418,13 +418,19 @@ def archive(runs: list[Run], root: str | Path, dest: str | Path) -> list[str]:
         done = json.loads((folder / "done.json").read_text())
         done.update(spec=_portable(done.get("spec") or run.argv, root), argv=_portable(done.get("argv") or [], root),
                     archived=True)
-        (dest / run.name).mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest / run.name / "done.json", json.dumps(done, indent=2).encode())
-        for name in RECORDS[1:]:
-            if (folder / name).is_file():
-                atomic_write_bytes(dest / run.name / name, (folder / name).read_bytes())
+        _copy_records(folder, dest / run.name, json.dumps(done, indent=2).encode())
         copied.append(run.name)
     return copied
+
+
+def _copy_records(source: Path, dest: Path, done: bytes | None = None) -> None:
+    """``RECORDS`` of one run folder to another (``done``: the done.json to write instead of the source's), done.json
+    last: a folder counts as done only once its other records are in, so an interrupted copy is not a done run."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RECORDS[1:]:
+        if (source / name).is_file():
+            atomic_write_bytes(dest / name, (source / name).read_bytes())
+    atomic_write_bytes(dest / RECORDS[0], done if done is not None else (source / RECORDS[0]).read_bytes())
 
 
 def restore(runs: list[Run], source: str | Path, root: str | Path) -> list[str]:
@@ -438,10 +444,7 @@ def restore(runs: list[Run], source: str | Path, root: str | Path) -> list[str]:
     for run in runs:
         if (root / run.name / "done.json").is_file() or not (source / run.name / "done.json").is_file():
             continue
-        (root / run.name).mkdir(parents=True, exist_ok=True)
-        for name in RECORDS[1:] + RECORDS[:1]:  # done.json last: a run counts done only once its records are in
-            if (source / run.name / name).is_file():
-                atomic_write_bytes(root / run.name / name, (source / run.name / name).read_bytes())
+        _copy_records(source / run.name, root / run.name)
         restored.append(run.name)
     return restored
 
