@@ -598,6 +598,39 @@ def test_archive_keeps_records_tables_and_done_state_across_roots(tmp_path):
         ex.restore(elsewhere, tmp_path / "nowhere", fresh)
 
 
+def test_restore_leaves_the_runs_whose_files_others_read_to_be_made_again(tmp_path):
+    """An archive has records, not the files runs made: restoring a data run as done left the evaluation that reads
+    its file with a missing path (kprpe-celeba64's misaligned LFW). Such runs stay to be made, and one restored as
+    done by an earlier lafs is undone."""
+    grid = _grid(tmp_path, {**GRID, "seeds": [0], "stages": [
+        {"name": "mis_s{seed}", "cli": ["data", "misalign", "lfw.bin", "-o", "{out}/lfw_mis.bin", "--seed", "{seed}"]},
+        GRID["stages"][0],
+        {"name": "eval_{arm}_s{seed}", "cli": ["eval", "@train_{arm}_s{seed}", "--sets", "@mis_s{seed}/lfw_mis.bin",
+                                              "--out", "{out}"], "axes": {"arm": ["a", "b"]}}], "tables": []})
+    root, dest, fresh = tmp_path / "root", tmp_path / "archive", tmp_path / "fresh"
+    runs = ex.expand(grid, root)
+    assert ex.file_makers(runs) == {"mis_s0"}  # trainings are read as checkpoints (@run), not files
+    for r in runs:
+        (root / r.name).mkdir(parents=True)
+        (root / r.name / "done.json").write_text(json.dumps({"spec": r.argv, "seconds": 1.0}))
+    assert sorted(ex.archive(runs, root, dest)) == sorted(r.name for r in runs)  # the archive keeps every record
+
+    elsewhere = ex.expand(grid, fresh)
+    assert sorted(ex.restore(elsewhere, dest, fresh)) == ["eval_a_s0", "eval_b_s0", "train_a_s0", "train_b_s0"]
+    assert not (fresh / "mis_s0" / "done.json").exists()
+    assert "mis_s0" not in ex.run_grid(elsewhere, fresh, only=["nothing"])["done"]
+
+    # a root where an earlier lafs restored the data run as done: the next restore undoes that, and only that
+    archived = (dest / "mis_s0" / "done.json").read_bytes()
+    (fresh / "mis_s0").mkdir()
+    (fresh / "mis_s0" / "done.json").write_bytes(archived)
+    assert ex.restore(elsewhere, dest, fresh) == []
+    assert not (fresh / "mis_s0" / "done.json").exists() and (fresh / "eval_a_s0" / "done.json").is_file()
+    made = fresh / "mis_s0" / "done.json"  # made here (not archived): kept
+    made.write_text(json.dumps({"spec": ex._portable(elsewhere[0].argv, fresh), "seconds": 7.0}))
+    assert ex.restore(elsewhere, dest, fresh) == [] and made.is_file()
+
+
 def test_experiment_cli_archives_and_restores(tmp_path, monkeypatch, capsys):
     grid_file = tmp_path / "toy.yaml"
     grid_file.write_text(yaml.safe_dump(GRID))

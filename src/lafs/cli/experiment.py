@@ -433,16 +433,28 @@ def _copy_records(source: Path, dest: Path, done: bytes | None = None) -> None:
     atomic_write_bytes(dest / RECORDS[0], done if done is not None else (source / RECORDS[0]).read_bytes())
 
 
+def file_makers(runs: list[Run]) -> set[str]:
+    """The runs whose files other runs read (``@run/file``, e.g. a ``lafs data misalign`` set an evaluation tests on)."""
+    return {m.group(1) for r in runs for a in r.argv for m in REF.finditer(a) if m.group(2)}
+
+
 def restore(runs: list[Run], source: str | Path, root: str | Path) -> list[str]:
     """Put an archive's records (:func:`archive`) of the runs not done under ``root`` into their folders; returns
     the names restored. A restored training run has no checkpoint: the runs that read it must be done too (they
-    are, when they were archived with it), else they stop with a message naming the folder to delete."""
+    are, when they were archived with it), else they stop with a message naming the folder to delete. The runs in
+    :func:`file_makers` are not restored: the archive has their records, not the files they made, so the runner
+    makes them again when a run that reads them is to run (restored as done, they left that run a missing file)."""
     source, root = Path(source), Path(root)
     if not source.is_dir():
         raise ConfigError(f"--restore {source}: no such folder")
-    restored = []
+    restored, makers = [], file_makers(runs)
     for run in runs:
-        if (root / run.name / "done.json").is_file() or not (source / run.name / "done.json").is_file():
+        done = root / run.name / "done.json"
+        if run.name in makers:
+            if done.is_file() and json.loads(done.read_text()).get("archived"):
+                done.unlink()  # restored as done by an earlier lafs: its files are not there, so it is made again
+            continue
+        if done.is_file() or not (source / run.name / "done.json").is_file():
             continue
         _copy_records(source / run.name, root / run.name)
         restored.append(run.name)

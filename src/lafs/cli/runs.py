@@ -47,7 +47,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         return 0
     if args.restore:
         restored = ex.restore(runs, args.restore, root)
-        print(f"restored the records of {len(restored)} done runs from {args.restore} into {root}")
+        makers = sorted(ex.file_makers(runs))
+        print(f"restored the records of {len(restored)} done runs from {args.restore} into {root}"
+              + (f"; {len(makers)} runs whose files other runs read are made again when needed (an archive keeps "
+                 f"no files): {', '.join(makers[:3])}{' ...' if len(makers) > 3 else ''}" if makers else ""))
     status = {"failed": {}}
     if not args.aggregate:
         print(f"lafs experiment {grid['name']}: {len(runs)} runs in {root}, training budget {budget:g} min per run "
