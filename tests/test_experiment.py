@@ -638,6 +638,13 @@ def test_experiment_cli_archives_and_restores(tmp_path, monkeypatch, capsys):
     _fake_folders(root, ex.expand(ex.load_grid(grid_file), root))
     assert main(["experiment", str(grid_file), "--out", str(root), "--aggregate", "--archive", str(dest)]) == 0
     assert "archived the records of 18 done runs" in capsys.readouterr().out
+    # --list shows what --restore would put back, and writes nothing (it runs before the restore)
+    assert main(["experiment", str(grid_file), "--out", str(fresh), "--restore", str(dest), "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 18 and all(line.startswith("archived  ") for line in listed)
+    assert not any(fresh.rglob("done.json"))
+    assert main(["experiment", str(grid_file), "--out", str(fresh), "--list"]) == 0
+    assert capsys.readouterr().out.startswith("todo      train_a_s0")
     assert main(["experiment", str(grid_file), "--out", str(fresh), "--restore", str(dest), "--only", "x"]) == 0
     out = capsys.readouterr().out
     assert "restored the records of 18 done runs" in out and "0 ran, 18 already done" in out

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from lafs.checkpoint import checkpoints_in
-from lafs.config import load_config
+from lafs.config import ConfigError, load_config
 from lafs.data.sampler import EpochBatchSampler
 from lafs.heads import CosFace
 from lafs.models import build_backbone
 from lafs.train.distributed import DistEnv
 from lafs.train.logging import read_metrics
 from lafs.train.loop import NonFiniteLossError, Trainer
-from lafs.train.optim import lr_at, param_groups, step_schedule
+from lafs.train.optim import build_optimizer, lr_at, param_groups, set_lr, step_schedule
 from lafs.train.pretrained import load_pretrained
 from lafs.train.run import build_task, build_train_set, train
 from lafs.train.supervised import SupervisedTask
@@ -100,6 +100,46 @@ def test_param_groups_decay_rules():
     assert id(head.weight) in ids["decay"]
     assert id(model.encoder.pos_embedding) in ids["decay"]  # 3-D: decayed, as in the reference
     assert sum(len(g["params"]) for g in groups.values()) == len(named)
+
+
+def test_layer_decay_gives_each_layer_its_lr_and_reaches_the_trainer(tmp_path):
+    """optim.layer_decay (the LAFS code's param_groups_lrd numbering, applied): Part fViT-micro has 2 blocks, so the
+    head is layer 3 (lr x 1), block 1 layer 2 (x 0.5), block 0 layer 1 (x 0.25), embeddings and landmark CNN layer 0
+    (x 0.125); the weight-decay kinds stay as without it, and without it the groups are unchanged."""
+    model = build_backbone("part_fvit", "micro")
+    head = CosFace(model.embedding_size, 10)
+    named = list(model.named_parameters()) + [("head.weight", head.weight)]
+    plain = param_groups(named, 0.1, landmark_weight_decay=0.05)
+    assert [g["name"] for g in plain] == ["decay", "landmark", "no_decay"] and all("lr_scale" not in g for g in plain)
+    groups = param_groups(named, 0.1, landmark_weight_decay=0.05, layer_decay=0.5)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    where = {id(p): g for g in groups for p in g["params"]}
+    want = {"head.weight": (1.0, 0.1), "encoder.norm.weight": (1.0, 0.0),
+            "encoder.blocks.1.attn.to_qkv.weight": (0.5, 0.1), "encoder.blocks.0.norm1.bias": (0.25, 0.0),
+            "encoder.pos_embedding": (0.125, 0.1), "encoder.cls_token": (0.125, 0.1),
+            "landmark_cnn.output_layer.weight": (0.125, 0.05), "landmark_cnn.output_layer.bias": (0.125, 0.0)}
+    params = dict(named)
+    for name, (scale, wd) in want.items():
+        g = where[id(params[name])]
+        assert (g["lr_scale"], g["weight_decay"]) == (scale, wd), name
+    assert where[id(params["landmark_cnn.output_layer.weight"])]["name"] == "landmark_layer0"
+    opt = build_optimizer(groups, "adamw", 1e-3)
+    set_lr(opt, 2e-3)
+    assert sorted({round(g["lr"], 12) for g in opt.param_groups}) == [2.5e-4, 5e-4, 1e-3, 2e-3]
+
+    with pytest.raises(ValueError, match=r"optim.layer_decay must be in \(0, 1\], got 0"):
+        param_groups(named, 0.1, layer_decay=0.0)
+    with pytest.raises(ValueError, match="no transformer blocks.*applies to the ViTs"):
+        param_groups(build_backbone("iresnet", "micro").named_parameters(), 0.1, layer_decay=0.5)
+    with pytest.raises(ConfigError, match=r"optim.layer_decay must be in \(0, 1\], got 1.5"):
+        cfg_for(tmp_path, "optim.layer_decay=1.5")
+
+    # the trainer builds its optimizer with it (the task's names carry a prefix) and sets each group's lr per step
+    trainer = make_trainer(cfg_for(tmp_path, "optim.layer_decay=0.5", "train.steps=1", "optim.lr=1e-3"))
+    trainer.run()
+    lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs["decay_layer3"] == pytest.approx(1e-3) and lrs["decay_layer1"] == pytest.approx(2.5e-4)
+    assert lrs["landmark_layer0"] == pytest.approx(1.25e-4)
 
 
 def test_sampler_two_ranks_see_the_one_process_batches():

@@ -171,6 +171,14 @@ class OptimConfig:
     # AdamW's fused kernel (one pass over all parameters instead of a dozen foreach passes); None = where the
     # device has one (CPU, CUDA). Its updates equal the foreach ones to float rounding.
     fused: Optional[bool] = None
+    # layer-wise lr decay of a ViT (lafs.train.optim.layer_ids): block k of L trains at lr x layer_decay^(L - k), the
+    # embeddings and landmark CNN at lr x layer_decay^(L + 1), the heads at lr. The LAFS code builds 0.58 and never
+    # applies it; None (the default) = one lr for every parameter, as that code runs
+    layer_decay: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.layer_decay is not None and not 0.0 < float(self.layer_decay) <= 1.0:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
 
 
 @dataclass

@@ -39,9 +39,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     root = Path(args.out or f"runs/experiments/budget-{budget:g}min")
     runs = ex.expand(grid, root, seeds, budget)
     if args.list:
+        # with --restore, what the archive would put back (nothing is written: --list runs nothing)
+        makers = ex.file_makers(runs)
+        archived = {r.name for r in runs if args.restore and r.name not in makers
+                    and (Path(args.restore) / r.name / "done.json").is_file()}
         for r in runs:
             done = (root / r.name / "done.json").is_file()
-            print(f"{'done' if done else 'todo'}  {r.name}: lafs {' '.join(r.argv)}"
+            state = "done" if done else "archived" if r.name in archived else "todo"
+            print(f"{state:8s}  {r.name}: lafs {' '.join(r.argv)}"
                   + (f"  [{r.budget:g} min]" if r.budget is not None else "")
                   + (f"  [{r.steps} steps]" if r.steps is not None else ""))
         return 0

@@ -131,8 +131,8 @@ class Trainer:
         self.sharded_head = head if getattr(head, "sharded", False) else None
         named = list(task.named_parameters())
         self.optimizer = build_optimizer(
-            param_groups(named, o.weight_decay, o.landmark_weight_decay), o.name, o.lr, o.momentum, tuple(o.betas),
-            o.fused,
+            param_groups(named, o.weight_decay, o.landmark_weight_decay, layer_decay=o.layer_decay), o.name, o.lr,
+            o.momentum, tuple(o.betas), o.fused,
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # train.step_guard=false: no snapshot and no check of the weights (benchmarks/bench_step_guard.py: its cost)

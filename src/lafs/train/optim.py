@@ -4,8 +4,10 @@
 Parameter groups follow the reference ``param_groups_lrd``: weight decay on every parameter with >= 2
 dimensions (so position embeddings, the CLS token and the margin-head centres decay too), none on 1-D
 parameters (norm weights, biases), and a separate decay for the landmark CNN's >= 2-D parameters (stage-1
-code: 0.05 while the transformer gets 0.1). The reference also sets up a layer-wise LR decay that it never
-applies; we do not build it.
+code: 0.05 while the transformer gets 0.1). The reference also sets up a layer-wise LR decay (0.58) that it never
+applies: by default neither do we, and ``optim.layer_decay`` applies one (:func:`layer_ids`), the fine-tuning rule
+of BEiT (Bao et al., ICLR 2022, fine-tuning on downstream tasks) that keeps a pretrained ViT's lower blocks near
+their pretrained weights.
 
 The learning rate is a pure function of the optimizer step (``lr_at``), so resuming needs only the step:
 linear warm-up from 0 (the reference ``GradualWarmupScheduler``, multiplier 1), then cosine annealing to
@@ -14,6 +16,7 @@ linear warm-up from 0 (the reference ``GradualWarmupScheduler``, multiplier 1), 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -22,29 +25,67 @@ from torch import nn
 from ..ssl.dino import cosine_at
 
 
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBEDDINGS = ("cls_token", "pos_embedding", "to_embedding.")  # the ViT's token embeddings (lafs.models.vit)
+
+
+def layer_ids(names: list[str], landmark_prefix: str = "landmark_cnn.") -> tuple[dict[str, int], int]:
+    """Each parameter's layer for layer-wise LR decay, and the top layer ``L + 1`` of a ViT of ``L`` blocks: the
+    LAFS code's ``param_groups_lrd`` numbering (embeddings and the landmark CNN 0, block ``k`` ``k + 1``, the rest
+    ``L + 1``). The rest is what follows the blocks (final norm, projection, margin-head centres) and any parameter
+    shared by every block (KP-RPE's keypoint map). A model without ``blocks.<k>.`` parameters is an error."""
+    blocks = {n: int(m.group(1)) for n in names if (m := _BLOCK.search(n))}
+    if not blocks:
+        raise ValueError("optim.layer_decay: the model has no transformer blocks ('blocks.<k>.' parameters); "
+                         "layer-wise LR decay applies to the ViTs (vit, fvit, part_fvit and their RPE variants)")
+    top = max(blocks.values()) + 2
+    ids = {}
+    for n in names:
+        if n in blocks:
+            ids[n] = blocks[n] + 1
+        elif landmark_prefix in n or any(e in n for e in _EMBEDDINGS):
+            ids[n] = 0
+        else:
+            ids[n] = top
+    return ids, top
+
+
 def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
     landmark_weight_decay: float | None = None, landmark_prefix: str = "landmark_cnn.",
+    layer_decay: float | None = None,
 ) -> list[dict]:
-    """Groups ``decay`` / ``no_decay`` / ``landmark`` (empty groups dropped); frozen parameters left out."""
+    """Groups ``decay`` / ``no_decay`` / ``landmark`` (empty groups dropped); frozen parameters left out.
+
+    ``layer_decay`` (in (0, 1]) splits each group by layer (:func:`layer_ids`), group ``<kind>_layer<i>`` with
+    ``lr_scale = layer_decay ** (top - i)``, which :func:`set_lr` applies: the heads train at the run's lr, block
+    ``k`` of ``L`` at ``layer_decay ** (L - k)`` of it, the embeddings and landmark CNN at ``layer_decay ** (L + 1)``."""
+    if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"optim.layer_decay must be in (0, 1], got {layer_decay}")
     lm_wd = weight_decay if landmark_weight_decay is None else landmark_weight_decay
-    groups = {
-        "decay": {"name": "decay", "params": [], "weight_decay": weight_decay},
-        "landmark": {"name": "landmark", "params": [], "weight_decay": lm_wd},
-        "no_decay": {"name": "no_decay", "params": [], "weight_decay": 0.0},
-    }
+    kinds = {"decay": weight_decay, "landmark": lm_wd, "no_decay": 0.0}
     seen: set[int] = set()
+    chosen: list[tuple[str, str, nn.Parameter]] = []
     for name, p in named_params:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.ndim <= 1:
-            groups["no_decay"]["params"].append(p)
-        elif landmark_prefix in name:
-            groups["landmark"]["params"].append(p)
-        else:
-            groups["decay"]["params"].append(p)
-    return [g for g in groups.values() if g["params"]]
+        kind = "no_decay" if p.ndim <= 1 else "landmark" if landmark_prefix in name else "decay"
+        chosen.append((kind, name, p))
+    if layer_decay is None:
+        groups = {k: {"name": k, "params": [], "weight_decay": wd} for k, wd in kinds.items()}
+        for kind, _, p in chosen:
+            groups[kind]["params"].append(p)
+        return [g for g in groups.values() if g["params"]]
+    ids, top = layer_ids([n for _, n, _ in chosen], landmark_prefix)
+    groups = {}
+    for kind in kinds:  # the same order as without decay: decay, landmark, no_decay; layers from the bottom up
+        for i in sorted({ids[n] for k, n, _ in chosen if k == kind}):
+            groups[(kind, i)] = {"name": f"{kind}_layer{i}", "params": [], "weight_decay": kinds[kind],
+                                 "lr_scale": layer_decay ** (top - i)}
+    for kind, name, p in chosen:
+        groups[(kind, ids[name])]["params"].append(p)
+    return list(groups.values())
 
 
 FUSED_DEVICES = ("cpu", "cuda")  # where torch.optim.AdamW(fused=True) has a kernel
