@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from lafs.data.datasets import to_model_range
 from lafs.data.pairs import load_bin
 from lafs.embedder import load_backbone
 from lafs.models.registry import build_backbone
@@ -32,7 +33,7 @@ def sensitivity(model: torch.nn.Module, x: torch.Tensor, xs: torch.Tensor) -> tu
 
 
 images, _ = load_bin(sys.argv[1])
-x = images[:32].float() / 127.5 - 1.0
+x = to_model_range(images[:32])
 torch.manual_seed(0)
 xs = shuffle_patches(x, torch.randperm((x.shape[-1] // 8) ** 2))
 if len(sys.argv) > 2:
