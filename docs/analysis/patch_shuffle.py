@@ -40,7 +40,9 @@ if len(sys.argv) > 2:
     models = [(ck, load_backbone(ck)[0]) for ck in sys.argv[2:]]
 else:
     variants = [dict(), dict(attn_scale="head_dim"), dict(token_init="normal"),
-                dict(token_init="normal", attn_scale="head_dim"), dict(pool="mean"), dict(pool="flatten")]
+                dict(token_init="normal", attn_scale="head_dim"), dict(pool="mean"), dict(pool="flatten"),
+                dict(token_init="sincos"), dict(attn_init="mimetic"), dict(token_init="sincos", attn_init="mimetic"),
+                dict(token_init="sincos", attn_init="mimetic", attn_scale="head_dim")]
     models = []
     for kw in variants:
         torch.manual_seed(0)

@@ -58,7 +58,7 @@ def _registries() -> dict[str, tuple]:
 
     return {
         "backbones": tuple(BACKBONES), "drop_path_schedules": vit.DROP_PATH_SCHEDULES, "attn_scales": vit.ATTN_SCALES,
-        "pools": vit.POOLS, "token_inits": vit.TOKEN_INITS, "mlp_acts": vit.MLP_ACTS, "weight_inits": vit.WEIGHT_INITS,
+        "pools": vit.POOLS, "token_inits": vit.TOKEN_INITS, "attn_inits": vit.ATTN_INITS, "mlp_acts": vit.MLP_ACTS, "weight_inits": vit.WEIGHT_INITS,
         "rpes": vit.RPES, "irpe_modes": rpe.IRPE_MODES, "kprpe_variants": rpe.KPRPE_VARIANTS,
         "patch_layouts": part_fvit.PATCH_LAYOUTS, "landmark_rescales": landmark_cnn.RESCALES,
         "landmark_output_inits": landmark_cnn.OUTPUT_INITS,
@@ -108,7 +108,8 @@ class ModelConfig:
     attn_scale: Optional[str] = registered(None, "attn_scales", "dim: reference code; head_dim: standard")
     pool: Optional[str] = registered(None, "pools", "flatten: insightface face ViT head")
     embedding_size: Optional[int] = None
-    token_init: Optional[str] = registered(None, "token_inits", "CLS/pos init: normal = reference N(0,1), trunc_normal = DINO std 0.02")
+    token_init: Optional[str] = registered(None, "token_inits", "CLS/pos init: normal = reference N(0,1), trunc_normal = DINO std 0.02, sincos = 2-D sin-cos grid")
+    attn_init: Optional[str] = registered(None, "attn_inits", "default: PyTorch's / weight_init; mimetic: Trockman & Kolter 2023 (models/mimetic.py)")
     patch_layout: Optional[str] = registered(None, "patch_layouts")
     landmark_width_mult: Optional[float] = None
     landmark_dropout: Optional[float] = None

@@ -44,6 +44,7 @@ VIT_OPTIONS = (
     "pool",
     "embedding_size",
     "token_init",
+    "attn_init",
     "mlp_act",
     "weight_init",
     "rpe",

@@ -13,6 +13,9 @@ This is the encoder of Part fViT (Sun & Tzimiropoulos, BMVC 2022, §3) as the of
   uses ``"trunc_normal"`` (std 0.02), which lets the image content, not the constant embeddings, dominate
   the CLS output of a freshly initialised shallow model: self-distillation needs that diversity between
   images to start from (with N(0, 1) a 2-layer micro model's outputs for different faces have cosine ~0.995).
+  ``"sincos"`` starts the learned position embedding at MoCo v3's 2-D sin-cos grid (CLS: zero, the CLS token
+  trunc-normal), and ``attn_init="mimetic"`` starts attention as Trockman & Kolter's mimetic init
+  (``models/mimetic.py``): both give the model spatial structure at step 0, which the defaults lack.
 
 Attention goes through :func:`torch.nn.functional.scaled_dot_product_attention`, which accepts an
 optional additive per-head bias (B x H x N x N or broadcastable, added to the scaled logits before
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dropout import Dropout, dropout as apply_dropout
+from .mimetic import mimetic_init_, sincos_2d
 from .rpe import (
     IRPE,
     KPRPE,
@@ -43,7 +47,8 @@ from .rpe import (
 ATTN_SCALES = ("dim", "head_dim")
 DROP_PATH_SCHEDULES = ("constant", "linear")
 POOLS = ("cls", "mean", "flatten")
-TOKEN_INITS = ("normal", "trunc_normal")
+TOKEN_INITS = ("normal", "trunc_normal", "sincos")
+ATTN_INITS = ("default", "mimetic")
 MLP_ACTS = ("gelu", "relu6")
 WEIGHT_INITS = ("torch", "trunc_normal")
 RPES = ("none", "irpe", "kprpe")
@@ -235,6 +240,7 @@ class ViTEncoder(nn.Module):
         pool: str = "cls",
         embedding_size: int | None = None,
         token_init: str = "normal",
+        attn_init: str = "default",
         mlp_act: str = "gelu",
         weight_init: str = "torch",
         rpe: str = "none",
@@ -252,6 +258,8 @@ class ViTEncoder(nn.Module):
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if token_init not in TOKEN_INITS:
             raise ValueError(f"token_init must be one of {TOKEN_INITS}, got {token_init!r}")
+        if attn_init not in ATTN_INITS:
+            raise ValueError(f"attn_init must be one of {ATTN_INITS}, got {attn_init!r}")
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         if rpe not in RPES:
@@ -270,10 +278,17 @@ class ViTEncoder(nn.Module):
         # std-1 normal init, as the reference (vit-pytorch style) does.
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim)) if self.has_cls else None
         self.pos_embedding = nn.Parameter(torch.randn(1, num_tokens + int(self.has_cls), dim))
-        if token_init == "trunc_normal":
+        if token_init in ("trunc_normal", "sincos"):
             if self.has_cls:
                 nn.init.trunc_normal_(self.cls_token, std=0.02)
             nn.init.trunc_normal_(self.pos_embedding, std=0.02)
+        if token_init == "sincos":
+            side = math.isqrt(num_tokens)
+            if side * side != num_tokens:
+                raise ValueError(f"token_init='sincos' needs a square token grid, got {num_tokens} tokens")
+            with torch.no_grad():
+                self.pos_embedding[0, int(self.has_cls):] = sincos_2d(side, dim)
+                self.pos_embedding[0, : int(self.has_cls)] = 0.0
         self.emb_drop = Dropout(emb_dropout)
         rates = drop_path_rates(drop_path, depth, drop_path_schedule)
         irpe = None
@@ -306,6 +321,8 @@ class ViTEncoder(nn.Module):
                     nn.init.trunc_normal_(m.weight, std=0.02)
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
+        if attn_init == "mimetic":  # after weight_init, which would overwrite it
+            mimetic_init_(self.blocks)
         # created after the init above, so W_L stays zero and the model starts as the plain ViT (the official code's)
         self.kprpe = KPRPE(kprpe_variant, depth, heads, num_keypoints, rpe_ratio) if rpe == "kprpe" else None
 
