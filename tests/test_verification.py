@@ -1,6 +1,7 @@
 """ROC AUC against hand-counted values; the 10-fold .bin protocol against hand counts, a loop reference and real LFW."""
 
 import time
+import warnings
 
 import cv2
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from lafs.data.pairs import load_bin, write_bin
 from lafs.eval.embedding import embed_images, evaluate_bin, evaluate_pairs
-from lafs.eval.metrics import fold_ids, roc_auc, ten_fold_accuracy
+from lafs.eval.metrics import CoarseThresholdGridWarning, fold_ids, roc_auc, ten_fold_accuracy
 
 
 def test_roc_auc_by_hand():
@@ -86,6 +87,23 @@ def test_ten_fold_perfect_separation_and_contiguous_folds():
     assert (np.diff(fold_ids(23, 10)) >= 0).all()
     with pytest.raises(ValueError, match="nfolds"):
         fold_ids(5, 10)
+
+
+def test_coarse_reference_grid_is_flagged():
+    # Every distance lies between the grid points 0.01 and 0.02: the reference grid accepts all pairs or none (50 %)
+    # although genuine (0.0103) and impostor (0.0107) pairs separate perfectly; the exact grid finds that.
+    same = np.arange(40) % 2 == 0
+    pairs = _pairs_at(np.where(same, 0.0103, 0.0107))
+    with pytest.warns(CoarseThresholdGridWarning, match=r"right on 50\.00% of the pairs, the exact one on 100\.00%"):
+        r = ten_fold_accuracy(*pairs, same)
+    assert r["accuracy"] == 0.5 and r["auc"] == 1.0 and r["coarse_grid"] is True
+    exact = ten_fold_accuracy(*pairs, same, thresholds="exact")
+    assert exact["accuracy"] == 1.0 and exact["coarse_grid"] is False
+    # spread-out distances: the grid's best is the exact best, nothing to flag
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoarseThresholdGridWarning)
+        spread = ten_fold_accuracy(*_pairs_at(np.where(same, 0.4, 1.6)), same)
+    assert spread["accuracy"] == 1.0 and spread["coarse_grid"] is False
 
 
 def _reference(e1, e2, same, nfolds, thresholds, val_thresholds, far_target=1e-3):

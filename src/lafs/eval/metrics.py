@@ -43,7 +43,19 @@ an optimistic, in-sample figure), ``eer``, ``tar_at_far`` and ``auc``.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
+
+class CoarseThresholdGridWarning(UserWarning):
+    """The reference grid ``arange(0, 4, 0.01)`` cannot separate the pairs' distances (see :func:`ten_fold_accuracy`)."""
+
+
+# how far (in accuracy over all pairs) the reference grid's best threshold may fall under the exact one before the
+# 10-fold figure is flagged: a grid point every 0.01 of squared distance costs well under a point on spread-out
+# distances, but when every distance falls between two grid points it reads 50 %
+COARSE_GRID_GAP = 0.02
 
 
 def roc_counts(scores, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -316,9 +328,14 @@ def ten_fold_accuracy(
     ``interp1d`` over a FAR curve full of repeated values, which is ill-defined (both pick a threshold where the train
     FAR crosses the target, but the values can differ slightly).
 
+    The reference grid, when its best threshold over all pairs is right on more than ``COARSE_GRID_GAP`` fewer
+    pairs than the exact best threshold, is too coarse for the distances at hand (an early model whose embeddings all
+    lie within 0.01 of squared distance of each other reads 50 % whatever its AUC): ``coarse_grid`` is then True and a
+    :class:`CoarseThresholdGridWarning` names the exact figure.
+
     Returns accuracy, accuracy_std, threshold (mean best threshold), fold_accuracies, fold_thresholds,
     fold_train_accuracies (accuracy of the chosen threshold on the training folds), val_at_far, val_std, far,
-    auc (``roc_auc(-dist, issame)``), and from ``verification_metrics(dist, issame, thresholds=<same grid>)`` on all
+    auc (``roc_auc(-dist, issame)``), coarse_grid, and from ``verification_metrics(dist, issame, thresholds=<same grid>)`` on all
     pairs: best_threshold, best_accuracy, eer, tar_at_far, tar_far, tar_threshold (dicts keyed by ``far_targets``).
     """
     issame = np.asarray(issame, bool).ravel()
@@ -385,6 +402,19 @@ def ten_fold_accuracy(
     metrics = verification_metrics(
         dist, issame, thresholds=EXACT_THRESHOLDS if grid is None else grid, far_targets=far_targets
     )
+    coarse = False
+    if mode == REFERENCE_THRESHOLDS and np.isfinite(dist).any():
+        order = np.argsort(dist, kind="stable")
+        exact_best = _exact_best(dist[order], issame[order])[1] / n
+        coarse = exact_best - metrics["best_accuracy"] > COARSE_GRID_GAP
+        if coarse:
+            finite = dist[np.isfinite(dist)]
+            warnings.warn(
+                f"the {mode} threshold grid is too coarse for these distances (all {n} in [{finite.min():.5f}, "
+                f"{finite.max():.5f}]): its best threshold is right on {metrics['best_accuracy']:.2%} of the pairs, "
+                f"the exact one on {exact_best:.2%}, so the 10-fold accuracy understates the embeddings (AUC "
+                f"{metrics['auc']:.3f}); score them with thresholds='exact' (lafs eval --thresholds exact)",
+                CoarseThresholdGridWarning, stacklevel=2)
     result = {
         "accuracy": float(fold_acc.mean()),
         "accuracy_std": float(fold_acc.std()),
@@ -397,6 +427,7 @@ def ten_fold_accuracy(
         "val_std": float(val.std()) if len(val) else float("nan"),
         "far": float(far.mean()) if len(far) else float("nan"),
         "auc": metrics["auc"],  # roc_auc(-dist, issame)
+        "coarse_grid": bool(coarse),  # reference grid only: its best all-pairs accuracy > COARSE_GRID_GAP under exact
     }
     for key in ("best_threshold", "best_accuracy", "eer", "tar_at_far", "tar_far", "tar_threshold"):
         result[key] = metrics[key]
