@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lafs.checkpoint import checkpoints_in
+from lafs.checkpoint import checkpoints_in, read_training_checkpoint
 from lafs.config import ConfigError, load_config
 from lafs.data.sampler import EpochBatchSampler
 from lafs.heads import CosFace
@@ -173,6 +173,18 @@ def test_periodic_verification_logs_accuracy_and_keeps_best(tmp_path):
     assert 0.0 <= val[-1]["synthetic_val_accuracy"] <= 1.0
     assert result.best == max(r["synthetic_val_accuracy"] for r in val)
     assert (tmp_path / "checkpoints" / "best.pt").is_file()
+
+
+def test_select_on_last_keeps_the_last_validated_step_as_best(tmp_path):
+    # a preset whose only pairs are a test set (LFW) must not choose best.pt on them: select_on: last
+    cfg = cfg_for(tmp_path, "train.steps=6", "train.val_every=3", "data.val_pairs=40", "data.val_identities=8",
+                  "train.select_on=last")
+    result = train(cfg, progress=False)
+    val = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [3, 6]
+    assert result.best == val[-1]["synthetic_val_accuracy"]
+    assert read_training_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 6
+    assert "no model selection" in (tmp_path / "checkpoints" / "MODEL_CARD.md").read_text()
 
 
 class NaNAt(torch.nn.Module):

@@ -1,10 +1,11 @@
-"""Usage: part_fvit_step_split.py [SIZE] [BATCH] [ROUNDS]
+"""Usage: part_fvit_step_split.py [SIZE] [BATCH] [ROUNDS] [LAYOUT]
 
 Where a Part fViT train step's time goes, and what that allows bf16 to buy (Amdahl's law). Times, interleaved over
 ROUNDS rounds (medians): forward + backward of the whole model (landmark CNN, patch sampling, ViT) in fp32 and under
 bf16 autocast (the project's rules: the landmark CNN stays in fp32 on a CPU, ``lafs.models.precision``), and of the
 landmark CNN alone in fp32. With the CNN's share f of the fp32 step fixed, no speed-up of the rest can make the step
-faster than 1 / f; the printed bound says whether a 3x target is reachable at all by speeding up the transformer."""
+faster than 1 / f; the printed bound says whether a 3x target is reachable at all by speeding up the transformer.
+LAYOUT ``channels_last`` (default, as the trainer's ``train.channels_last: true`` converts the model) or ``nchw``."""
 import statistics
 import sys
 import time
@@ -17,8 +18,13 @@ from lafs.models.registry import build_backbone
 size = sys.argv[1] if len(sys.argv) > 1 else "micro"
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 7
+layout = sys.argv[4] if len(sys.argv) > 4 else "channels_last"
+if layout not in ("channels_last", "nchw"):
+    raise SystemExit(f"LAYOUT must be channels_last or nchw, got {layout!r}")
 torch.manual_seed(0)
 model = build_backbone("part_fvit", size).train()
+if layout == "channels_last":  # the conv weights only, as the trainer does; their outputs follow them
+    model.to(memory_format=torch.channels_last)
 img = model.img_size
 x = torch.rand(batch, 3, img, img) * 2 - 1
 
@@ -47,7 +53,7 @@ for _ in range(rounds):
         times[k].append(time.perf_counter() - t)
 med = {k: statistics.median(v) for k, v in times.items()}
 flags = sorted(cpu_flags() & {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-print(f"Part fViT-{size}, batch {batch}, {img} px, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+print(f"Part fViT-{size}, batch {batch}, {img} px, {layout}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
       f"CPU flags {flags}; medians of {rounds} interleaved rounds (forward + backward, no optimizer)")
 for k, v in med.items():
     print(f"  {k}: {v * 1000:.1f} ms ({batch / v:.0f} images/s)")

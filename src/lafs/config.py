@@ -88,6 +88,9 @@ def fraction(replaces: tuple[str, ...], help: str = "", length_of: str | None = 
     return field(default=None, metadata={"replaces": replaces, "length_of": length_of, "help": help})
 
 
+# train.select_on: no model selection (best.pt = the last validated step)
+SELECT_LAST = "last"
+
 @dataclass
 class ModelConfig:
     name: str = registered("part_fvit", "backbones", "backbone")
@@ -276,7 +279,8 @@ class TrainConfig:
     # (train/monitors.py; one CPU copy of the trunk's weights)
     monitors: bool = True
     # the validation set (file stem, e.g. celeba64_val) whose accuracy chooses best.pt; None = the first of
-    # data.val. Model selection on a test set (LFW) would report a tuned number
+    # data.val. Model selection on a test set (LFW) would report a tuned number, so a run whose only pairs are a
+    # test set says "last": no selection, best.pt is the last validated step and the sets are monitors only
     select_on: Optional[str] = None
     # measure every validation set's floors before the first step (raw pixels, PCA-whitened pixels fitted on the
     # run's training images, the untrained network: one extra validation), logged and on the model card. Off by

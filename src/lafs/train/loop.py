@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import (DAMAGED, FORMAT, check_resume, checkpoints_in, data_position, latest_readable,
                           read_training_checkpoint, resume_position, rng_state, set_rng_state, shape_mismatches,
                           write_checkpoint)
-from ..config import save_config, to_yaml
+from ..config import SELECT_LAST, save_config, to_yaml
 from ..data.sampler import EpochBatchSampler, collate
 from ..eval.embedding import evaluate_pairs
 from ..ssl.dino import clip_gradients_per_param, weight_decay_at
@@ -132,8 +132,7 @@ class Trainer:
         named = list(task.named_parameters())
         self.optimizer = build_optimizer(
             param_groups(named, o.weight_decay, o.landmark_weight_decay, layer_decay=o.layer_decay), o.name, o.lr,
-            o.momentum, tuple(o.betas), o.fused,
-        )
+            o.momentum, tuple(o.betas), o.fused)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # train.step_guard=false: no snapshot and no check of the weights (benchmarks/bench_step_guard.py: its cost)
         self.guard = StepGuard(task, self.optimizer) if t.step_guard else None
@@ -372,13 +371,13 @@ class Trainer:
             self.task.train(was_training)
         return broadcast_object(results)
 
-    def select_on(self, val: dict) -> str:
-        """The validation set whose accuracy chooses ``best.pt``: ``train.select_on``, else the first one (list the
-        validation pairs first in ``data.val`` and test sets such as LFW after them)."""
+    def select_on(self, val: dict) -> str | None:
+        """The set whose accuracy chooses ``best.pt``: ``train.select_on``, else the first (list validation pairs first
+        in ``data.val``, test sets such as LFW after them); None for ``last``: no selection, the last step is kept."""
         name = self.cfg.train.select_on or next(iter(val))
-        if name not in val:
+        if name != SELECT_LAST and name not in val:
             raise ValueError(f"train.select_on={name!r} is not a validation set of this run: {', '.join(val)}")
-        return name
+        return None if name == SELECT_LAST else name
 
     def measure_floors(self, logger) -> dict:
         """The floors of every validation set, before the first step (``train.floors``): the untrained network (this
@@ -581,10 +580,11 @@ class Trainer:
                     if val:
                         result.val = val
                         self.val_last = {"step": self.step, "sets": val}
-                        # best.pt is chosen on one set (train.select_on, else the first): never on a test set
-                        chosen = float(val[self.select_on(val)]["accuracy"])
-                        improved = self.best is None or chosen > self.best
-                        self.best = max(chosen, self.best or chosen)
+                        # best.pt: chosen on one set (train.select_on, else the first), never a test set; or the last
+                        name = self.select_on(val)
+                        chosen = float(val[name or next(iter(val))]["accuracy"])
+                        improved = name is None or self.best is None or chosen > self.best
+                        self.best = chosen if name is None else max(chosen, self.best or chosen)
                         flat = {f"{n}_{k}": v for n, r in val.items() for k, v in r.items()} | drift
                         logger.log(self.step, flat, kind="val")
                         logger.write(f"step {self.step}: " + ", ".join(

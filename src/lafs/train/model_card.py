@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from ..config import SELECT_LAST
+
 
 FLOOR_LABELS = (("raw_pixels", "raw pixels"), ("pca_whitened", "PCA-whitened pixels"),
                 ("untrained", "untrained network"), ("start", "at the start of finetuning"))
@@ -80,7 +82,10 @@ def model_card(cfg, *, step: int, total_steps: int, params: int, embedding_size:
                          f"AUC {r['auc']:.4f}{thr}{low}")
         if best is not None:
             chosen = cfg.train.select_on or next(iter(sets))
-            lines.append(f"  - best {chosen} accuracy so far (chooses `best.pt`): {100 * best:.2f} %")
+            if chosen == SELECT_LAST:
+                lines.append("  - `best.pt` is the last validated step (`train.select_on: last`: no model selection)")
+            else:
+                lines.append(f"  - best {chosen} accuracy so far (chooses `best.pt`): {100 * best:.2f} %")
     else:
         lines.append("- **Validation**: none yet (set `data.val` or synthetic `data.val_pairs`).")
     drift = {k[: -len("_drift")]: v for k, v in (monitors or {}).items() if k.endswith("_drift")}
