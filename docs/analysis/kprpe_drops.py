@@ -19,7 +19,8 @@ for run in sorted(root.glob("c64_kprpe_eval_*_s*")):
     if not m or not (run / "eval.json").is_file():
         continue
     results = json.loads((run / "eval.json").read_text())["results"]
-    acc.setdefault((m[1], m[2]), {})[int(m[3])] = {r["name"]: 100 * r["accuracy"] for r in results if "name" in r and "accuracy" in r}
+    acc.setdefault((m[1], m[2]), {})[int(m[3])] = {r["name"]: 100 * r["accuracy"] for r in results
+                                                    if "name" in r and "accuracy" in r}
 drops = {k: {s: v["lfw"] - v["lfw_misaligned"] for s, v in seeds.items()} for k, seeds in acc.items()}
 for aug in ("plain", "misalign"):
     for arm in ("vit", "vit_kprpe", "vit_irpe"):

@@ -91,6 +91,7 @@ def fraction(replaces: tuple[str, ...], help: str = "", length_of: str | None = 
 # train.select_on: no model selection (best.pt = the last validated step)
 SELECT_LAST = "last"
 
+
 @dataclass
 class ModelConfig:
     name: str = registered("part_fvit", "backbones", "backbone")

@@ -224,9 +224,9 @@ def verification_metrics(
     (``arange(0, 4, 0.01)``; squared distances only) or an array (in the units of ``scores``).
 
     Returns ``best_threshold``, ``best_accuracy`` (first best in the accepting direction: the smallest distance /
-    largest similarity threshold), ``eer``, ``tar_at_far`` / ``tar_far`` / ``tar_threshold`` (dicts keyed by the FAR
-    targets: TAR, the FAR reached, the threshold; +-inf when the target allows every impostor), ``auc``,
-    ``n_genuine``, ``n_impostor``. Everything is computed from one sort, O(n log n).
+    largest similarity threshold), ``exact_best_accuracy`` (the same at the exact optimum, whatever the grid),
+    ``eer``, ``tar_at_far`` / ``tar_far`` / ``tar_threshold`` (dicts keyed by the FAR targets: TAR, the FAR reached,
+    the threshold; +-inf when the target allows every impostor), ``auc``, ``n_genuine``, ``n_impostor``. Everything is computed from one sort, O(n log n).
     """
     if kind not in ("distance", "similarity"):
         raise ValueError(f"kind must be 'distance' or 'similarity', got {kind!r}")
@@ -240,11 +240,11 @@ def verification_metrics(
     ds, ss = dist[order], issame[order]
     u, cum_gen, cum_imp = _sorted_groups(ds, ss)
 
-    # best accuracy over all pairs on the chosen grid
+    # best accuracy over all pairs on the chosen grid; the exact optimum always (a coarse grid is judged against it)
+    exact_correct = cum_gen + (n_imp - cum_imp)
     if isinstance(thresholds, str) and thresholds == EXACT_THRESHOLDS:
-        correct = cum_gen + (n_imp - cum_imp)
-        j = int(np.argmax(correct))
-        best_t, best_correct = float(_exact_grid(u)[j]), int(correct[j])
+        j = int(np.argmax(exact_correct))
+        best_t, best_correct = float(_exact_grid(u)[j]), int(exact_correct[j])
     else:
         if isinstance(thresholds, str) and thresholds == REFERENCE_THRESHOLDS:
             if kind != "distance":
@@ -274,6 +274,7 @@ def verification_metrics(
     return {
         "best_threshold": sign * best_t,
         "best_accuracy": best_correct / len(dist),
+        "exact_best_accuracy": int(exact_correct.max()) / len(dist),
         "eer": eer,
         "tar_at_far": tar,
         "tar_far": far_at,
@@ -402,19 +403,16 @@ def ten_fold_accuracy(
     metrics = verification_metrics(
         dist, issame, thresholds=EXACT_THRESHOLDS if grid is None else grid, far_targets=far_targets
     )
-    coarse = False
-    if mode == REFERENCE_THRESHOLDS and np.isfinite(dist).any():
-        order = np.argsort(dist, kind="stable")
-        exact_best = _exact_best(dist[order], issame[order])[1] / n
-        coarse = exact_best - metrics["best_accuracy"] > COARSE_GRID_GAP
-        if coarse:
-            finite = dist[np.isfinite(dist)]
-            warnings.warn(
-                f"the {mode} threshold grid is too coarse for these distances (all {n} in [{finite.min():.5f}, "
-                f"{finite.max():.5f}]): its best threshold is right on {metrics['best_accuracy']:.2%} of the pairs, "
-                f"the exact one on {exact_best:.2%}, so the 10-fold accuracy understates the embeddings (AUC "
-                f"{metrics['auc']:.3f}); score them with thresholds='exact' (lafs eval --thresholds exact)",
-                CoarseThresholdGridWarning, stacklevel=2)
+    exact_best = metrics["exact_best_accuracy"]
+    coarse = mode == REFERENCE_THRESHOLDS and exact_best - metrics["best_accuracy"] > COARSE_GRID_GAP
+    if coarse:
+        finite = dist[np.isfinite(dist)]
+        warnings.warn(
+            f"the {mode} threshold grid is too coarse for these distances ({len(finite)} in [{finite.min():.5f}, "
+            f"{finite.max():.5f}]): its best threshold is right on {metrics['best_accuracy']:.2%} of the pairs, "
+            f"the exact one on {exact_best:.2%}, so the 10-fold accuracy understates the embeddings (AUC "
+            f"{metrics['auc']:.3f}); score them with thresholds='exact' (lafs eval --thresholds exact)",
+            CoarseThresholdGridWarning, stacklevel=2)
     result = {
         "accuracy": float(fold_acc.mean()),
         "accuracy_std": float(fold_acc.std()),
