@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,6 +186,30 @@ def test_select_on_last_keeps_the_last_validated_step_as_best(tmp_path):
     assert result.best == val[-1]["synthetic_val_accuracy"]
     assert read_training_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 6
     assert "no model selection" in (tmp_path / "checkpoints" / "MODEL_CARD.md").read_text()
+
+
+def test_a_coarse_threshold_grid_in_run_validation_is_recorded_with_the_exact_optimum(tmp_path, monkeypatch):
+    # distances all inside one step of the reference grid: the grid reads chance, the exact threshold 100 %
+    import lafs.train.loop as loop
+    from lafs.eval.metrics import CoarseThresholdGridWarning, ten_fold_accuracy
+
+    def squeezed(embed, images, issame, **kw):
+        same = np.asarray(issame, bool)
+        e1 = np.tile([1.0, 0.0], (len(same), 1))
+        angle = np.sqrt(np.where(same, 0.0103, 0.0107))  # |e1 - e2|^2 ~= angle^2 for small angles
+        e2 = np.stack([np.cos(angle), np.sin(angle)], 1)
+        return ten_fold_accuracy(e1, e2, same)
+
+    monkeypatch.setattr(loop, "evaluate_pairs", squeezed)
+    cfg = cfg_for(tmp_path, "train.steps=3", "train.val_every=3", "data.val_pairs=40", "data.val_identities=8")
+    with pytest.warns(CoarseThresholdGridWarning):
+        train(cfg, progress=False)
+    (val,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "val"]
+    # the grid accepts all pairs or none: at most the larger class share, here well under the exact 100 %
+    assert val["synthetic_val_accuracy"] <= 0.75 and val["synthetic_val_coarse_grid"] is True
+    assert val["synthetic_val_exact_best_accuracy"] == 1.0
+    card = (tmp_path / "checkpoints" / "MODEL_CARD.md").read_text()
+    assert "threshold grid is too coarse" in card and "right on 100.00 % of the pairs" in card
 
 
 class NaNAt(torch.nn.Module):

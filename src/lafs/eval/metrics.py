@@ -426,6 +426,7 @@ def ten_fold_accuracy(
         "far": float(far.mean()) if len(far) else float("nan"),
         "auc": metrics["auc"],  # roc_auc(-dist, issame)
         "coarse_grid": bool(coarse),  # reference grid only: its best all-pairs accuracy > COARSE_GRID_GAP under exact
+        "exact_best_accuracy": exact_best,  # all pairs at the exact optimum threshold (what a finer grid can reach)
     }
     for key in ("best_threshold", "best_accuracy", "eer", "tar_at_far", "tar_far", "tar_threshold"):
         result[key] = metrics[key]

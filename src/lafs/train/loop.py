@@ -18,9 +18,9 @@ know which method runs. Per optimizer step the loop:
    ``max_nonfinite``), it stops with :class:`NonFiniteLossError`, naming the last checkpoint;
 5. counts the bad records the data skipped (``bad_records.py``: ``data.max_bad_records`` over the run; in the
    logs, the checkpoint, ``summary.json`` and the model card);
-6. calls ``after_step(step, total_steps)`` (the EMA teacher of
-   DINO/LAFS), logs (JSONL, TensorBoard, tqdm with images/s and ETA), verifies on ``.bin`` pairs and
-   checkpoints when due. The weight decay follows a cosine schedule when ``optim.weight_decay_end`` is set.
+6. calls ``after_step(step, total_steps)`` (the EMA teacher of DINO/LAFS), logs (JSONL, TensorBoard, tqdm with
+   images/s and ETA), verifies on ``.bin`` pairs and checkpoints when due. The weight decay follows a cosine
+   schedule when ``optim.weight_decay_end`` is set.
 
 Schedules are resolved to steps in one place, :func:`~lafs.train.schedules.resolve_schedule`, against the run's
 final step count (again once a budgeted run has timed its count); the task gets the result (``set_schedule``).
@@ -35,8 +35,7 @@ data, batch size, world size, seed or thread count is refused with the keys list
 A classifier whose centres are sharded over the ranks (Partial FC) is saved gathered with its optimizer state, through
 its own hooks (``lafs.heads.base.ClassifierState``; the loop never asks which head it holds), so a run can resume on
 another number of processes (then at the same sample of its epoch, with fresh RNG streams, reported). ``--resume``
-with no file takes the run's newest checkpoint that reads, setting aside (``step_N.pt.damaged``) newer ones that do
-not.
+with no file takes the run's newest readable checkpoint, setting aside (``step_N.pt.damaged``) newer ones that do not.
 """
 
 from __future__ import annotations
@@ -114,8 +113,7 @@ class Trainer:
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.steps_per_epoch = max(1, self.batches_per_epoch // t.accumulation)
         self.total_steps = t.steps if t.epochs is None else math.ceil(t.epochs * self.batches_per_epoch / t.accumulation)
-        # train.budget_minutes: the step count is fixed by timing the first steps; until then the schedules see a
-        # long run (warmup, when longer than the timed steps, makes that exact)
+        # train.budget_minutes: the step count is fixed by timing the first steps; until then schedules see a long run
         self.budget_pending = t.budget_minutes is not None
         if self.budget_pending:
             if not t.budget_minutes > 0 or t.budget_timed_steps < 1:
@@ -368,6 +366,8 @@ class Trainer:
                     # the 10-fold threshold on squared distances of unit embeddings, as a cosine: 1 - d / 2
                     results[name] = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"],
                                      "cosine_threshold": 1.0 - r["threshold"] / 2.0}
+                    if r["coarse_grid"]:  # the grid understates the run: keep the flag and the exact optimum
+                        results[name] |= {"coarse_grid": True, "exact_best_accuracy": r["exact_best_accuracy"]}
             self.task.train(was_training)
         return broadcast_object(results)
 

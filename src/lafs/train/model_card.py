@@ -80,6 +80,10 @@ def model_card(cfg, *, step: int, total_steps: int, params: int, embedding_size:
                    if f else "")
             lines.append(f"  - {name}: accuracy {100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f} %, "
                          f"AUC {r['auc']:.4f}{thr}{low}")
+            if r.get("coarse_grid"):  # the reference threshold grid understates these embeddings (lafs.eval.metrics)
+                lines.append(f"    - **the threshold grid is too coarse for these distances**: the exact threshold is "
+                             f"right on {100 * r['exact_best_accuracy']:.2f} % of the pairs; score the checkpoint "
+                             "with `lafs eval --thresholds exact`")
         if best is not None:
             chosen = cfg.train.select_on or next(iter(sets))
             if chosen == SELECT_LAST:
