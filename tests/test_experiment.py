@@ -556,6 +556,49 @@ def test_floors_of_a_metrics_table_per_column_set(tmp_path):
     assert "| kprpe | 76.00 | 71.00 | 64.00 † | – |" in md
 
 
+def test_a_difference_column_reads_each_runs_drop_and_inherits_its_operands_flags(tmp_path):
+    """The kprpe grid's "drop" column: ``A - B`` per run (aligned minus misaligned accuracy), paired between arms by
+    seed like any column; no floor of its own, flagged where a column of its operands is under the PCA floor."""
+    spec = {"name": "drop", "seeds": [0, 1, 2],
+            "stages": [{"name": "eval_{arm}_s{seed}", "cli": ["eval", "m.pt", "--out", "{out}"],
+                        "axes": {"arm": ["vit", "kprpe"]}}],
+            "tables": [{"title": "robustness", "runs": "eval_{arm}_s{seed}", "rows": ["arm"], "scale": 100,
+                        "floors": True, "paired": {"axis": "arm", "pairs": [["kprpe", "vit"]]},
+                        "metrics": {"LFW": "lfw:accuracy", "moved": "lfw_moved:accuracy",
+                                    "drop": "lfw:accuracy - lfw_moved:accuracy"}}]}
+    grid = _grid(tmp_path, spec)
+    root = tmp_path / "root"
+    runs = ex.expand(grid, root)
+    # (aligned, misaligned) per arm and seed; drops vit 10, 12, 11 and kprpe 8, 9, 7 points
+    accuracy = {"vit": [(0.80, 0.70), (0.82, 0.70), (0.81, 0.70)], "kprpe": [(0.70, 0.62), (0.71, 0.62), (0.69, 0.62)]}
+    for r in runs:
+        folder = root / r.name
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text(json.dumps({"spec": r.argv, "seconds": 1.0, "steps": 10}))
+        aligned, moved = accuracy[r.values["arm"]][r.seed]
+        data = {"meta": {}, "results": [{"name": "lfw", "accuracy": aligned}, {"name": "lfw_moved", "accuracy": moved}]}
+        if r.values["arm"] == "vit":
+            data["floors"] = {"sets": {"lfw": {"pca_whitened": {"accuracy": 0.75}},
+                                       "lfw_moved": {"pca_whitened": {"accuracy": 0.55}}}}
+        (folder / "eval.json").write_text(json.dumps(data))
+    result, md = ex.report(grid, runs, root, "lafs experiment drop")
+    t = result["tables"][0]
+    assert t["cells"]["vit"]["drop"]["values"] == pytest.approx([10, 12, 11])
+    assert t["cells"]["kprpe"]["drop"]["values"] == pytest.approx([8, 9, 7])
+    assert "drop" not in t["cells"]["floor: PCA-whitened"]  # a difference has no floor
+    # kprpe's LFW (70 %) is under the 75 % floor, so its drop is flagged; vit's is not
+    assert t["cells"]["kprpe"]["drop"]["below_floor"] and not t["cells"]["vit"]["drop"]["below_floor"]
+    assert not t["cells"]["kprpe"]["moved"]["below_floor"]
+    p = next(p for p in t["paired"] if p["column"] == "drop")
+    # differences -2, -3, -4: mean -3, sample std 1, half-width 4.303 / sqrt 3
+    assert p["differences"] == pytest.approx([-2, -3, -4]) and p["below_floor"] == ["kprpe"]
+    assert p["ci"] == pytest.approx([-3 - 4.303 / math.sqrt(3), -3 + 4.303 / math.sqrt(3)])
+    assert "| kprpe | 70.00 ± 1.00 † | 8.00 ± 1.00 † | 62.00 ± 0.00 | – |" in md  # columns LFW, drop, moved
+    assert "| kprpe - vit | -11.00 [-13.48, -8.52] (n=3) † | -3.00 [-5.48, -0.52] (n=3) † | -8.00 [-8.00, -8.00] (n=3) |" in md
+    with pytest.raises(KeyError, match="lfw_gone"):
+        tables.metric_value({"results": [{"name": "lfw", "accuracy": 0.8}]}, "lfw:accuracy - lfw_gone:accuracy")
+
+
 def test_archive_keeps_records_tables_and_done_state_across_roots(tmp_path):
     """A grid's seeds span sessions on machines that do not keep run folders: the archive holds each done run's
     records (not its checkpoints) under a root-free command line, tabulates as the run folders do, and restored

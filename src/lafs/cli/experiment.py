@@ -50,8 +50,8 @@ import yaml
 
 from ..config import ConfigError
 from ..io import atomic_write_bytes, claim_file
-from .experiment_tables import (PCA_FLOOR_ROW, _floor_rows, _paired, _summarise, format_tables, metric_value,
-                                table_metrics)
+from .experiment_tables import (PCA_FLOOR_ROW, _floor_rows, _paired, _summarise, flag_differences, format_tables,
+                                metric_value, table_metrics)
 
 TRAINING = ("train", "pretrain", "finetune")
 REF = re.compile(r"@([A-Za-z0-9_.\-]+)(/[A-Za-z0-9_.\-/]+)?")
@@ -529,6 +529,8 @@ def aggregate(grid: dict, runs: list[Run], root: str | Path) -> dict:
             for column, cell in row.items():
                 floor = pca.get(column, {}).get("mean")
                 cell["below_floor"] = bool(cell["mean"] is not None and floor is not None and cell["mean"] < floor)
+        if not column_axis:
+            flag_differences(cells, metrics)
         table = {"title": spec["title"], "rows": list(dict.fromkeys(rows)), "columns": list(dict.fromkeys(columns)),
                  "cells": cells, "row_label": " / ".join(spec["rows"]), "column_label": column_axis or "",
                  "digits": int(spec.get("digits", 2)), "note": spec.get("note", ""), "floor_rows": list(floor_rows)}

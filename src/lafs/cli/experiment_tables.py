@@ -8,7 +8,12 @@ import numpy as np
 
 
 def metric_value(eval_json: dict, path: str) -> float:
-    """``SET:key/sub`` from an ``eval.json``; ``SET@t:key`` reads the affine-sensitivity curve of SET at t."""
+    """``SET:key/sub`` from an ``eval.json``; ``SET@t:key`` reads the affine-sensitivity curve of SET at t;
+    ``A - B`` (two such paths) their difference, e.g. the accuracy an arm loses from aligned to misaligned faces
+    (KP-RPE paper, Table 1: the robustness claim is about that drop, compared between arms of one seed)."""
+    if " - " in path:
+        first, second = path.split(" - ", 1)
+        return metric_value(eval_json, first.strip()) - metric_value(eval_json, second.strip())
     where, _, key = path.partition(":")
     name, _, t = where.partition("@")
     for result in eval_json["results"]:
@@ -67,6 +72,17 @@ def paired_difference(a: dict, b: dict) -> dict:
 def table_metrics(spec: dict) -> dict:
     """A table's columns as ``{label: "SET:key"}``: its ``metrics``, or its one ``metric``."""
     return spec.get("metrics") or {spec["metric"]: spec["metric"]}
+
+
+def flag_differences(cells: dict, metrics: dict) -> None:
+    """A difference column (``A - B``) has no floor of its own: its cell is flagged where a column reading one of its
+    operands is below the PCA-whitened floor, since a drop measured from an accuracy at the floors says nothing."""
+    column_of = {m: c for c, m in metrics.items()}
+    for column, metric in metrics.items():
+        operands = [column_of[p.strip()] for p in metric.split(" - ") if p.strip() in column_of] if " - " in metric else []
+        for row in cells.values():
+            if operands and column in row:
+                row[column]["below_floor"] |= any(row.get(o, {}).get("below_floor", False) for o in operands)
 
 
 def _floor_rows(spec: dict, members: list, load, labels: dict) -> dict:
@@ -204,7 +220,8 @@ def format_tables(result: dict, seeds: int) -> str:
             out += ["", "Steps trained:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             out += ["| " + " | ".join([row] + steps[row]) + " |" for row in t["rows"]]
         if any(c.get("below_floor") for r in t["rows"] for c in t["cells"][r].values()):
-            out += ["", "† below the PCA-whitened floor of its column: its comparisons are uninformative."]
+            out += ["", "† below the PCA-whitened floor of its column (a difference column: one of its operands "
+                    "is): its comparisons are uninformative."]
         if t["note"]:
             out += ["", t["note"].strip()]
         out.append("")
