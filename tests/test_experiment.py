@@ -156,7 +156,8 @@ def test_aggregate_fake_run_folders_by_hand(tmp_path):
     assert "| arm | shots 1 | shots all |" in md
     assert "| a | 51.00 ± 1.00 | 56.00 ± 1.00 |" in md
     assert "| b | 61.00 ± 1.00 | 65.50 ± 0.71 (n=2) |" in md
-    assert "17 of 18 done" in md and "Machine:" in md
+    assert "17 of 18 done" in md and "Ran on: not recorded (runs older than the record): 17 runs." in md
+    assert f"Aggregated on: {ex.machine()}." in md
     saved = json.loads((root / "results_toy.json").read_text())
     assert saved["runs_done"] == 17 and saved["steps"]["train_a_s0"] == 7
     assert (root / "results_toy.md").read_text().strip() == md.strip()
@@ -267,6 +268,7 @@ def test_run_grid_end_to_end_on_synthetic_records(tmp_path, monkeypatch):
     import torch
 
     assert done0["threads"] == torch.get_num_threads()  # the run's environment, recorded with it
+    assert done0["machine"] == ex.machine() and "avx512_bf16 " in done0["machine"] and f"torch {torch.__version__}" in done0["machine"]
     summary = json.loads(Path("root/train_micro_s1/summary.json").read_text())
     assert summary["step"] == done0["steps"] >= 3
     assert Path("root/eval_s1/eval.json").is_file()
@@ -275,6 +277,7 @@ def test_run_grid_end_to_end_on_synthetic_records(tmp_path, monkeypatch):
     accs = [json.loads(Path(f"root/eval_s{s}/eval.json").read_text())["results"][0]["accuracy"] for s in (0, 1)]
     assert cell["values"] == pytest.approx(accs)  # no scale: fractions
     assert "<!-- experiment:e2e -->" in Path("results.md").read_text()
+    assert result["ran_on"] == {ex.machine(): 4} and f"Ran on: {ex.machine()}: 4 runs." in Path("results.md").read_text()
     mtime = Path("root/train_micro_s0/done.json").stat().st_mtime
     assert main(["experiment", "e2e.yaml", "--out", "root"]) == 0  # all done: nothing runs again
     assert Path("root/train_micro_s0/done.json").stat().st_mtime == mtime

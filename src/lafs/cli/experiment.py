@@ -43,6 +43,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,7 +366,7 @@ def _run_one(run: Run, root: Path, i: int, total: int, steps_by_arm: dict, statu
     if run.budget is not None and steps_by_arm.get(run.arm) is None:
         steps_by_arm[run.arm] = trained_steps(folder)
     record = {"spec": _portable(run.argv, root), "budget": run.budget, "fixed_steps": run.steps, "argv": argv,
-              "seconds": seconds, "threads": _threads(),
+              "seconds": seconds, "threads": _threads(), "machine": machine(),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "steps": budget_steps(folder) if run.budget is not None else None}
     atomic_write_bytes(folder / "done.json", json.dumps(record, indent=2).encode())
@@ -548,8 +549,12 @@ def machine() -> str:
     cpu = names[0] if names else platform.processor() or platform.machine()
     import torch
 
-    # no thread count: that is each run's own (done.json "threads"), not this aggregating process's
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    from ..models.precision import cpu_flags
+
+    # the flags that set CPU speed (bf16 autocast pays only with avx512_bf16 / AMX); no thread count: that is each
+    # run's own (done.json "threads"), not this aggregating process's
+    flags = ", ".join(f"{f} {'yes' if f in cpu_flags() else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
+    return f"{cpu}, {os.cpu_count()} cores ({flags}), torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def report(grid: dict, runs: list[Run], root: str | Path, command: str) -> tuple[dict, str]:
@@ -561,15 +566,18 @@ def report(grid: dict, runs: list[Run], root: str | Path, command: str) -> tuple
     steps = {d["name"]: d.get("steps") or trained_steps(root / d["name"]) for d in done}
     seeds = sorted({r.seed for r in runs})
     minutes = sum(d["seconds"] for d in done) / 60
+    # where the runs ran (their done.json), which need not be where they are aggregated
+    ran_on = dict(Counter(d.get("machine") or "not recorded (runs older than the record)" for d in done))
     result.update({"command": command, "machine": machine(), "runs_done": len(done), "runs_total": len(runs),
-                   "run_minutes": minutes, "seeds": seeds,
+                   "run_minutes": minutes, "seeds": seeds, "ran_on": ran_on,
                    "steps": {name: n for name, n in steps.items() if n}})
     md = "\n".join([
         format_tables(result, len(seeds)),
         f"Command: `{command}`. Seeds {', '.join(map(str, seeds))}; cells are mean ± sample std over the seeds "
         "(n = seeds present when fewer).",
         f"Runs: {len(done)} of {len(runs)} done, {minutes:.0f} min of run time in all (sum of the runs' wall "
-        f"times, evaluation included). Machine: {result['machine']}.",
+        f"times, evaluation included). Ran on: {'; '.join(f'{m}: {n} runs' for m, n in ran_on.items()) or '-'}. "
+        f"Aggregated on: {result['machine']}.",
     ])
     atomic_write_bytes(root / f"results_{grid['name']}.json", json.dumps(result, indent=2).encode())
     atomic_write_bytes(root / f"results_{grid['name']}.md", (md + "\n").encode())
