@@ -103,6 +103,8 @@ def _floor_rows(spec: dict, members: list, load, labels: dict) -> dict:
         else:
             columns = table_metrics(spec)
         for column, metric in columns.items():
+            if " - " in metric:
+                continue  # a difference of two metrics has no floor (flag_differences marks it from its operands)
             set_name, _, key = metric.partition(":")
             floors = sets.get(set_name, {})
             for floor in FLOOR_KEYS:

@@ -226,7 +226,8 @@ def verification_metrics(
     Returns ``best_threshold``, ``best_accuracy`` (first best in the accepting direction: the smallest distance /
     largest similarity threshold), ``exact_best_accuracy`` (the same at the exact optimum, whatever the grid),
     ``eer``, ``tar_at_far`` / ``tar_far`` / ``tar_threshold`` (dicts keyed by the FAR targets: TAR, the FAR reached,
-    the threshold; +-inf when the target allows every impostor), ``auc``, ``n_genuine``, ``n_impostor``. Everything is computed from one sort, O(n log n).
+    the threshold; +-inf when the target allows every impostor), ``auc``, ``n_genuine``, ``n_impostor``. Everything
+    is computed from one sort, O(n log n).
     """
     if kind not in ("distance", "similarity"):
         raise ValueError(f"kind must be 'distance' or 'similarity', got {kind!r}")
